@@ -1,0 +1,49 @@
+# quantlab: `make run` sets up .venv (once) and executes every notebook; `make test` runs all tests.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+
+.PHONY: all setup run test lint unit nbval notebooks lab weights benchmark clean
+
+all: run
+
+# One install per change of pyproject.toml / constraints.txt; later runs take seconds.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[notebooks,test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## Execute every notebook in order into build/notebooks (the committed ones are not touched).
+run: $(STAMP)
+	$(PY) scripts/run_notebooks.py --out build/notebooks $(NOTEBOOKS)
+
+## Lint, unit tests and nbval over every notebook.
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbval-lax --nbval-current-env --sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider notebooks
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+## Re-execute the notebooks in place, storing their outputs (commit the result).
+notebooks: $(STAMP)
+	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
+		../$(PY) -m jupyter nbconvert --to notebook --execute --inplace $$nb || exit 1; done
+
+lab: $(STAMP)
+	$(PY) -m jupyter lab notebooks
+
+## Re-train the shipped checkpoints (quantlab/weights) with quantlab's own recipe.
+weights: $(STAMP)
+	$(PY) scripts/train_pretrained.py
+
+benchmark: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache .hypothesis

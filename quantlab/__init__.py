@@ -1,0 +1,24 @@
+"""quantlab: the reusable pieces of the quantization notebooks.
+
+Layers, lowest first (lower layers never import higher ones):
+``qparams`` (ranges, scale, zero point) <- ``quantize`` (quantize / dequantize / fake_quantize)
+<- ``observer`` (QParam) <- ``fixed_point`` (integer requantization) <- ``modules``
+(QConv2d, QLinear, ...) <- ``models`` (Net, NetBN, quantize_model).
+``data``, ``training`` and ``plots`` sit beside them and are imported on demand.
+"""
+
+from .observer import QParam
+from .qparams import calc_min_max, calc_scale_zero_point, quant_range
+from .quantize import dequantize, fake_quantize, quantize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QParam",
+    "calc_min_max",
+    "calc_scale_zero_point",
+    "dequantize",
+    "fake_quantize",
+    "quant_range",
+    "quantize",
+]

@@ -1,0 +1,143 @@
+"""``QParam``: observes ranges and holds the scale and zero point of one tensor.
+
+The quantized modules hold one per quantized tensor, as ``q_in``, ``q_w`` and ``q_out``.
+It is an ``nn.Module`` whose buffers (``min_val``, ``max_val``, ``scale``, ``zero_point``) travel
+with the model's ``state_dict``, so a frozen model can be saved and loaded.
+Taught in notebooks ``a_basic_quant`` (by hand) and ``d_post_training_quantize`` (in modules).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .qparams import calc_min_max, calc_scale_zero_point, check_axis, quant_range
+from .quantize import dequantize, fake_quantize, quantize
+
+_BUFFERS = ("min_val", "max_val", "scale", "zero_point")
+
+
+class QParam(nn.Module):
+    """Range observer plus the qparams derived from it.
+
+    Args:
+        num_bits: 2..16.
+        signed: integer range signed (``[-2**(b-1), 2**(b-1)-1]``) or unsigned (``[0, 2**b-1]``).
+        symmetric: symmetric range (zero point 0 when signed) instead of affine min/max.
+        axis: None for one scale per tensor; the channel axis for one scale per channel.
+        averaging_constant: None keeps the all-time min/max (calibration); a value ``c`` in (0, 1]
+            keeps a moving average ``range <- range + c * (batch_range - range)`` (QAT).
+    """
+
+    def __init__(self, num_bits: int = 8, signed: bool = False, symmetric: bool = False,
+                 axis: int | None = None, averaging_constant: float | None = None):
+        super().__init__()
+        self.quant_min, self.quant_max = quant_range(num_bits, signed)
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"symmetric must be True or False; got {symmetric!r}")
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+            raise TypeError(f"axis must be None or an int; got {axis!r}")
+        if averaging_constant is not None and not 0 < averaging_constant <= 1:
+            raise ValueError(f"averaging_constant must be None or in (0, 1]; got "
+                             f"{averaging_constant!r}")
+        self.num_bits, self.signed, self.symmetric, self.axis = num_bits, signed, symmetric, axis
+        self.averaging_constant = averaging_constant
+        #: when False, update() leaves the range alone (frozen observer)
+        self.observing = True
+        for name in _BUFFERS:
+            self.register_buffer(name, torch.empty(0))
+
+    @property
+    def observed(self) -> bool:
+        """True once a batch has been observed (or qparams were loaded or set)."""
+        return self.scale.numel() > 0
+
+    def _check_observed(self):
+        if not self.observed:
+            raise RuntimeError("this QParam has observed nothing: call update(x) with a batch "
+                               "first (calibration), or load a state_dict")
+
+    def update(self, x: torch.Tensor) -> QParam:
+        """Observe a batch: merge its range into ``min_val``/``max_val`` and recompute qparams."""
+        if not self.observing and self.observed:
+            return self
+        axis = check_axis(self.axis, x.dim()) if isinstance(x, torch.Tensor) else self.axis
+        if self.min_val.numel() == 0:
+            new_min, new_max = calc_min_max(x, axis=axis)
+        elif self.averaging_constant is None:
+            new_min, new_max = calc_min_max(x, self.min_val, self.max_val, axis=axis)
+        else:
+            cur_min, cur_max = calc_min_max(x, axis=axis)
+            c = self.averaging_constant
+            new_min = self.min_val + c * (cur_min - self.min_val)
+            new_max = self.max_val + c * (cur_max - self.max_val)
+        self.set_range(new_min, new_max)
+        return self
+
+    def set_range(self, min_val, max_val) -> QParam:
+        """Set the range directly and recompute ``scale`` and ``zero_point``."""
+        scale, zero_point = calc_scale_zero_point(min_val, max_val, self.num_bits, self.signed,
+                                                  self.symmetric)
+        self.min_val = torch.as_tensor(min_val, dtype=torch.float32).clone()
+        self.max_val = torch.as_tensor(max_val, dtype=torch.float32).clone()
+        self.scale, self.zero_point = scale, zero_point
+        return self
+
+    def quantize_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """``quantize(x)`` with this QParam's qparams: an int32 tensor."""
+        self._check_observed()
+        return quantize(x, self.scale, self.zero_point, self.num_bits, self.signed, self.axis)
+
+    def dequantize_tensor(self, q: torch.Tensor) -> torch.Tensor:
+        """``dequantize(q)`` with this QParam's qparams: a float32 tensor."""
+        self._check_observed()
+        return dequantize(q, self.scale, self.zero_point, self.axis)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``dequantize(quantize(x))`` with a straight-through gradient."""
+        self._check_observed()
+        return fake_quantize(x, self.scale, self.zero_point, self.num_bits, self.signed, self.axis)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Observe ``x`` (if observing) and return it fake-quantized."""
+        if self.observing:
+            self.update(x)
+        return self.fake_quantize(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # buffers change shape once observed (() or (C,)): take the stored ones as they are
+        for name in _BUFFERS:
+            key = prefix + name
+            if key in state_dict:
+                value = state_dict[key]
+                if not isinstance(value, torch.Tensor):
+                    error_msgs.append(f"{key}: expected a tensor, got {type(value).__name__}")
+                    continue
+                if value.dim() > 1:
+                    error_msgs.append(f"{key}: expected shape () or (C,), got "
+                                      f"{tuple(value.shape)}")
+                    continue
+                setattr(self, name, value.clone())
+            elif strict:
+                missing_keys.append(key)
+        if self.observed:
+            want = self.scale.shape
+            for name in _BUFFERS:
+                if getattr(self, name).shape != want:
+                    error_msgs.append(f"{prefix}{name}: shape {tuple(getattr(self, name).shape)}"
+                                      f" does not match scale's {tuple(want)}")
+
+    def extra_repr(self) -> str:
+        kind = "symmetric" if self.symmetric else "affine"
+        dtype = f"{'int' if self.signed else 'uint'}{self.num_bits}"
+        where = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
+        s = f"{dtype}, {kind}, {where}, range=[{self.quant_min}, {self.quant_max}]"
+        if not self.observed:
+            return s + ", not observed"
+        if self.scale.dim() == 0:
+            return (s + f", min={self.min_val.item():.6g}, max={self.max_val.item():.6g}, "
+                    f"scale={self.scale.item():.6g}, zero_point={self.zero_point.item()}")
+        return (s + f", channels={self.scale.numel()}, scale in [{self.scale.min().item():.4g}, "
+                f"{self.scale.max().item():.4g}], zero_point in [{self.zero_point.min().item()}, "
+                f"{self.zero_point.max().item()}]")

@@ -1,0 +1,123 @@
+"""Quantize, dequantize and fake-quantize tensors (per tensor or per channel).
+
+``q = clamp(round(x * (1/scale)) + zero_point, quant_min, quant_max)`` and
+``x_hat = scale * (q - zero_point)``. Taught in notebook ``a_basic_quant``.
+
+Like PyTorch, we multiply by the float32 reciprocal of the scale instead of dividing by it: the two
+differ in the last bit of rare products, which moves exact ``.5`` ties to the other integer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .qparams import check_axis, check_float_tensor, quant_range
+
+
+def _broadcast(v: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:
+    """Shape a per-channel vector so it broadcasts along ``axis`` of an ``ndim``-d tensor."""
+    if axis is None:
+        return v
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def _qparams(x: torch.Tensor, scale, zero_point, axis):
+    """Validate ``scale``/``zero_point`` against ``x`` and ``axis``; return broadcastable tensors."""
+    axis = check_axis(axis, x.dim())
+    scale = torch.as_tensor(scale, dtype=torch.float32)
+    zero_point = torch.as_tensor(zero_point)
+    if zero_point.is_floating_point():
+        if not bool((zero_point == torch.round(zero_point)).all()):
+            raise ValueError("zero_point must hold integers")
+    zero_point = zero_point.to(torch.int64)
+    want = () if axis is None else (x.shape[axis],)
+    for name, v in (("scale", scale), ("zero_point", zero_point)):
+        if tuple(v.shape) != want and not (axis is None and v.numel() == 1):
+            raise ValueError(
+                f"{name} must have shape {want} for axis={axis} and a tensor of shape "
+                f"{tuple(x.shape)}; got {tuple(v.shape)}")
+    if axis is None:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    if not bool((scale > 0).all() and torch.isfinite(scale).all()):
+        raise ValueError("scale must be finite and > 0")
+    return _broadcast(scale, x.dim(), axis), _broadcast(zero_point, x.dim(), axis)
+
+
+def _round_and_clamp(x, scale, zero_point, quant_min, quant_max):
+    """Float32 ``clamp(rne(x * f32(1/scale)) + zero_point)`` as floats (exact small integers)."""
+    inv_scale = 1.0 / scale  # float32 reciprocal, as PyTorch's kernels
+    q = torch.round(x.to(torch.float32) * inv_scale) + zero_point.to(torch.float32)
+    return torch.clamp(q, quant_min, quant_max)
+
+
+def quantize(x: torch.Tensor, scale, zero_point, num_bits: int = 8, signed: bool = False,
+             axis: int | None = None) -> torch.Tensor:
+    """Quantize a float tensor to integers (the original's ``quantize_tensor``).
+
+    Args:
+        x: float tensor.
+        scale, zero_point: shape ``()`` per tensor, or ``(x.shape[axis],)`` per channel.
+        num_bits, signed: the integer range (see :func:`quant_range`).
+        axis: the channel axis for per-channel qparams, None per tensor.
+    Returns:
+        int32 tensor of the shape of ``x`` with values in ``[quant_min, quant_max]``;
+        rounding is half to even.
+    """
+    check_float_tensor(x)
+    quant_min, quant_max = quant_range(num_bits, signed)
+    scale, zero_point = _qparams(x, scale, zero_point, axis)
+    return _round_and_clamp(x.detach(), scale, zero_point, quant_min, quant_max).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale, zero_point, axis: int | None = None) -> torch.Tensor:
+    """Map integers back to reals: ``scale * (q - zero_point)`` in float32
+    (the original's ``dequantize_tensor``).
+
+    Args:
+        q: integer tensor (any integer dtype; int32 from :func:`quantize`).
+    Returns:
+        float32 tensor of the shape of ``q``.
+    """
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be an integer torch.Tensor; got {type(q).__name__}")
+    if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
+        raise TypeError(f"q must be an integer tensor (int8, uint8, int32, int64); got {q.dtype}."
+                        " Use quantize() to get one")
+    if q.numel() == 0:
+        raise ValueError(f"q must not be empty; got shape {tuple(q.shape)}")
+    scale, zero_point = _qparams(q, scale, zero_point, axis)
+    return (q.to(torch.int64) - zero_point).to(torch.float32) * scale
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """dequantize(quantize(x)) forward; straight-through gradient inside the clamp range."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, quant_min, quant_max):
+        inv_scale = 1.0 / scale
+        q = torch.round(x * inv_scale) + zero_point.to(torch.float32)
+        inside = (q >= quant_min) & (q <= quant_max)
+        ctx.save_for_backward(inside)
+        q = torch.clamp(q, quant_min, quant_max)
+        return (q - zero_point.to(torch.float32)) * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (inside,) = ctx.saved_tensors
+        return grad_out * inside, None, None, None, None
+
+
+def fake_quantize(x: torch.Tensor, scale, zero_point, num_bits: int = 8, signed: bool = False,
+                  axis: int | None = None) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in float32, differentiable with a straight-through estimator.
+
+    The gradient is passed through unchanged where ``x`` quantizes inside
+    ``[quant_min, quant_max]`` and is zero where it is clamped (as
+    ``torch.fake_quantize_per_tensor_affine``). Used for calibration and QAT.
+    """
+    check_float_tensor(x)
+    quant_min, quant_max = quant_range(num_bits, signed)
+    scale, zero_point = _qparams(x, scale, zero_point, axis)
+    return _FakeQuantizeSTE.apply(x.to(torch.float32), scale, zero_point, quant_min, quant_max)
