@@ -25,7 +25,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q --nbval-lax --nbval-current-env --sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider notebooks
+	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider notebooks
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

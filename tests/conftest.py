@@ -1,0 +1,22 @@
+import pathlib
+import warnings
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OFFICIAL_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+
+# torch.ao's quantized dtypes and engines are deprecated in favour of torchao; they remain the best
+# available oracle for bit-exact tests, so their warnings are silenced here explicitly.
+warnings.filterwarnings("ignore", message=".*quantized dtypes are deprecated.*")
+warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def official_mnist_root():
+    if not (OFFICIAL_MNIST / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"official MNIST test set not found at {OFFICIAL_MNIST}")
+    return OFFICIAL_MNIST

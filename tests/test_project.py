@@ -1,0 +1,92 @@
+"""Project-level checks: dependency lists agree, notebooks are stored executed, layers stay clean."""
+
+import json
+import pathlib
+import re
+
+import pytest
+import tomllib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+# conda names differ from PyPI names for a few packages
+CONDA_TO_PIP = {"pytorch-cpu": "torch", "pytorch": "torch"}
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", requirement.strip(), maxsplit=1)[0].lower()
+
+
+def test_environment_yml_names_the_same_dependencies_as_pyproject():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    runtime = {_name(r) for r in pyproject["project"]["dependencies"]}
+    env = (ROOT / "environment.yml").read_text()
+    conda = set()
+    in_deps = False
+    for line in env.splitlines():
+        if line.startswith("dependencies:"):
+            in_deps = True
+            continue
+        m = re.match(r"^  - ([A-Za-z0-9_.\-]+)", line)
+        if in_deps and m:
+            conda.add(CONDA_TO_PIP.get(m.group(1).lower(), m.group(1).lower()))
+    conda -= {"python", "pip"}
+    assert conda == runtime
+    assert "-e .[notebooks,test]" in env
+    assert "python=3.11" in env and "conda-forge" in env
+
+
+def test_torch_is_pinned_for_make_and_ranged_for_users():
+    constraints = (ROOT / "constraints.txt").read_text()
+    assert "torch==2.14.1" in constraints and "torchvision==0.29.1" in constraints
+    assert "-c constraints.txt" in (ROOT / "Makefile").read_text()
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not any("==" in d for d in deps)
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert "make run" in readme and "make test" in readme
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no notebooks found"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stored_executed_in_order_without_errors(path):
+    # nbval skips cells whose execution_count is null: an unexecuted notebook would pass trivially
+    nb = json.loads(path.read_text())
+    counts = [c["execution_count"] for c in nb["cells"] if c["cell_type"] == "code"]
+    assert counts, "no code cells"
+    assert None not in counts, "some code cells were never executed: run `make notebooks`"
+    assert counts == list(range(1, len(counts) + 1)), "cells were not executed top to bottom"
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            assert out["output_type"] != "error", f"error output in cell: {cell['source'][:80]}"
+            if out.get("name") == "stderr":
+                assert "Traceback" not in out.get("text", "")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_ends_with_summary_and_exercises(path):
+    nb = json.loads(path.read_text())
+    md = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    headings = re.findall(r"^## (.+)$", md, flags=re.M)
+    assert headings[-2:] == ["Summary", "Exercises"], headings
+
+
+LAYERS = ["qparams", "quantize", "observer", "fixed_point", "modules", "models"]
+
+
+def test_lower_layers_never_import_higher_ones():
+    for i, low in enumerate(LAYERS):
+        path = ROOT / "quantlab" / f"{low}.py"
+        if not path.exists():
+            continue
+        src = path.read_text()
+        for high in LAYERS[i + 1:] + ["data", "training", "plots"]:
+            assert not re.search(rf"from \.{high} import|import quantlab\.{high}", src), \
+                f"{low}.py imports the higher layer {high}"
