@@ -55,7 +55,8 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
         lr: peak learning rate; None uses ``model.default_lr`` if it has one, else 3e-3.
         max_shift: random shift augmentation in pixels; None uses ``model.default_augment`` if it
             has one, else 2.
-        seed: seeds the augmentation and torch (the same weights twice in a row on one machine).
+        seed: seeds torch, the augmentation and the loader's shuffling (its ``generator`` is
+            re-seeded when it has one), so training twice in a row gives the same weights.
     Returns:
         ``{"loss": [...], "accuracy": [...], "lr": [...]}``, one entry per epoch (training set).
     """
@@ -66,6 +67,8 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
     if not lr > 0:
         raise ValueError(f"lr must be > 0; got {lr!r}")
     torch.manual_seed(seed)
+    if getattr(train_loader, "generator", None) is not None:
+        train_loader.generator.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * len(train_loader)

@@ -1,0 +1,109 @@
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from quantlab import training
+from quantlab.data import BACKGROUND, embedded_split
+from quantlab.models import Net, NetBN
+
+
+@pytest.fixture(scope="module")
+def small():
+    x_tr, y_tr, x_te, y_te = embedded_split()
+    train = DataLoader(TensorDataset(x_tr[:512], y_tr[:512]), batch_size=64, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    test = DataLoader(TensorDataset(x_te, y_te), batch_size=500)
+    return train, test
+
+
+@pytest.mark.parametrize("cls,params", [(Net, 11170), (NetBN, 11330)])
+def test_models_shapes_and_parameter_counts(cls, params):
+    m = cls()
+    assert sum(p.numel() for p in m.parameters()) == params
+    assert m(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_random_shift_moves_whole_pixels_and_fills_background():
+    x = torch.full((4, 1, 28, 28), BACKGROUND)
+    x[:, 0, 10:18, 10:18] = 2.0
+    g = torch.Generator().manual_seed(0)
+    y = training.random_shift(x, 2, g)
+    assert y.shape == x.shape
+    for i in range(4):
+        rows = torch.nonzero(y[i, 0].max(dim=1).values > 0).flatten()
+        cols = torch.nonzero(y[i, 0].max(dim=0).values > 0).flatten()
+        assert len(rows) == 8 and len(cols) == 8
+        assert abs(rows[0].item() - 10) <= 2 and abs(cols[0].item() - 10) <= 2
+    assert set(y.unique().tolist()) == set(x.unique().tolist())
+    assert torch.equal(training.random_shift(x, 0, g), x)
+
+
+def test_training_is_deterministic_and_learns(small):
+    train, test = small
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = Net()
+        hist = training.train(model, train, epochs=2, progress=False)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert hist["loss"][1] < hist["loss"][0] and len(hist["accuracy"]) == 2
+    assert training.evaluate(model, test) > 0.5
+
+
+def test_train_uses_a_models_own_defaults(small):
+    train, _ = small
+    model = Net()
+    model.default_lr = 1e-4
+    hist = training.train(model, train, epochs=1, progress=False)
+    assert hist["lr"][0] == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="epochs"):
+        training.train(model, train, epochs=0)
+
+
+def test_evaluate_accepts_a_callable(small):
+    _, test = small
+    model = training.pretrained("net")
+    assert training.evaluate(model, test) == training.evaluate(lambda x: model(x), test)
+
+
+@pytest.mark.parametrize("name,cls", [("net", Net), ("netbn", NetBN)])
+def test_pretrained_checkpoints(name, cls, small):
+    _, test = small
+    model = training.pretrained(name)
+    assert isinstance(model, cls) and not model.training
+    acc = training.evaluate(model, test)
+    assert acc >= 0.96
+    assert acc == pytest.approx(training.pretrained_info(name)["embedded_test_accuracy"], abs=2e-3)
+    assert (training.WEIGHTS_DIR / f"{name}.pt").stat().st_size < 100_000
+
+
+def test_pretrained_official_accuracy(official_mnist_root):
+    from quantlab.data import official_test_set
+    loader = DataLoader(official_test_set(official_mnist_root), batch_size=1000)
+    assert training.evaluate(training.pretrained("net"), loader) >= 0.98
+
+
+def test_pretrained_rejects_unknown_name():
+    with pytest.raises(ValueError, match="name must be one of"):
+        training.pretrained("resnet")
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    model = Net()
+    sha = training.save_checkpoint(model, tmp_path / "m.pt")
+    loaded = training.load_checkpoint(Net(), tmp_path / "m.pt", sha256=sha)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="does not match NetBN"):
+        training.load_checkpoint(NetBN(), tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="checksum"):
+        training.load_checkpoint(Net(), tmp_path / "m.pt", sha256="0" * 64)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch state_dict"):
+        training.load_checkpoint(Net(), tmp_path / "bad.pt")
+    with pytest.raises(FileNotFoundError):
+        training.load_checkpoint(Net(), tmp_path / "missing.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="not a state_dict"):
+        training.load_checkpoint(Net(), tmp_path / "list.pt")
