@@ -99,3 +99,52 @@ def digit_grid(images: torch.Tensor, labels=None, predictions=None, ncols: int =
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def training_curves(history: dict, title: str = ""):
+    """Loss and accuracy per epoch from :func:`quantlab.training.train`'s history."""
+    epochs = range(1, len(history["loss"]) + 1)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    ax1.plot(epochs, history["loss"], marker=".", label="training loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("cross-entropy")
+    ax1.set_yscale("log")
+    ax1.legend()
+    ax2.plot(epochs, [100 * a for a in history["accuracy"]], marker=".",
+             label="training (augmented)")
+    if "eval_accuracy" in history:
+        ax2.plot(epochs, [100 * a for a in history["eval_accuracy"]], marker=".", label="test")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy (%)")
+    ax2.legend()
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int = 10,
+                     title: str = ""):
+    """The confusion matrix (rows: true digit, columns: predicted), counts written in the cells."""
+    cm = torch.bincount(labels * num_classes + pred, minlength=num_classes**2)
+    cm = cm.reshape(num_classes, num_classes)
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    off = cm.clone().float()
+    off.fill_diagonal_(float("nan"))
+    ax.imshow(off.numpy(), cmap="Reds")
+    worst = max(1, int(torch.nan_to_num(off, nan=0.0).max()))
+    for i in range(num_classes):
+        for j in range(num_classes):
+            if cm[i, j]:
+                dark = i != j and int(cm[i, j]) > worst / 2
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="tab:blue" if i == j else ("white" if dark else "black"))
+    ax.set_xticks(range(num_classes))
+    ax.set_yticks(range(num_classes))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix (errors shaded)")
+    fig.tight_layout()
+    return fig

@@ -45,7 +45,7 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
 
 def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
           max_shift: int | None = None, weight_decay: float = 0.0, seed: int = 0,
-          progress: bool = True) -> dict:
+          progress: bool = True, eval_loader=None) -> dict:
     """Train with Adam and a cosine learning-rate schedule; return the history.
 
     Args:
@@ -57,8 +57,10 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
             has one, else 2.
         seed: seeds torch, the augmentation and the loader's shuffling (its ``generator`` is
             re-seeded when it has one), so training twice in a row gives the same weights.
+        eval_loader: when given, the accuracy on it is recorded after every epoch.
     Returns:
-        ``{"loss": [...], "accuracy": [...], "lr": [...]}``, one entry per epoch (training set).
+        ``{"loss": [...], "accuracy": [...], "lr": [...]}``, one entry per epoch (training set),
+        plus ``"eval_accuracy"`` when ``eval_loader`` is given.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int; got {epochs!r}")
@@ -75,8 +77,10 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     history = {"loss": [], "accuracy": [], "lr": []}
-    model.train()
+    if eval_loader is not None:
+        history["eval_accuracy"] = []
     for epoch in range(epochs):
+        model.train()
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
                    leave=True)
@@ -95,6 +99,8 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
         history["loss"].append(total_loss / seen)
         history["accuracy"].append(correct / seen)
+        if eval_loader is not None:
+            history["eval_accuracy"].append(evaluate(model, eval_loader))
     model.eval()
     return history
 
