@@ -82,8 +82,10 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
     for epoch in range(epochs):
         model.train()
         total_loss, correct, seen = 0.0, 0, 0
+        # few refreshes: a notebook's progress widget sends messages per refresh, and a flood of
+        # them overflows the kernel's output queue (nbval then loses the end of the cell)
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
-                   leave=True)
+                   leave=True, mininterval=0.5)
         history["lr"].append(opt.param_groups[0]["lr"])
         for images, labels in bar:
             images = random_shift(images, max_shift, g)
@@ -96,7 +98,8 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}",
+                            refresh=False)
         history["loss"].append(total_loss / seen)
         history["accuracy"].append(correct / seen)
         if eval_loader is not None:
