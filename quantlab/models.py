@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modules import QConv2d, QConvBNReLU, QLinear, QMaxPool2d, QModule, check_integer_input
+from .observer import QParam
+
 
 class Net(nn.Module):
     """The original's CNN: 11,170 parameters, (N, 1, 28, 28) -> (N, 10) logits."""
@@ -45,3 +48,199 @@ class NetBN(nn.Module):
 
 
 MODELS = {"net": Net, "netbn": NetBN}
+
+
+# --------------------------------------------------------------------------------------------
+# whole-model quantization (taught in notebook d_post_training_quantize)
+
+class QuantizedNet(nn.Module):
+    """A chain of quantized layers built from ``Net`` or ``NetBN`` by :func:`quantize_model`.
+
+    ``forward(x)`` runs fake quantization on float images (calibration, QAT);
+    ``calibrate(data)`` observes ranges; ``freeze()``; ``quantize_inference(x)`` runs the integer
+    layers on float images and returns dequantized logits; ``integer_inference(q_x)`` maps the
+    input integers to the logits' integers.
+    """
+
+    def __init__(self, layers: list[nn.Module], num_bits: int, per_channel: bool,
+                 fixed_point: bool, qat: bool):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.num_bits, self.per_channel = num_bits, per_channel
+        self.fixed_point, self.qat = fixed_point, qat
+        if qat:
+            # fine-tuning a quantized model wants a small step and no augmentation
+            self.default_lr, self.default_augment = 1e-4 * (8 / num_bits), 0
+
+    @property
+    def q_in(self):
+        """The QParam of the input images."""
+        return self.layers[0].q_in
+
+    @property
+    def q_out(self):
+        """The QParam of the logits."""
+        return self.layers[-1].output_qparam
+
+    @property
+    def frozen(self) -> bool:
+        return all(layer.frozen for layer in self.layers if isinstance(layer, QModule))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    @torch.no_grad()
+    def calibrate(self, data, num_batches: int | None = None) -> QuantizedNet:
+        """Observe activation ranges on calibration data (use training data, never the test set).
+
+        Args:
+            data: a DataLoader of ``(images, labels)`` or any iterable of image batches.
+            num_batches: stop after this many batches (None: all).
+        """
+        was_training = self.training
+        self.eval()
+        seen = 0
+        for batch in data:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not isinstance(images, torch.Tensor):
+                raise TypeError(f"data must yield image tensors or (images, labels); got "
+                                f"{type(images).__name__}")
+            self(images)
+            seen += 1
+            if num_batches is not None and seen >= num_batches:
+                break
+        self.train(was_training)
+        if seen == 0:
+            raise ValueError("data yielded no batches: calibration needs at least one batch")
+        return self
+
+    def freeze_observers(self) -> QuantizedNet:
+        """Stop updating activation ranges (e.g. for the last epochs of QAT)."""
+        for m in self.modules():
+            if isinstance(m, QParam) and m.averaging_constant != 1.0:
+                m.observing = False
+        return self
+
+    @torch.no_grad()
+    def freeze(self) -> QuantizedNet:
+        """Freeze every layer, feeding each the previous layer's output QParam."""
+        self.eval()
+        previous = None
+        for layer in self.layers:
+            if isinstance(layer, QModule):
+                layer.freeze(q_in=None if previous is None or layer.qi else previous)
+                previous = layer.output_qparam
+        return self
+
+    def _check_frozen(self):
+        if not self.frozen:
+            raise RuntimeError("quantize_inference needs freeze() first: "
+                               "qnet.calibrate(train_loader); qnet.freeze()")
+
+    @torch.no_grad()
+    def integer_inference(self, q_x: torch.Tensor) -> torch.Tensor:
+        """int32 image integers -> int32 logit integers, integer arithmetic only.
+
+        A max-pool after a conv is applied to the conv's accumulators (same integers, faster).
+        """
+        self._check_frozen()
+        check_integer_input(q_x, self.q_in)
+        i, layers = 0, list(self.layers)
+        while i < len(layers):
+            layer = layers[i]
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            if isinstance(layer, (QConv2d, QConvBNReLU)) and isinstance(nxt, QMaxPool2d) \
+                    and nxt.padding == 0:
+                q_x = layer.quantize_inference(q_x, pool=(nxt.kernel_size,
+                                                          nxt.stride or nxt.kernel_size))
+                i += 2
+            else:
+                q_x = layer.quantize_inference(q_x)
+                i += 1
+        return q_x
+
+    @torch.no_grad()
+    def quantize_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """Float images -> quantize with ``q_in`` -> integer layers -> dequantized float logits."""
+        self._check_frozen()
+        return self.q_out.dequantize_tensor(self.integer_inference(self.q_in.quantize_tensor(x)))
+
+    def accuracy(self, loader) -> float:
+        """Accuracy of the integer model (``quantize_inference``) on ``loader``."""
+        from .training import evaluate
+        return evaluate(self.quantize_inference, loader)
+
+    def size_bytes(self) -> dict:
+        """Storage of the frozen integer model: weights at ceil(num_bits/8) bytes each, int32
+        biases, and per output channel a float32 multiplier plus the weight's scale and zero
+        point; compared with the float32 parameters of the float layers."""
+        self._check_frozen()
+        int_bytes, float_bytes = 0, 0
+        per_weight = (self.num_bits + 7) // 8
+        for layer in self.layers:
+            if isinstance(layer, QModule) and hasattr(layer, "weight_int"):
+                w, b = layer.float_weight_bias()
+                float_bytes += 4 * (w.numel() + (b.numel() if b is not None else 0))
+                channels = layer.weight_int.shape[0]
+                int_bytes += per_weight * layer.weight_int.numel() + 4 * channels  # w, bias
+                int_bytes += 4 * channels + 4 * layer.q_w.scale.numel() * 2      # M, S_w, Z_w
+        return {"float32": float_bytes, "integer": int_bytes}
+
+
+def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
+                   qat: bool = False, fixed_point: bool = False,
+                   averaging_constant: float | None = None) -> QuantizedNet:
+    """Build the quantized version of a ``Net`` or ``NetBN`` (a deep copy: ``net`` is untouched).
+
+    Conv layers get their ReLU fused (the output range is observed after it); ``NetBN``'s BN is
+    folded into its convs (``QConvBNReLU``).
+
+    Args:
+        num_bits: bits of weights and activations (2..16).
+        per_channel: symmetric per-channel int weights (True) or affine per-tensor (False).
+        qat: return a trainable model for quantization-aware training: activation ranges follow a
+            moving average (``averaging_constant`` 0.01 unless given), the model is in train mode
+            and carries its own default learning rate for ``quantlab.training.train``.
+        fixed_point: integer-only requantization (Q31 multiplier and shift) instead of float.
+    """
+    import copy
+
+    if not isinstance(net, (Net, NetBN)):
+        raise TypeError(f"net must be a quantlab.models.Net or NetBN; got {type(net).__name__}")
+    if averaging_constant is None and qat:
+        averaging_constant = 0.01
+    net = copy.deepcopy(net)
+    kw = dict(num_bits=num_bits, per_channel=per_channel, fixed_point=fixed_point,
+              averaging_constant=averaging_constant)
+    if isinstance(net, NetBN):
+        conv1 = QConvBNReLU(net.conv1, net.bn1, qi=True, qo=True, relu=True, **kw)
+        conv2 = QConvBNReLU(net.conv2, net.bn2, qi=False, qo=True, relu=True, **kw)
+    else:
+        conv1 = QConv2d(net.conv1, True, True, relu=True, **kw)
+        conv2 = QConv2d(net.conv2, False, True, relu=True, **kw)
+    layers = [conv1, QMaxPool2d(2, 2, num_bits=num_bits), conv2,
+              QMaxPool2d(2, 2, num_bits=num_bits), QFlatten(num_bits),
+              QLinear(net.fc, False, True, **kw)]
+    qnet = QuantizedNet(layers, num_bits, per_channel, fixed_point, qat)
+    return qnet.train(qat)
+
+
+class QFlatten(QModule):
+    """``torch.flatten(x, 1)`` for float and integer tensors alike."""
+
+    def __init__(self, num_bits: int = 8):
+        super().__init__(qi=False, qo=False, num_bits=num_bits)
+
+    def forward(self, x):
+        return torch.flatten(x, 1)
+
+    def freeze(self, q_in=None):
+        self._take_q_in(q_in)
+        self.frozen_flag = torch.tensor(True)
+        return self
+
+    def quantize_inference(self, q_x):
+        self._check_frozen()
+        return torch.flatten(q_x, 1)

@@ -62,7 +62,7 @@ class QParam(nn.Module):
         if not self.observing and self.observed:
             return self
         axis = check_axis(self.axis, x.dim()) if isinstance(x, torch.Tensor) else self.axis
-        if self.min_val.numel() == 0:
+        if self.min_val.numel() == 0 or self.averaging_constant == 1.0:
             new_min, new_max = calc_min_max(x, axis=axis)
         elif self.averaging_constant is None:
             new_min, new_max = calc_min_max(x, self.min_val, self.max_val, axis=axis)

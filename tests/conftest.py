@@ -9,8 +9,9 @@ OFFICIAL_MNIST = ROOT.parent / "shared" / "data" / "mnist"
 
 # torch.ao's quantized dtypes and engines are deprecated in favour of torchao; they remain the best
 # available oracle for bit-exact tests, so their warnings are silenced here explicitly.
-warnings.filterwarnings("ignore", message=".*quantized dtypes are deprecated.*")
-warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
+for _message in (".*quantized tensor creation functions.*", ".*quantized dtypes are deprecated.*",
+                 ".*torch.ao.quantization is deprecated.*"):
+    warnings.filterwarnings("ignore", message=_message)
 
 torch.set_num_threads(2)
 
