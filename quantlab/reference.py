@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from .modules import QConv2d, QConvBNReLU, QLinear, QMaxPool2d, QModule
 
-
 #: the deprecation warnings of torch.ao's quantized tensors and workflow (torch 2.14)
 DEPRECATION_MESSAGES = (".*quantized tensor creation functions.*",
                         ".*quantized dtypes are deprecated.*",

@@ -1,0 +1,240 @@
+"""Quantized layers: life cycle, errors, and bit-exactness with PyTorch's int8 kernels."""
+
+import io
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from quantlab import QParam
+from quantlab.modules import (QConv2d, QConvBNReLU, QLinear, QMaxPool2d, QReLU, check_integer_input,
+                              fold_bn)
+from quantlab.reference import torch_integer_inference
+
+HAS_QNNPACK = "qnnpack" in torch.backends.quantized.supported_engines
+HAS_X86 = "x86" in torch.backends.quantized.supported_engines
+needs_qnnpack = pytest.mark.skipif(not HAS_QNNPACK, reason="PyTorch's qnnpack engine unavailable")
+
+
+def random_conv_config(rng: random.Random):
+    groups = rng.choice([1, 1, 2, "depthwise"])
+    cin_per_group = rng.randint(1, 4)
+    if groups == "depthwise":
+        groups = rng.randint(1, 8)
+        cin, cout = groups, groups * rng.choice([1, 2])
+    else:
+        cin = groups * cin_per_group
+        cout = groups * rng.randint(1, 4)
+    k = rng.randint(1, 5)
+    dilation = rng.randint(1, 2)
+    padding = rng.randint(0, 2)
+    stride = rng.randint(1, 2)
+    size = (k - 1) * dilation + 1 + rng.randint(0, 6)
+    batch = rng.randint(1, 4)
+    return dict(batch=batch, cin=cin, cout=cout, k=k, stride=stride, padding=padding,
+                dilation=dilation, groups=groups, size=size, bias=rng.random() < 0.9,
+                relu=rng.random() < 0.3)
+
+
+def make_conv(cfg, gen):
+    conv = nn.Conv2d(cfg["cin"], cfg["cout"], cfg["k"], cfg["stride"], cfg["padding"],
+                     cfg["dilation"], cfg["groups"], bias=cfg["bias"])
+    with torch.no_grad():  # channels of different magnitude, so per-channel matters
+        conv.weight.mul_(torch.exp(torch.randn(cfg["cout"], 1, 1, 1, generator=gen)))
+        if cfg["bias"]:
+            conv.bias.normal_(0, 0.5, generator=gen)
+    return conv
+
+
+def calibrated(layer, x):
+    with torch.no_grad():
+        layer(x)
+    return layer.freeze()
+
+
+@needs_qnnpack
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_conv_bit_exact_with_qnnpack_over_random_configs(per_channel):
+    rng, gen = random.Random(1234 + per_channel), torch.Generator().manual_seed(7)
+    outputs = mismatches = 0
+    for _ in range(300):
+        cfg = random_conv_config(rng)
+        conv = make_conv(cfg, gen)
+        x = torch.randn(cfg["batch"], cfg["cin"], cfg["size"], cfg["size"], generator=gen)
+        x = x * rng.uniform(0.1, 5) + rng.uniform(-1, 1)
+        q = calibrated(QConv2d(conv, True, True, 8, per_channel, relu=cfg["relu"]), x)
+        q_x = q.q_in.quantize_tensor(x)
+        ours = q.quantize_inference(q_x)
+        theirs = torch_integer_inference(q, q_x, "qnnpack")
+        outputs += ours.numel()
+        mismatches += int((ours != theirs).sum())
+        assert torch.equal(ours, theirs), cfg
+    assert outputs > 10_000 and mismatches == 0
+
+
+@needs_qnnpack
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_linear_bit_exact_with_qnnpack(per_channel):
+    rng, gen = random.Random(99 + per_channel), torch.Generator().manual_seed(3)
+    for _ in range(100):
+        n_in, n_out = rng.choice([1, 7, 64, 1000]), rng.randint(1, 12)
+        fc = nn.Linear(n_in, n_out)
+        with torch.no_grad():
+            fc.weight.mul_(torch.exp(torch.randn(n_out, 1, generator=gen)))
+        x = torch.randn(rng.randint(1, 8), n_in, generator=gen) * rng.uniform(0.1, 5)
+        q = calibrated(QLinear(fc, True, True, 8, per_channel), x)
+        q_x = q.q_in.quantize_tensor(x)
+        assert torch.equal(q.quantize_inference(q_x), torch_integer_inference(q, q_x, "qnnpack"))
+
+
+@needs_qnnpack
+def test_integer_weights_are_exactly_q_w_quantize_tensor():
+    conv = nn.Conv2d(3, 6, 3)
+    q = calibrated(QConv2d(conv, True, True, 8, True), torch.randn(2, 3, 8, 8))
+    assert torch.equal(q.weight_int, q.q_w.quantize_tensor(conv.weight.detach()))
+    assert q.weight_int.dtype == torch.int32 and q.bias_int.dtype == torch.int64
+
+
+@pytest.mark.skipif(not HAS_X86, reason="PyTorch's x86 engine unavailable")
+def test_x86_engine_with_7bit_activations_agrees_within_one_lsb():
+    # x86/fbgemm keeps the bias in float; with 7-bit activations (its default reduce_range) its
+    # vpmaddubsw pairs cannot saturate, so it differs from the int32-bias path by rounding only
+    rng, gen = random.Random(5), torch.Generator().manual_seed(5)
+    outputs = mismatches = 0
+    for _ in range(100):
+        cfg = random_conv_config(rng)
+        conv = make_conv(cfg, gen)
+        x = torch.randn(cfg["batch"], cfg["cin"], cfg["size"], cfg["size"], generator=gen)
+        q = QConv2d(conv, True, True, 8, True)
+        q.q_in = QParam(7)  # activations in [0, 127]
+        q = calibrated(q, x)
+        q_x = q.q_in.quantize_tensor(x)
+        diff = (q.quantize_inference(q_x) - torch_integer_inference(q, q_x, "x86")).abs()
+        assert diff.max() <= 1
+        outputs += diff.numel()
+        mismatches += int((diff != 0).sum())
+    print(f"x86 engine, 7-bit activations: {mismatches} of {outputs} outputs differ by 1 LSB")
+    assert mismatches / outputs < 0.01
+
+
+def test_fixed_point_requantization_within_one_lsb_of_float():
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3)
+    x = torch.randn(8, 8, 12, 12, generator=gen)
+    a = calibrated(QConv2d(conv, True, True, 8, True), x)
+    b = calibrated(QConv2d(conv, True, True, 8, True, fixed_point=True), x)
+    q_x = a.q_in.quantize_tensor(x)
+    diff = (a.quantize_inference(q_x) - b.quantize_inference(q_x)).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.01
+    assert torch.equal(a.quantized_multiplier, b.quantized_multiplier)
+
+
+def test_pool_before_requantization_gives_the_same_integers():
+    gen = torch.Generator().manual_seed(1)
+    for fixed in (False, True):
+        q = calibrated(QConv2d(nn.Conv2d(2, 5, 3), True, True, 8, True, relu=True,
+                               fixed_point=fixed), torch.randn(4, 2, 13, 13, generator=gen))
+        pool = QMaxPool2d(2, 2).freeze(q.q_out)
+        q_x = q.q_in.quantize_tensor(torch.randn(4, 2, 13, 13, generator=gen))
+        assert torch.equal(pool.quantize_inference(q.quantize_inference(q_x)),
+                           q.quantize_inference(q_x, pool=(2, 2)))
+
+
+def test_float32_accumulation_only_when_provably_exact():
+    fc = nn.Linear(1000, 4)
+    with torch.no_grad():
+        fc.weight.fill_(1.0)
+        fc.weight[0, 0] = -1.0
+    q = calibrated(QLinear(fc, True, True, 8, False), torch.rand(2, 1000))
+    # all-255 inputs against near-constant weights: |acc| reaches ~2**25, float32 is not exact
+    assert q.accumulator_bound() >= 2**24 and q.acc_dtype == torch.float64
+    q_x = torch.full((1, 1000), 255, dtype=torch.int32)
+    acc = q.accumulate(q_x)
+    w = q.weight_int.long() - q.weight_zero_point
+    exact = ((q_x.long() - int(q.q_in.zero_point)) * w).sum(1)
+    assert torch.equal(acc.long().flatten(), exact.flatten())
+    small = calibrated(QConv2d(nn.Conv2d(1, 4, 3), True, True, 8, True), torch.randn(1, 1, 6, 6))
+    assert small.accumulator_bound() < 2**24 and small.acc_dtype == torch.float32
+
+
+def test_relu_and_maxpool_modules():
+    q_in = QParam(8).update(torch.tensor([-2.0, 6.0]))
+    relu = QReLU().freeze(q_in)
+    q = torch.tensor([[0, 10, 64, 200]], dtype=torch.int32)
+    z = int(q_in.zero_point)
+    assert relu.quantize_inference(q).tolist() == [[z, z, max(64, z), 200]]
+    assert torch.equal(q_in.dequantize_tensor(relu.quantize_inference(q)),
+                       torch.relu(q_in.dequantize_tensor(q)))
+    pool = QMaxPool2d(2, 2).freeze(q_in)
+    img = torch.randint(0, 256, (1, 2, 4, 4), dtype=torch.int32)
+    assert torch.equal(pool.quantize_inference(img), torch.nn.functional.max_pool2d(
+        img.float(), 2, 2).int())
+
+
+def test_fold_bn_matches_eval_batchnorm():
+    gen = torch.Generator().manual_seed(2)
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.normal_(generator=gen)
+        bn.running_var.uniform_(0.5, 2, generator=gen)
+        bn.weight.normal_(generator=gen)
+        bn.bias.normal_(generator=gen)
+    bn.eval()
+    x = torch.randn(2, 3, 7, 7, generator=gen)
+    w, b = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                   bn.eps)
+    torch.testing.assert_close(torch.nn.functional.conv2d(x, w, b), bn(conv(x)))
+
+
+def test_conv_bn_relu_freezes_to_folded_integers():
+    gen = torch.Generator().manual_seed(4)
+    conv, bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+    bn.train()
+    bn(conv(torch.randn(16, 1, 8, 8, generator=gen)))  # non-trivial running statistics
+    bn.eval()
+    x = torch.randn(4, 1, 8, 8, generator=gen)
+    q = calibrated(QConvBNReLU(conv, bn, True, True, 8, True).eval(), x)
+    out = q.q_out.dequantize_tensor(q.quantize_inference(q.q_in.quantize_tensor(x)))
+    ref = torch.relu(bn(conv(x))).detach()
+    assert (out - ref).abs().max() <= 3 * q.q_out.scale
+
+
+def test_errors_are_clear():
+    q = QConv2d(nn.Conv2d(1, 2, 3), True, True, 8, True)
+    with pytest.raises(RuntimeError, match="freeze"):
+        q.quantize_inference(torch.zeros(1, 1, 5, 5, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="observed nothing"):
+        q.freeze()
+    calibrated(q, torch.randn(1, 1, 5, 5))
+    with pytest.raises(TypeError, match="integer tensor"):
+        q.quantize_inference(torch.zeros(1, 1, 5, 5))
+    with pytest.raises(ValueError, match=r"outside \[0, 255\]"):
+        q.quantize_inference(torch.full((1, 1, 5, 5), 300, dtype=torch.int32))
+    with pytest.raises(ValueError, match="qi=False"):
+        QConv2d(nn.Conv2d(1, 2, 3), False, True).freeze()
+    with pytest.raises(TypeError, match="conv must be a torch.nn.Conv2d"):
+        QConv2d(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="fc must be a torch.nn.Linear"):
+        QLinear(nn.Conv2d(1, 1, 1))
+    with pytest.raises(TypeError, match="per_channel"):
+        QConv2d(nn.Conv2d(1, 2, 3), True, True, 8, "yes")
+    with pytest.raises(ValueError, match="num_bits"):
+        QConv2d(nn.Conv2d(1, 2, 3), True, True, 1)
+    with pytest.raises(TypeError, match="integer torch.Tensor"):
+        check_integer_input([1, 2], QParam().update(torch.ones(2)))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_frozen_module_state_dict_round_trip(per_channel):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 2, 9, 9, generator=gen)
+    q = calibrated(QConv2d(nn.Conv2d(2, 4, 3), True, True, 8, per_channel, fixed_point=True), x)
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    fresh = QConv2d(nn.Conv2d(2, 4, 3), True, True, 8, per_channel, fixed_point=True)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert fresh.frozen
+    q_x = q.q_in.quantize_tensor(x)
+    assert torch.equal(fresh.quantize_inference(q_x), q.quantize_inference(q_x))
