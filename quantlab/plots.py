@@ -51,11 +51,15 @@ def error_vs_bits(bits, series: dict, ylabel: str = "RMS error", title: str = ""
     return fig
 
 
-def accuracy_vs_bits(bits, series: dict, title: str = "", ax=None):
-    """Accuracy (percent) against the bit width for several named series."""
+def accuracy_vs_bits(bits, series: dict, title: str = "", reference: float | None = None,
+                     ax=None):
+    """Accuracy (percent) against the bit width for several named series; ``reference`` (e.g.
+    the float model's accuracy) is drawn as a dashed line."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.5))
     for name, values in series.items():
         ax.plot(list(bits), [100 * v for v in values], marker="o", label=name)
+    if reference is not None:
+        ax.axhline(100 * reference, color="gray", ls="--", label=f"float {100 * reference:.2f}%")
     ax.set_xlabel("num_bits (weights and activations)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)

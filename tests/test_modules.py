@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from quantlab import QParam
-from quantlab.modules import (QConv2d, QConvBNReLU, QLinear, QMaxPool2d, QReLU, check_integer_input,
-                              fold_bn)
+from quantlab.modules import QConv2d, QConvBNReLU, QLinear, QMaxPool2d, QReLU, check_integer_input, fold_bn
 from quantlab.reference import torch_integer_inference
 
 HAS_QNNPACK = "qnnpack" in torch.backends.quantized.supported_engines
