@@ -7,6 +7,7 @@ Layers, lowest first (lower layers never import higher ones):
 ``data``, ``training`` and ``plots`` sit beside them and are imported on demand.
 """
 
+from .models import Net, NetBN, QuantizedNet, quantize_model
 from .observer import QParam
 from .qparams import calc_min_max, calc_scale_zero_point, quant_range
 from .quantize import dequantize, fake_quantize, quantize
@@ -14,7 +15,11 @@ from .quantize import dequantize, fake_quantize, quantize
 __version__ = "0.1.0"
 
 __all__ = [
+    "Net",
+    "NetBN",
     "QParam",
+    "QuantizedNet",
+    "quantize_model",
     "calc_min_max",
     "calc_scale_zero_point",
     "dequantize",

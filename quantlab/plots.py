@@ -70,10 +70,16 @@ def accuracy_vs_bits(bits, series: dict, title: str = "", reference: float | Non
     return fig
 
 
-def lsb_error_hist(err_lsb: torch.Tensor, title: str = "", ax=None):
-    """Histogram of an error measured in LSBs (units of the output scale)."""
+def lsb_error_hist(err_lsb: torch.Tensor, title: str = "", half_lsb: bool = True, ax=None):
+    """Histogram of an error measured in LSBs (units of the output scale), log counts; dashed
+    lines at +-0.5 LSB, the output rounding alone."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.2))
-    ax.hist(err_lsb.flatten().numpy(), bins=81, color="tab:green")
+    ax.hist(err_lsb.flatten().numpy(), bins=81, color="tab:green", log=True)
+    if half_lsb:
+        for v in (-0.5, 0.5):
+            ax.axvline(v, color="black", ls="--", lw=1)
+        ax.text(0.5, 0.97, "output rounding alone: within the dashed lines", ha="center", va="top",
+                transform=ax.transAxes, fontsize=8)
     ax.set_xlabel("error (LSB of the output scale)")
     ax.set_ylabel("count")
     ax.set_title(title)
