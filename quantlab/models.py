@@ -69,8 +69,9 @@ class QuantizedNet(nn.Module):
         self.num_bits, self.per_channel = num_bits, per_channel
         self.fixed_point, self.qat = fixed_point, qat
         if qat:
-            # fine-tuning a quantized model wants a small step and no augmentation
-            self.default_lr, self.default_augment = 1e-4 * (8 / num_bits), 0
+            # fine-tuning from a trained float model: a third of its peak learning rate, and no
+            # shift augmentation (measured best at 2-4 bits on the embedded digits)
+            self.default_lr, self.default_augment = 1e-3, 0
 
     @property
     def q_in(self):
@@ -100,7 +101,10 @@ class QuantizedNet(nn.Module):
             num_batches: stop after this many batches (None: all).
         """
         was_training = self.training
-        self.eval()
+        self.eval()  # BN uses its running statistics; only the observers are in training mode
+        for m in self.modules():
+            if isinstance(m, QParam):
+                m.train()
         seen = 0
         for batch in data:
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -114,6 +118,14 @@ class QuantizedNet(nn.Module):
         self.train(was_training)
         if seen == 0:
             raise ValueError("data yielded no batches: calibration needs at least one batch")
+        return self
+
+    def freeze_bn_stats(self, frozen: bool = True) -> QuantizedNet:
+        """Fold BN's running statistics during training too (True), or let BN normalize with the
+        batch statistics while training (False; see QConvBNReLU)."""
+        for m in self.modules():
+            if isinstance(m, QConvBNReLU):
+                m.freeze_bn_stats = frozen
         return self
 
     def freeze_observers(self) -> QuantizedNet:
@@ -197,7 +209,8 @@ class QuantizedNet(nn.Module):
 
 def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
                    qat: bool = False, fixed_point: bool = False,
-                   averaging_constant: float | None = None) -> QuantizedNet:
+                   averaging_constant: float | None = None,
+                   output_bits: int | None = 8) -> QuantizedNet:
     """Build the quantized version of a ``Net`` or ``NetBN`` (a deep copy: ``net`` is untouched).
 
     Conv layers get their ReLU fused (the output range is observed after it); ``NetBN``'s BN is
@@ -207,9 +220,14 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
         num_bits: bits of weights and activations (2..16).
         per_channel: symmetric per-channel int weights (True) or affine per-tensor (False).
         qat: return a trainable model for quantization-aware training: activation ranges follow a
-            moving average (``averaging_constant`` 0.01 unless given), the model is in train mode
-            and carries its own default learning rate for ``quantlab.training.train``.
+            moving average (``averaging_constant`` 0.01 unless given), BN statistics are frozen
+            (``freeze_bn_stats``), the model is in train mode and carries its own default
+            learning rate and augmentation for ``quantlab.training.train``.
         fixed_point: integer-only requantization (Q31 multiplier and shift) instead of float.
+        output_bits: bits of the logits, the model's output to the host (8 by default; None
+            for ``num_bits``). Below 8 bits ``num_bits`` applies to the input, every weight and
+            every hidden activation, but 10 logits on 2 bits (4 levels) would mostly tie at the
+            top level, so the output keeps its own width.
     """
     import copy
 
@@ -226,10 +244,17 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
     else:
         conv1 = QConv2d(net.conv1, True, True, relu=True, **kw)
         conv2 = QConv2d(net.conv2, False, True, relu=True, **kw)
+    fc = QLinear(net.fc, False, True, **kw)
+    if output_bits is not None and output_bits != num_bits:
+        fc.q_out = QParam(output_bits, averaging_constant=averaging_constant)
     layers = [conv1, QMaxPool2d(2, 2, num_bits=num_bits), conv2,
-              QMaxPool2d(2, 2, num_bits=num_bits), QFlatten(num_bits),
-              QLinear(net.fc, False, True, **kw)]
+              QMaxPool2d(2, 2, num_bits=num_bits), QFlatten(num_bits), fc]
     qnet = QuantizedNet(layers, num_bits, per_channel, fixed_point, qat)
+    if qat:
+        # fine-tuning a trained model: BN statistics frozen, i.e. training folds BN exactly as
+        # inference does (the last phase of the standard recipe; 2-bit NetBN measured 95% this
+        # way, 91% with batch statistics)
+        qnet.freeze_bn_stats(True)
     return qnet.train(qat)
 
 

@@ -62,6 +62,13 @@ def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape([1, -1] + [1] * (ndim - 2)) if v.dim() == 1 else v
 
 
+def _copy_qparam(src: QParam) -> QParam:
+    """A new QParam with the configuration and the observed values of ``src``."""
+    dst = QParam(src.num_bits, src.signed, src.symmetric, src.axis, src.averaging_constant)
+    dst.load_state_dict(src.state_dict())
+    return dst
+
+
 class QModule(nn.Module):
     """Common life cycle of the quantized layers (the original's ``QModule``)."""
 
@@ -97,7 +104,7 @@ class QModule(nn.Module):
                 raise TypeError(f"q_in must be a QParam; got {type(q_in).__name__}")
             if not q_in.observed:
                 raise RuntimeError("q_in has observed nothing: calibrate the model first")
-            self.q_in.load_state_dict(q_in.state_dict())
+            self.q_in = _copy_qparam(q_in)
         elif not self.qi:
             raise ValueError(f"{type(self).__name__} was built with qi=False: pass the previous "
                              "layer's output QParam, freeze(q_in=previous.q_out)")
@@ -107,9 +114,7 @@ class QModule(nn.Module):
 
     def _take_q_out(self, q_out: QParam | None) -> QParam:
         if q_out is not None:
-            if self.q_out is None:
-                self.q_out = QParam(self.num_bits)
-            self.q_out.load_state_dict(q_out.state_dict())
+            self.q_out = _copy_qparam(q_out)
         if self.q_out is None or not self.q_out.observed:
             raise RuntimeError(f"{type(self).__name__} has no observed output QParam: build it "
                                "with qo=True and calibrate, or pass freeze(q_out=...)")
@@ -320,8 +325,10 @@ class QConvBNReLU(_QWeighted):
     """Conv2d + BatchNorm2d (+ ReLU) with the BN folded into the conv's weights and bias.
 
     In eval mode (calibration, freeze) the BN's running statistics are folded. In train mode
-    (QAT) the standard recipe folds the *batch* statistics: a float conv gives the batch mean and
-    variance (and updates the running ones), then the folded weights are fake-quantized.
+    (QAT), PyTorch's recipe: the weights folded with the running statistics are fake-quantized,
+    the conv output is unscaled and BN normalizes it with the batch statistics (updating the
+    running ones). With ``freeze_bn_stats = True`` training folds the running statistics exactly
+    as inference does (BN statistics frozen).
     """
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, qi: bool = True, qo: bool = True,
@@ -333,41 +340,34 @@ class QConvBNReLU(_QWeighted):
             raise TypeError(f"bn must be a BatchNorm2d({conv.out_channels}); got {bn!r}")
         super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant)
         self.conv, self.bn = conv, bn
-        self._batch_stats = None
+        #: fold the running statistics during training too (BN statistics frozen)
+        self.freeze_bn_stats = False
 
     def float_weight_bias(self):
         bn = self.bn
-        if self._batch_stats is not None:
-            mean, var = self._batch_stats
-        else:
-            mean, var = bn.running_mean, bn.running_var
-        return fold_bn(self.conv.weight, self.conv.bias, mean, var, bn.weight, bn.bias, bn.eps)
+        return fold_bn(self.conv.weight, self.conv.bias, bn.running_mean, bn.running_var,
+                       bn.weight, bn.bias, bn.eps)
 
     def _op(self, x, w, b):
         c = self.conv
         return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training or self.freeze_bn_stats:
             return super().forward(x)
+        # PyTorch's recipe (torch.ao.nn.intrinsic.qat.ConvBn2d): quantize the weights folded with
+        # the running statistics (stable), undo the scaling after the conv, and let BN normalize
+        # with the batch statistics (updating the running ones)
         x_in = self.q_in(x) if self.qi else x
-        with torch.no_grad():  # batch statistics of the float conv (and the running ones)
-            y = self._op(x_in, self.conv.weight, self.conv.bias)
-            mean = y.mean(dim=(0, 2, 3))
-            var = y.var(dim=(0, 2, 3), unbiased=False)
-            n = y.numel() / y.shape[1]
-            m = self.bn.momentum if self.bn.momentum is not None else 0.1
-            self.bn.running_mean.mul_(1 - m).add_(m * mean)
-            self.bn.running_var.mul_(1 - m).add_(m * var * n / max(n - 1, 1))
-            self.bn.num_batches_tracked += 1
-        self._batch_stats = (mean, var)
-        try:
-            w, b = self.float_weight_bias()
-        finally:
-            self._batch_stats = None
+        bn = self.bn
+        w, _ = self.float_weight_bias()
+        factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         if self.q_w.observing:
             self.q_w.update(w.detach())
-        y = self._op(x_in, self.q_w.fake_quantize(w), b)
+        y = self._op(x_in, self.q_w.fake_quantize(w), None) / factor.reshape(1, -1, 1, 1)
+        if self.conv.bias is not None:
+            y = y + self.conv.bias.reshape(1, -1, 1, 1)
+        y = bn(y)
         if self.relu:
             y = F.relu(y)
         return self.q_out(y) if self.q_out is not None else y

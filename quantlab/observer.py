@@ -42,7 +42,7 @@ class QParam(nn.Module):
                              f"{averaging_constant!r}")
         self.num_bits, self.signed, self.symmetric, self.axis = num_bits, signed, symmetric, axis
         self.averaging_constant = averaging_constant
-        #: when False, update() leaves the range alone (frozen observer)
+        #: when False, update() leaves the range alone (a frozen observer)
         self.observing = True
         for name in _BUFFERS:
             self.register_buffer(name, torch.empty(0))
@@ -99,8 +99,12 @@ class QParam(nn.Module):
         return fake_quantize(x, self.scale, self.zero_point, self.num_bits, self.signed, self.axis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Observe ``x`` (if observing) and return it fake-quantized."""
-        if self.observing:
+        """Observe ``x`` (in training mode, when observing) and return it fake-quantized.
+
+        In eval mode nothing is observed, so evaluating a QAT model never moves its ranges
+        (``QuantizedNet.calibrate`` puts only the QParams in training mode).
+        """
+        if self.observing and self.training:
             self.update(x)
         return self.fake_quantize(x)
 
