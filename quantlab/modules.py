@@ -92,6 +92,20 @@ class QModule(nn.Module):
     def frozen(self) -> bool:
         return bool(self.frozen_flag)
 
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> torch.Tensor:
+        """Observe ranges on a batch with the layer in eval mode (BN uses its running
+        statistics) and only its QParams in training mode; returns the forward output."""
+        was_training = self.training
+        self.eval()
+        for m in self.modules():
+            if isinstance(m, QParam):
+                m.train()
+        try:
+            return self(x)
+        finally:
+            self.train(was_training)
+
     def _check_frozen(self):
         if not self.frozen:
             raise RuntimeError(f"{type(self).__name__}.quantize_inference needs freeze() first "
@@ -110,7 +124,7 @@ class QModule(nn.Module):
                              "layer's output QParam, freeze(q_in=previous.q_out)")
         elif not self.q_in.observed:
             raise RuntimeError(f"{type(self).__name__}.q_in has observed nothing: run forward "
-                               "passes on calibration data before freeze()")
+                               "passes in training mode, or calibrate(x), before freeze()")
 
     def _take_q_out(self, q_out: QParam | None) -> QParam:
         if q_out is not None:

@@ -55,7 +55,8 @@ class QParam(nn.Module):
     def _check_observed(self):
         if not self.observed:
             raise RuntimeError("this QParam has observed nothing: call update(x) with a batch "
-                               "first (calibration), or load a state_dict")
+                               "first (calibration: forward passes in training mode, or "
+                               "calibrate()), or load a state_dict")
 
     def update(self, x: torch.Tensor) -> QParam:
         """Observe a batch: merge its range into ``min_val``/``max_val`` and recompute qparams."""

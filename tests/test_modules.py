@@ -193,9 +193,12 @@ def test_conv_bn_relu_freezes_to_folded_integers():
     bn(conv(torch.randn(16, 1, 8, 8, generator=gen)))  # non-trivial running statistics
     bn.eval()
     x = torch.randn(4, 1, 8, 8, generator=gen)
-    q = calibrated(QConvBNReLU(conv, bn, True, True, 8, True).eval(), x)
+    q = QConvBNReLU(conv, bn, True, True, 8, True)
+    q.calibrate(x)
+    q.freeze()
+    assert torch.equal(bn.running_mean, q.bn.running_mean)  # calibration kept BN's statistics
     out = q.q_out.dequantize_tensor(q.quantize_inference(q.q_in.quantize_tensor(x)))
-    ref = torch.relu(bn(conv(x))).detach()
+    ref = torch.relu(bn.eval()(conv(x))).detach()
     assert (out - ref).abs().max() <= 3 * q.q_out.scale
 
 
