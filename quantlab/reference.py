@@ -82,13 +82,24 @@ def torch_quantized_layer(layer: QModule, engine: str = "qnnpack"):
     return mod
 
 
+def narrow(x: torch.Tensor, qparam) -> torch.Tensor:
+    """Clamp a quint8 tensor's integers to a narrower QParam range (e.g. [0, 15] for 4 bits).
+
+    PyTorch's kernels always clamp to [0, 255]; a kernel with a narrower output clamps further.
+    """
+    if (qparam.quant_min, qparam.quant_max) == (0, 255):
+        return x
+    q = x.int_repr().clamp(qparam.quant_min, qparam.quant_max)
+    return torch._make_per_tensor_quantized_tensor(q, x.q_scale(), x.q_zero_point())
+
+
 def torch_integer_inference(layer: QModule, q_x: torch.Tensor, engine: str = "qnnpack"):
     """Run PyTorch's int8 kernel for ``layer`` on quantlab's input integers; int32 output."""
     mod = torch_quantized_layer(layer, engine)
     with quantized_engine(engine):
         x = torch._make_per_tensor_quantized_tensor(q_x.to(torch.uint8), float(layer.q_in.scale),
                                                     int(layer.q_in.zero_point))
-        return mod(x).int_repr().to(torch.int32)
+        return narrow(mod(x), layer.q_out).int_repr().to(torch.int32)
 
 
 class TorchQuantizedNet(torch.nn.Module):
@@ -102,7 +113,7 @@ class TorchQuantizedNet(torch.nn.Module):
         for layer in qnet.layers:
             if isinstance(layer, (QConv2d, QConvBNReLU, QLinear)):
                 self.mods.append(torch_quantized_layer(layer, engine))
-                self.kinds.append("layer")
+                self.kinds.append(("layer", layer.q_out))
             elif isinstance(layer, QMaxPool2d):
                 self.mods.append(torch.nn.Identity())
                 self.kinds.append(("pool", layer.kernel_size, layer.stride, layer.padding))
@@ -118,8 +129,8 @@ class TorchQuantizedNet(torch.nn.Module):
             x = torch._make_per_tensor_quantized_tensor(q_x.to(torch.uint8), float(q_in.scale),
                                                         int(q_in.zero_point))
             for mod, kind in zip(self.mods, self.kinds):
-                if kind == "layer":
-                    x = mod(x)
+                if kind[0] == "layer":
+                    x = narrow(mod(x), kind[1])
                 elif kind == "flatten":
                     x = torch.flatten(x, 1)
                 else:

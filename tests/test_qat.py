@@ -1,0 +1,106 @@
+"""Quantization-aware training: trains, beats PTQ, reports its own model, freezes to integers."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from quantlab.data import embedded_split
+from quantlab.models import quantize_model
+from quantlab.reference import torch_quantized_model
+from quantlab.training import evaluate, pretrained, train
+
+HAS_QNNPACK = "qnnpack" in torch.backends.quantized.supported_engines
+
+
+@pytest.fixture(scope="module")
+def loaders():
+    x_tr, y_tr, x_te, y_te = embedded_split()
+    train_loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=64, shuffle=True,
+                              generator=torch.Generator().manual_seed(0))
+    return train_loader, DataLoader(TensorDataset(x_te, y_te), batch_size=500)
+
+
+@pytest.fixture(scope="module")
+def qat2(loaders):
+    train_loader, _ = loaders
+    net = pretrained("net")
+    qnet = quantize_model(net, num_bits=2, per_channel=True, qat=True)
+    history = train(qnet, train_loader, epochs=3, progress=False)
+    return net, qnet, history
+
+
+def test_qat_defaults_are_used_by_train(qat2):
+    _, qnet, history = qat2
+    assert history["lr"][0] == pytest.approx(qnet.default_lr)
+    assert qnet.qat and qnet.default_augment == 0
+
+
+def test_2bit_qat_reaches_90_percent_and_beats_ptq(qat2, loaders):
+    net, qnet, _ = qat2
+    train_loader, test_loader = loaders
+    ptq = quantize_model(net, num_bits=2, per_channel=True).calibrate(train_loader).freeze()
+    qnet.freeze()
+    qat_acc, ptq_acc = qnet.accuracy(test_loader), ptq.accuracy(test_loader)
+    assert qat_acc >= 0.90
+    assert qat_acc > ptq_acc + 0.10, (qat_acc, ptq_acc)
+
+
+def test_qat_accuracy_is_the_qat_models_own(qat2, loaders):
+    # a public tutorial reported the PTQ copy's accuracy after QAT: guard against it
+    net, qnet, _ = qat2
+    train_loader, test_loader = loaders
+    qnet.freeze()
+    conv1 = qnet.layers[0]
+    assert not torch.equal(conv1.conv.weight, net.conv1.weight)  # QAT trained its own copy
+    assert torch.equal(conv1.weight_int, conv1.q_w.quantize_tensor(conv1.conv.weight.detach()))
+    ptq = quantize_model(net, num_bits=2, per_channel=True).calibrate(train_loader).freeze()
+    assert not torch.equal(conv1.weight_int, ptq.layers[0].weight_int)
+    assert qnet.accuracy(test_loader) == pytest.approx(evaluate(qnet.quantize_inference, test_loader))
+
+
+def test_observers_follow_a_moving_average_only_while_training(loaders):
+    train_loader, test_loader = loaders
+    qnet = quantize_model(pretrained("net"), 4, qat=True)
+    images = next(iter(train_loader))[0]
+    qnet(images)
+    q_out = qnet.layers[0].q_out
+    first = q_out.max_val.clone()
+    qnet(images * 3)
+    moved = q_out.max_val.clone()
+    assert moved > first and moved < 3 * first  # a moving average, not the new batch's max
+    qnet.eval()
+    qnet(images * 10)
+    assert torch.equal(q_out.max_val, moved)  # evaluation never moves the ranges
+    qnet.train().freeze_observers()
+    qnet(images * 10)
+    assert torch.equal(q_out.max_val, moved)
+
+
+@pytest.mark.skipif(not HAS_QNNPACK, reason="PyTorch's qnnpack engine unavailable")
+def test_netbn_qat_folds_bn_and_freezes_bit_exact(loaders):
+    train_loader, test_loader = loaders
+    netbn = pretrained("netbn")
+    qnet = quantize_model(netbn, num_bits=4, per_channel=True, qat=True)
+    train(qnet, train_loader, epochs=1, progress=False)
+    fake_quant_acc = evaluate(qnet, test_loader)
+    qnet.freeze()
+    int_acc = qnet.accuracy(test_loader)
+    assert int_acc >= evaluate(netbn, test_loader) - 0.01
+    assert abs(int_acc - fake_quant_acc) <= 0.01
+    images = torch.cat([x for x, _ in test_loader])[:300]
+    q_x = qnet.q_in.quantize_tensor(images)
+    ref = torch_quantized_model(qnet, "qnnpack")
+    assert torch.equal(qnet.integer_inference(q_x), ref.integer_inference(q_x))
+    assert int(qnet.layers[0].weight_int.abs().max()) <= 8  # 4-bit weights
+
+
+def test_batch_statistics_recipe_updates_running_stats(loaders):
+    train_loader, _ = loaders
+    qnet = quantize_model(pretrained("netbn"), 8, qat=True).freeze_bn_stats(False)
+    bn = qnet.layers[0].bn
+    before = bn.running_mean.clone()
+    images = next(iter(train_loader))[0]
+    loss = qnet(images).sum()
+    loss.backward()
+    assert not torch.equal(before, bn.running_mean)
+    assert qnet.layers[0].conv.weight.grad is not None
