@@ -1,0 +1,57 @@
+"""Benchmark: quantization-aware training vs post-training quantization at 8, 4, 3 and 2 bits.
+
+For Net and NetBN: PTQ (calibrated on the embedded training digits) and QAT
+(``quantize_model(..., qat=True)`` + ``train(qnet, train_loader, epochs=3)`` with its defaults),
+both frozen to integer-only inference; accuracy on the embedded 1,000-digit split and the official
+10,000-image MNIST test set (when ../shared/data/mnist exists), and the QAT training time.
+Targets (issue 6): 4-bit QAT within 0.3 points of float; 2-bit QAT >= 90%.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from quantlab.data import mnist_loaders, official_test_set
+from quantlab.models import quantize_model
+from quantlab.training import evaluate, pretrained, train
+
+OFFICIAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def main(names=("net", "netbn")):
+    torch.set_num_threads(2)
+    train_loader, test_loader = mnist_loaders("embedded")
+    sets = {"embedded": test_loader}
+    if (OFFICIAL / "t10k-images-idx3-ubyte.gz").exists():
+        sets["official"] = DataLoader(official_test_set(OFFICIAL), batch_size=1000)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; per-channel weights, "
+          "logits 8 bits; QAT = 3 epochs with the QAT model's defaults\n")
+    header = f"{'model':6s} {'bits':>4s} {'method':6s}" + "".join(
+        f"{s + ' %':>12s}{'d float':>9s}" for s in sets) + f"{'train s':>9s}"
+    print(header)
+    for name in names:
+        net = pretrained(name)
+        float_acc = {s: evaluate(net, loader) for s, loader in sets.items()}
+        print(f"{name:6s} {'32':>4s} {'float':6s}" + "".join(
+            f"{100 * float_acc[s]:12.2f}{0:9.2f}" for s in sets) + f"{'-':>9s}", flush=True)
+        for bits in (8, 4, 3, 2):
+            ptq = quantize_model(net, bits, per_channel=True).calibrate(train_loader).freeze()
+            qat = quantize_model(net, bits, per_channel=True, qat=True)
+            start = time.perf_counter()
+            train(qat, train_loader, epochs=3, progress=False)
+            seconds = time.perf_counter() - start
+            qat.freeze()
+            for method, model, secs in (("PTQ", ptq, "-"), ("QAT", qat, f"{seconds:.1f}")):
+                accs = {s: model.accuracy(loader) for s, loader in sets.items()}
+                print(f"{name:6s} {bits:4d} {method:6s}" + "".join(
+                    f"{100 * accs[s]:12.2f}{100 * (accs[s] - float_acc[s]):+9.2f}" for s in sets)
+                    + f"{secs:>9s}", flush=True)
+
+
+if __name__ == "__main__":
+    main(tuple(sys.argv[1:]) or ("net", "netbn"))
