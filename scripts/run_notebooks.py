@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
+import subprocess
 import sys
 import time
 
@@ -23,9 +25,11 @@ def run_one(path: pathlib.Path, out_dir: pathlib.Path, timeout: int) -> tuple[bo
     start = time.perf_counter()
     ok, why = True, ""
     try:
-        client.execute()
+        # the kernel's own stderr holds only ipykernel's start-up notices; cell errors and
+        # warnings reach the notebook through its outputs
+        client.execute(stderr=subprocess.DEVNULL)
     except CellExecutionError as e:
-        ok, why = False, str(e).strip().splitlines()[-1][:200]
+        ok, why = False, re.sub(r"\x1b\[[0-9;]*m", "", str(e).strip().splitlines()[-1])[:200]
     except Exception as e:  # kernel death, timeout
         ok, why = False, f"{type(e).__name__}: {e}"[:200]
     seconds = time.perf_counter() - start
