@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import QConv2d, QConvBNReLU, QLinear, QMaxPool2d, QModule, check_integer_input
+from .modules import (
+    QConv2d,
+    QConvBNReLU,
+    QFlatten,
+    QLinear,
+    QMaxPool2d,
+    QModule,
+    check_integer_input,
+)
 from .observer import QParam
 
 
@@ -257,21 +265,3 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
         qnet.freeze_bn_stats(True)
     return qnet.train(qat)
 
-
-class QFlatten(QModule):
-    """``torch.flatten(x, 1)`` for float and integer tensors alike."""
-
-    def __init__(self, num_bits: int = 8):
-        super().__init__(qi=False, qo=False, num_bits=num_bits)
-
-    def forward(self, x):
-        return torch.flatten(x, 1)
-
-    def freeze(self, q_in=None):
-        self._take_q_in(q_in)
-        self.frozen_flag = torch.tensor(True)
-        return self
-
-    def quantize_inference(self, q_x):
-        self._check_frozen()
-        return torch.flatten(q_x, 1)

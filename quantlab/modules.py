@@ -387,16 +387,14 @@ class QConvBNReLU(_QWeighted):
         return self.q_out(y) if self.q_out is not None else y
 
 
-class QReLU(QModule):
-    """ReLU on quantized values: ``max(q, Z)``, a clamp at the zero point of its input."""
+class _QUnweighted(QModule):
+    """A layer without weights or qparams of its own: its output uses its input's qparams."""
 
     def __init__(self, num_bits: int = 8):
         super().__init__(qi=False, qo=False, num_bits=num_bits)
 
-    def forward(self, x):
-        return F.relu(x)
-
     def freeze(self, q_in: QParam | None = None):
+        """Take the previous layer's output QParam as this layer's input (and output) qparams."""
         self._take_q_in(q_in)
         self.frozen_flag = torch.tensor(True)
         return self
@@ -404,30 +402,43 @@ class QReLU(QModule):
     def quantize_inference(self, q_x):
         self._check_frozen()
         check_integer_input(q_x, self.q_in)
+        return self._integer_op(q_x)
+
+
+class QReLU(_QUnweighted):
+    """ReLU on quantized values: ``max(q, Z)``, a clamp at the zero point of its input."""
+
+    def forward(self, x):
+        return F.relu(x)
+
+    def _integer_op(self, q_x):
         return torch.clamp(q_x.to(torch.int32), min=int(self.q_in.zero_point))
 
 
-class QMaxPool2d(QModule):
+class QMaxPool2d(_QUnweighted):
     """Max-pooling on the integers (max commutes with any increasing map, so q and r agree)."""
 
     def __init__(self, kernel_size=2, stride=None, padding=0, num_bits: int = 8):
-        super().__init__(qi=False, qo=False, num_bits=num_bits)
+        super().__init__(num_bits)
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
 
     def forward(self, x):
         return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
 
-    def freeze(self, q_in: QParam | None = None):
-        self._take_q_in(q_in)
-        self.frozen_flag = torch.tensor(True)
-        return self
-
-    def quantize_inference(self, q_x):
-        self._check_frozen()
-        check_integer_input(q_x, self.q_in)
+    def _integer_op(self, q_x):
         # float32 holds the integers of any num_bits <= 16 exactly
         out = F.max_pool2d(q_x.to(torch.float32), self.kernel_size, self.stride, self.padding)
         return out.to(torch.int32)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class QFlatten(_QUnweighted):
+    """``torch.flatten(x, 1)`` for float and integer tensors alike."""
+
+    def forward(self, x):
+        return torch.flatten(x, 1)
+
+    def _integer_op(self, q_x):
+        return torch.flatten(q_x, 1)

@@ -9,7 +9,8 @@ from .qparams import quant_range
 
 
 def hist_with_grid(x: torch.Tensor, scale: float, zero_point: int, num_bits: int = 8,
-                   signed: bool = False, bins: int = 120, title: str = "", ax=None):
+                   signed: bool = False, bins: int = 120, title: str = "",
+                   xlabel: str = "real value", ax=None):
     """Histogram of ``x`` with the reals the integers represent (the quantization grid).
 
     Grid lines are drawn at every representable value when there are at most 64 levels, otherwise
@@ -29,7 +30,7 @@ def hist_with_grid(x: torch.Tensor, scale: float, zero_point: int, num_bits: int
                label=f"representable range, {levels} levels"
                      + ("" if step == 1 else f" (every {step}th shown)"))
     ax.axvline(0.0, color="black", lw=1.2, label=f"real 0 = integer {zero_point}")
-    ax.set_xlabel("real value")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
     ax.set_title(title or f"{num_bits}-bit grid: scale={scale:.4g}, zero_point={zero_point}")
     ax.legend(loc="upper right", fontsize=8)
