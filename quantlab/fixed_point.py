@@ -63,16 +63,22 @@ def _check_int32(x: torch.Tensor, name: str) -> torch.Tensor:
 def saturating_rounding_doubling_high_mul(a: torch.Tensor, b) -> torch.Tensor:
     """gemmlowp's ``SaturatingRoundingDoublingHighMul``: ``round(a * b / 2**31)`` in int32.
 
-    Rounds half away from zero through a nudge, then truncates toward zero (C++ division);
-    ``a == b == INT32_MIN`` saturates to ``INT32_MAX``.
+    Adds a nudge of ``2**30`` (``1 - 2**30`` for negative products), then divides by ``2**31``
+    truncating toward zero (C++ division), so ties round upward; ``a == b == INT32_MIN``
+    saturates to ``INT32_MAX``.
     """
     a = _check_int32(torch.as_tensor(a), "a")
     b = _check_int32(torch.as_tensor(b), "b")
     ab = a * b  # |ab| <= 2**62: exact in int64
-    nudge = torch.where(ab >= 0, torch.tensor(1 << 30), torch.tensor(1 - (1 << 30)))
-    high = torch.div(ab + nudge, 1 << 31, rounding_mode="trunc")
-    overflow = (a == INT32_MIN) & (b == INT32_MIN)
-    return torch.where(overflow, torch.tensor(INT32_MAX), high)
+    negative = (ab < 0).to(torch.int64)
+    # ab + nudge, with nudge = 2**30 or 1 - 2**30 = 2**30 - (2**31 - 1)
+    x = ab.add_(1 << 30).sub_(negative * ((1 << 31) - 1))
+    # division by 2**31 truncating toward zero: add 2**31 - 1 to negative x, then shift
+    high = x.add_((x < 0).to(torch.int64) * ((1 << 31) - 1)).bitwise_right_shift_(31)
+    if bool((b == INT32_MIN).any()):
+        overflow = (a == INT32_MIN) & (b == INT32_MIN)
+        high = torch.where(overflow, torch.tensor(INT32_MAX), high)
+    return high
 
 
 def rounding_divide_by_pot(x: torch.Tensor, exponent) -> torch.Tensor:

@@ -159,14 +159,24 @@ class QuantizedNet(nn.Module):
             raise RuntimeError("quantize_inference needs freeze() first: "
                                "qnet.calibrate(train_loader); qnet.freeze()")
 
+    #: images per chunk in integer inference: small tensors stay in the CPU caches (measured
+    #: 3-4x faster than one 10,000-image batch on 2 cores)
+    chunk_size = 256
+
     @torch.no_grad()
     def integer_inference(self, q_x: torch.Tensor) -> torch.Tensor:
         """int32 image integers -> int32 logit integers, integer arithmetic only.
 
         A max-pool after a conv is applied to the conv's accumulators (same integers, faster).
+        Large batches are processed in chunks of ``chunk_size`` images.
         """
         self._check_frozen()
         check_integer_input(q_x, self.q_in)
+        if q_x.dim() > 0 and q_x.shape[0] > self.chunk_size:
+            return torch.cat([self._integer_chunk(c) for c in q_x.split(self.chunk_size)])
+        return self._integer_chunk(q_x)
+
+    def _integer_chunk(self, q_x: torch.Tensor) -> torch.Tensor:
         i, layers = 0, list(self.layers)
         while i < len(layers):
             layer = layers[i]
