@@ -9,7 +9,7 @@ from torch import nn
 
 from quantlab import QParam
 from quantlab.modules import QConv2d, QConvBNReLU, QLinear, QMaxPool2d, QReLU, check_integer_input, fold_bn
-from quantlab.reference import torch_integer_inference
+from quantlab.reference import float_bias_inference, torch_integer_inference
 
 HAS_QNNPACK = "qnnpack" in torch.backends.quantized.supported_engines
 HAS_X86 = "x86" in torch.backends.quantized.supported_engines
@@ -96,25 +96,32 @@ def test_integer_weights_are_exactly_q_w_quantize_tensor():
 
 
 @pytest.mark.skipif(not HAS_X86, reason="PyTorch's x86 engine unavailable")
-def test_x86_engine_with_7bit_activations_agrees_within_one_lsb():
+def test_x86_engine_with_7bit_activations():
     # x86/fbgemm keeps the bias in float; with 7-bit activations (its default reduce_range) its
-    # vpmaddubsw pairs cannot saturate, so it differs from the int32-bias path by rounding only
+    # vpmaddubsw pairs cannot saturate, so it differs from the int32-bias path by rounding only,
+    # and a float-bias model of it (reference.float_bias_inference) reproduces it nearly always.
+    # Not always: the same inputs gave fbgemm results that varied by 1 LSB between runs (a few
+    # outputs in 10,000 on this machine), so both agreements are held to rates, not equality.
     rng, gen = random.Random(5), torch.Generator().manual_seed(5)
-    outputs = mismatches = 0
-    for _ in range(100):
+    outputs = int32_bias_diffs = float_bias_diffs = 0
+    for _ in range(200):
         cfg = random_conv_config(rng)
         conv = make_conv(cfg, gen)
         x = torch.randn(cfg["batch"], cfg["cin"], cfg["size"], cfg["size"], generator=gen)
-        q = QConv2d(conv, True, True, 8, True)
+        q = QConv2d(conv, True, True, 8, rng.random() < 0.5, relu=cfg["relu"])
         q.q_in = QParam(7)  # activations in [0, 127]
         q = calibrated(q, x)
         q_x = q.q_in.quantize_tensor(x)
-        diff = (q.quantize_inference(q_x) - torch_integer_inference(q, q_x, "x86")).abs()
+        x86 = torch_integer_inference(q, q_x, "x86")
+        diff = (q.quantize_inference(q_x) - x86).abs()
         assert diff.max() <= 1
         outputs += diff.numel()
-        mismatches += int((diff != 0).sum())
-    print(f"x86 engine, 7-bit activations: {mismatches} of {outputs} outputs differ by 1 LSB")
-    assert mismatches / outputs < 0.01
+        int32_bias_diffs += int((diff != 0).sum())
+        float_bias_diffs += int((float_bias_inference(q, q_x) != x86).sum())
+    print(f"x86 engine, 7-bit activations, {outputs} outputs: int32-bias path {int32_bias_diffs} "
+          f"differ by 1 LSB, float-bias model {float_bias_diffs}")
+    assert int32_bias_diffs / outputs < 0.01
+    assert float_bias_diffs / outputs < 0.001
 
 
 def test_fixed_point_requantization_within_one_lsb_of_float():
