@@ -1,8 +1,16 @@
+import os
 import pathlib
 import warnings
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI runs the same examples every time (a failure there is then reproducible, not a flake);
+# locally hypothesis explores new examples on every run
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OFFICIAL_MNIST = ROOT.parent / "shared" / "data" / "mnist"
