@@ -118,7 +118,12 @@ def full_mnist(root: str | os.PathLike = "data", download: bool = True):
     root = pathlib.Path(root)
     raw = root / "MNIST" / "raw"
     have = all((raw / f).exists() or (raw / (f + ".gz")).exists() for f in FULL_MNIST_FILES)
-    if not have:
+    if have:  # torchvision reads the decompressed files: decompress any that are only gzipped
+        for f in FULL_MNIST_FILES:
+            if not (raw / f).exists():
+                with gzip.open(raw / (f + ".gz"), "rb") as src, open(raw / f, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    else:
         if not download or not _network_reachable():
             raise RuntimeError(
                 f"full MNIST is not in {raw.resolve()} and cannot be downloaded "

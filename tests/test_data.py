@@ -94,3 +94,19 @@ def test_official_test_set_missing(tmp_path):
         data.official_test_set(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="holds neither"):
         data.official_test_set(tmp_path)
+
+
+def test_full_mnist_from_files_in_the_data_folder(official_mnist_root, tmp_path):
+    # stand-in files: the official t10k set under both the train and the test names, gzipped
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            shutil.copy(official_mnist_root / f"t10k-{kind}-ubyte.gz",
+                        raw / f"{split}-{kind}-ubyte.gz")
+    train, test = data.mnist_loaders("full", batch_size=100, root=tmp_path)
+    assert train.dataset.source == "full" and len(train.dataset) == len(test.dataset) == 10000
+    images, labels = next(iter(test))
+    official = data.official_test_set(official_mnist_root)
+    torch.testing.assert_close(images, official.tensors[0][:1000])
+    assert torch.equal(labels, official.tensors[1][:1000])
