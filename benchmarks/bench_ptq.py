@@ -11,20 +11,16 @@ integer inference <= 3x the float model's time.
 
 from __future__ import annotations
 
-import pathlib
 import time
 import warnings
 
 import torch
-from torch.utils.data import DataLoader
+from common import test_sets
 
-from quantlab.data import mnist_loaders, official_test_set
+from quantlab.data import mnist_loaders
 from quantlab.models import quantize_model
 from quantlab.reference import DEPRECATION_MESSAGES, torch_quantized_model
 from quantlab.training import evaluate, pretrained
-
-OFFICIAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-
 
 CHUNK = 256  # every model runs the images in the same batches of 256
 
@@ -45,9 +41,7 @@ def main():
         warnings.filterwarnings("ignore", message=message)
     torch.set_num_threads(2)
     train_loader, test_loader = mnist_loaders("embedded")
-    sets = {"embedded": test_loader}
-    if (OFFICIAL / "t10k-images-idx3-ubyte.gz").exists():
-        sets["official"] = DataLoader(official_test_set(OFFICIAL), batch_size=1000)
+    sets = test_sets(test_loader)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; calibration on the "
           f"4,000 embedded training digits\n")
     print(f"{'model':38s}" + "".join(f"{name + ' %':>14s}" for name in sets)

@@ -9,26 +9,21 @@ Targets (issue 6): 4-bit QAT within 0.3 points of float; 2-bit QAT >= 90%.
 
 from __future__ import annotations
 
-import pathlib
 import sys
 import time
 
 import torch
-from torch.utils.data import DataLoader
+from common import test_sets
 
-from quantlab.data import mnist_loaders, official_test_set
+from quantlab.data import mnist_loaders
 from quantlab.models import quantize_model
 from quantlab.training import evaluate, pretrained, train
-
-OFFICIAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 def main(names=("net", "netbn")):
     torch.set_num_threads(2)
     train_loader, test_loader = mnist_loaders("embedded")
-    sets = {"embedded": test_loader}
-    if (OFFICIAL / "t10k-images-idx3-ubyte.gz").exists():
-        sets["official"] = DataLoader(official_test_set(OFFICIAL), batch_size=1000)
+    sets = test_sets(test_loader)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; per-channel weights, "
           "logits 8 bits; QAT = 3 epochs with the QAT model's defaults\n")
     header = f"{'model':6s} {'bits':>4s} {'method':6s}" + "".join(

@@ -8,25 +8,20 @@ training on 2 cores; evaluating 10,000 images < 5 s.
 
 from __future__ import annotations
 
-import pathlib
 import time
 
 import torch
-from torch.utils.data import DataLoader
+from common import test_sets
 
-from quantlab.data import mnist_loaders, official_test_set
+from quantlab.data import mnist_loaders
 from quantlab.models import MODELS
 from quantlab.training import RECIPE, evaluate, pretrained, train
-
-OFFICIAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 def main():
     torch.set_num_threads(2)
     train_loader, test_loader = mnist_loaders("embedded", batch_size=RECIPE["batch_size"])
-    official = None
-    if (OFFICIAL / "t10k-images-idx3-ubyte.gz").exists():
-        official = DataLoader(official_test_set(OFFICIAL), batch_size=1000)
+    official = test_sets(test_loader).get("official")
     print(f"recipe {RECIPE}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'model':8s} {'weights':9s} {'epochs':>6s} {'train s':>8s} {'embedded %':>10s} "
           f"{'official %':>10s} {'eval 10k s':>10s}")
