@@ -148,8 +148,7 @@ class QModule(nn.Module):
                 setattr(self, name, state_dict[key].clone())
             elif strict:
                 missing_keys.append(key)
-        if self.qo and self.q_out is None:
-            self.q_out = QParam(self.num_bits)
+        self._acc_dtype = None  # new integer weights: the accumulator bound must be recomputed
 
 
 class _QWeighted(QModule):
@@ -262,6 +261,10 @@ class _QWeighted(QModule):
         else:
             # qnnpack: the int32 accumulator converted to float32, times the f32 multiplier, RNE
             y = torch.round(acc.to(torch.float32) * _channel_view(self.multiplier, nd))
+        return self.add_zero_point_and_clamp(y)
+
+    def add_zero_point_and_clamp(self, y: torch.Tensor) -> torch.Tensor:
+        """``clamp(y + Z_y)`` as int32; a fused ReLU is the clamp at ``Z_y``."""
         y = y + float(self.q_out.zero_point)
         low = float(self.q_out.zero_point) if self.relu else self.q_out.quant_min
         return torch.clamp(y, max(low, self.q_out.quant_min), self.q_out.quant_max).to(torch.int32)

@@ -117,9 +117,7 @@ def float_bias_inference(layer: QModule, q_x: torch.Tensor) -> torch.Tensor:
         b = torch.zeros(layer.weight_int.shape[0])
     shape = [1, -1] + [1] * (acc.dim() - 2)
     bias = (b.detach().to(torch.float32) / (layer.q_in.scale * layer.q_w.scale)).reshape(shape)
-    y = torch.round((acc + bias) * layer.multiplier.reshape(shape)) + float(layer.q_out.zero_point)
-    low = float(layer.q_out.zero_point) if layer.relu else layer.q_out.quant_min
-    return torch.clamp(y, max(low, layer.q_out.quant_min), layer.q_out.quant_max).to(torch.int32)
+    return layer.add_zero_point_and_clamp(torch.round((acc + bias) * layer.multiplier.reshape(shape)))
 
 
 class TorchQuantizedNet(torch.nn.Module):

@@ -253,3 +253,20 @@ def test_frozen_module_state_dict_round_trip(per_channel):
     assert fresh.frozen
     q_x = q.q_in.quantize_tensor(x)
     assert torch.equal(fresh.quantize_inference(q_x), q.quantize_inference(q_x))
+
+
+def test_loading_a_state_dict_recomputes_the_accumulator_dtype():
+    small, large = nn.Linear(1000, 2), nn.Linear(1000, 2)
+    with torch.no_grad():
+        small.weight.zero_()
+        small.weight[0, 0] = 1.0  # every other integer weight is 0: a tiny bound
+        large.weight.fill_(1.0)
+        large.weight[0, 0] = -1.0
+    x = torch.rand(4, 1000)
+    a = calibrated(QLinear(small, True, True, 8, False), x)
+    b = calibrated(QLinear(large, True, True, 8, False), x)
+    assert a.acc_dtype == torch.float32 and b.acc_dtype == torch.float64
+    a.load_state_dict(b.state_dict())
+    assert a.acc_dtype == torch.float64
+    q_x = torch.full((1, 1000), 255, dtype=torch.int32)
+    assert torch.equal(a.quantize_inference(q_x), b.quantize_inference(q_x))
