@@ -18,6 +18,7 @@ from .modules import (
     QLinear,
     QMaxPool2d,
     QModule,
+    calibration_mode,
     check_integer_input,
 )
 from .observer import QParam
@@ -108,22 +109,17 @@ class QuantizedNet(nn.Module):
             data: a DataLoader of ``(images, labels)`` or any iterable of image batches.
             num_batches: stop after this many batches (None: all).
         """
-        was_training = self.training
-        self.eval()  # BN uses its running statistics; only the observers are in training mode
-        for m in self.modules():
-            if isinstance(m, QParam):
-                m.train()
         seen = 0
-        for batch in data:
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if not isinstance(images, torch.Tensor):
-                raise TypeError(f"data must yield image tensors or (images, labels); got "
-                                f"{type(images).__name__}")
-            self(images)
-            seen += 1
-            if num_batches is not None and seen >= num_batches:
-                break
-        self.train(was_training)
+        with calibration_mode(self):
+            for batch in data:
+                images = batch[0] if isinstance(batch, (tuple, list)) else batch
+                if not isinstance(images, torch.Tensor):
+                    raise TypeError(f"data must yield image tensors or (images, labels); got "
+                                    f"{type(images).__name__}")
+                self(images)
+                seen += 1
+                if num_batches is not None and seen >= num_batches:
+                    break
         if seen == 0:
             raise ValueError("data yielded no batches: calibration needs at least one batch")
         return self

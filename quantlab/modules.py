@@ -29,6 +29,8 @@ Taught in notebooks ``d_post_training_quantize`` and ``e_conv_quantization_walkt
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,6 +71,21 @@ def _copy_qparam(src: QParam) -> QParam:
     return dst
 
 
+@contextlib.contextmanager
+def calibration_mode(module: nn.Module):
+    """Within the block, ``module`` is in eval mode (BN uses its running statistics) and only its
+    QParams are in training mode, so they observe; the previous mode is restored afterwards."""
+    was_training = module.training
+    module.eval()
+    for m in module.modules():
+        if isinstance(m, QParam):
+            m.train()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 class QModule(nn.Module):
     """Common life cycle of the quantized layers (the original's ``QModule``)."""
 
@@ -94,17 +111,9 @@ class QModule(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> torch.Tensor:
-        """Observe ranges on a batch with the layer in eval mode (BN uses its running
-        statistics) and only its QParams in training mode; returns the forward output."""
-        was_training = self.training
-        self.eval()
-        for m in self.modules():
-            if isinstance(m, QParam):
-                m.train()
-        try:
+        """Observe ranges on a batch (see :func:`calibration_mode`); returns the forward output."""
+        with calibration_mode(self):
             return self(x)
-        finally:
-            self.train(was_training)
 
     def _check_frozen(self):
         if not self.frozen:
