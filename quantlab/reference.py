@@ -13,6 +13,8 @@ Used by the tests and notebooks ``d_post_training_quantize`` and ``e_conv_quanti
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import warnings
 
 import torch
@@ -24,6 +26,43 @@ from .modules import QConv2d, QConvBNReLU, QLinear, QMaxPool2d, QModule
 DEPRECATION_MESSAGES = (".*quantized tensor creation functions.*",
                         ".*quantized dtypes are deprecated.*",
                         ".*torch.ao.quantization is deprecated.*")
+
+
+#: set to "1" to behave as if torch.ao's quantized kernels were missing (tests of the skip path)
+HIDE_ENV = "QUANTLAB_HIDE_TORCH_AO"
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_torch_ao() -> str:
+    """'' when torch.ao's qnnpack int8 conv runs here, else the reason it does not."""
+    try:
+        from torch.ao.nn import quantized as nnq
+
+        if "qnnpack" not in torch.backends.quantized.supported_engines:
+            return "torch.backends.quantized has no qnnpack engine"
+        with quantized_engine("qnnpack"):
+            conv = nnq.Conv2d(1, 1, 1)
+            x = torch.quantize_per_tensor(torch.zeros(1, 1, 1, 1), 1.0, 0, torch.quint8)
+            conv(x)
+    except Exception as e:  # removed module, missing kernel, unsupported build
+        return f"torch.ao's quantized kernels do not run here ({type(e).__name__}: {e})"
+    return ""
+
+
+def ao_unavailable_reason() -> str:
+    """Why torch.ao's int8 kernels cannot be used as an oracle here; '' when they can."""
+    if os.environ.get(HIDE_ENV) == "1":
+        return f"torch.ao's quantized kernels hidden by {HIDE_ENV}=1"
+    return _probe_torch_ao()
+
+
+def torch_ao_available() -> bool:
+    """True when PyTorch's (deprecated) torch.ao int8 kernels run on this machine (qnnpack).
+
+    Tests and notebook cells that use them as an oracle skip with ``ao_unavailable_reason()``
+    when this is False; setting ``QUANTLAB_HIDE_TORCH_AO=1`` simulates their removal.
+    """
+    return not ao_unavailable_reason()
 
 
 @contextlib.contextmanager
