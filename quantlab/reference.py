@@ -32,7 +32,7 @@ DEPRECATION_MESSAGES = (".*quantized tensor creation functions.*",
 HIDE_ENV = "QUANTLAB_HIDE_TORCH_AO"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_torch_ao() -> str:
     """'' when torch.ao's qnnpack int8 conv runs here, else the reason it does not."""
     try:
