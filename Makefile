@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: all setup run test lint unit nbval notebooks lab weights benchmark clean
+.PHONY: all setup run test lint unit nbval notebooks exercises lab weights benchmark clean
 
 all: run
 
@@ -21,11 +21,11 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(PY) scripts/run_notebooks.py --out build/notebooks $(NOTEBOOKS)
 
-## Lint, unit tests and nbval over every notebook.
+## Lint, unit tests (the exercise checker included) and nbval over every notebook and the exercise solutions.
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider notebooks
+	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider notebooks exercises/solutions
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -35,8 +35,14 @@ notebooks: $(STAMP)
 	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
 		../$(PY) -m jupyter nbconvert --to notebook --execute --inplace $$nb || exit 1; done
 
+## Rebuild exercises/ (templates) and exercises/solutions/ from scripts/build_exercises.py, executed.
+exercises: $(STAMP)
+	$(PY) scripts/build_exercises.py
+
+## JupyterLab on the repository root: notebooks/ (lessons) and exercises/ side by side.
+## Jupyter refuses to run as root without --allow-root (containers): add it when uid is 0.
 lab: $(STAMP)
-	$(PY) -m jupyter lab notebooks
+	$(PY) -m jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root)
 
 ## Re-train the shipped checkpoints (quantlab/weights) with quantlab's own recipe.
 weights: $(STAMP)

@@ -1,0 +1,453 @@
+"""The exercise checker: grade the functions of ``exercises/*.ipynb`` against quantlab and PyTorch.
+
+From a shell (each notebook is imported with import-ipynb in a fresh process, in its own folder)::
+
+    python -m quantlab.check exercises/a_exercises.ipynb          # one notebook: every exercise
+    python -m quantlab.check submissions/*.ipynb --strict         # many: one line each and a table
+
+From a notebook cell: ``quantlab.check.run("a")`` checks the lesson-a functions defined so far in
+that notebook; ``quantlab.check.run("a", "quantize")`` checks one of them.
+
+Each exercise is passed, failed (with the smallest failing input found, expected vs got and a
+one-line hint) or not attempted (its stub still raises ``NotImplementedError``). The exit status is
+0 only when every attempted exercise passes; ``--strict`` also fails unattempted ones.
+
+The lesson of a notebook is read from its metadata ``{"quantlab": {"lesson": "a"}}`` or else from
+its file name (``a_exercises.ipynb``, ``alice_e_exercises.ipynb`` -> ``a``, ``e``).
+The checks themselves (oracles, tricky cases, random inputs) are in ``quantlab.exercise_checks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import contextlib
+import io
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+import types
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not attempted"
+_MARK = "QUANTLAB_CHECK_RESULT "
+_EXERCISES = None
+
+
+def exercises() -> dict:
+    """The exercises of every lesson (built once; importing hypothesis and torch is not free)."""
+    global _EXERCISES
+    if _EXERCISES is None:
+        from .exercise_checks import all_exercises
+
+        _EXERCISES = all_exercises()
+    return _EXERCISES
+
+
+@dataclass
+class Result:
+    id: str
+    name: str
+    status: str
+    input: str = ""
+    expected: str = ""
+    got: str = ""
+    hint: str = ""
+    note: str = ""
+
+
+class _Failure(Exception):
+    def __init__(self, result: Result):
+        super().__init__(result.got)
+        self.result = result
+
+
+class _NotAttempted(Exception):
+    pass
+
+
+def _raised_by(fn, exc: BaseException) -> bool:
+    """True when ``exc`` was raised in ``fn``'s own body (not in a function it called)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code is getattr(fn, "__code__", None)
+
+
+def _last_function(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_name if tb is not None else "?"
+
+
+def _clone(v):
+    import torch
+
+    return v.clone() if isinstance(v, torch.Tensor) else v
+
+
+def _try_case(ex, fn, case, first: bool):
+    """Run one case; raise _NotAttempted or _Failure, return None when it passes."""
+    from .exercise_checks import Mismatch, describe
+
+    expected = ex.oracle(**{k: _clone(v) for k, v in case.kwargs.items()})
+    args = [_clone(v) for v in case.kwargs.values()]
+    call = ex.extra.get("call")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = call(fn, *args) if call else fn(*args)
+    except NotImplementedError as e:
+        if first and _raised_by(fn, e):
+            raise _NotAttempted from None
+        where = _last_function(e)
+        msg = (f"calls {where}(), which still raises NotImplementedError" if where != ex.name
+               else "raised NotImplementedError")
+        raise _Failure(Result(ex.id, ex.name, FAILED, describe(case), "a result", msg,
+                              f"finish {where} first" if where != ex.name
+                              else "part of the function is still a stub")) from None
+    except Exception as e:  # the learner's code raised: that is a failure on this input
+        raise _Failure(Result(ex.id, ex.name, FAILED, describe(case), "a result",
+                              f"raised {type(e).__name__}: {e}", case.hint or ex.hint)) from None
+    m = ex.compare(expected, got)
+    if isinstance(m, Mismatch):
+        raise _Failure(Result(ex.id, ex.name, FAILED, describe(case), m.expected, m.got,
+                              m.hint or case.hint or ex.hint))
+
+
+def check_function(ex, fn) -> Result:
+    """Grade one function: the tricky cases first, then random inputs (hypothesis, shrunk)."""
+    from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+    from hypothesis.errors import Flaky, FlakyFailure
+
+    try:
+        for i, case in enumerate(ex.cases()):
+            _try_case(ex, fn, case, first=(i == 0))
+    except _NotAttempted:
+        return Result(ex.id, ex.name, NOT_ATTEMPTED, note="the stub raises NotImplementedError")
+    except _Failure as f:
+        return f.result
+
+    @settings(max_examples=ex.max_examples, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet,
+              report_multiple_bugs=False, phases=(Phase.generate, Phase.shrink))
+    @given(ex.strategy())
+    def prop(case):
+        _try_case(ex, fn, case, first=False)
+
+    try:
+        prop()
+    except _Failure as f:
+        return f.result
+    except (Flaky, FlakyFailure) as e:  # hypothesis found the function non-deterministic
+        return Result(ex.id, ex.name, FAILED, got=f"{type(e).__name__}: {e}"[:500],
+                      hint="the function must return the same result for the same input")
+    return Result(ex.id, ex.name, PASSED)
+
+
+def check_namespace(lesson: str, namespace: dict, names=None, missing: str = "skip") -> list[Result]:
+    """Grade the functions of ``lesson`` found in ``namespace`` (a module's or notebook's globals).
+
+    Args:
+        names: only these exercises (function names or ids such as "a5"); None for all.
+        missing: "skip" leaves out exercises whose function is not defined, "report" lists them
+            as not attempted.
+    """
+    all_ex = exercises()
+    if lesson not in all_ex:
+        raise ValueError(f"lesson must be one of {sorted(all_ex)}; got {lesson!r}")
+    chosen = all_ex[lesson]
+    if names:
+        known = {e.name for e in chosen} | {e.id for e in chosen}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"no exercise {unknown} in lesson {lesson!r}; choose from "
+                             f"{[e.name for e in chosen]}")
+        chosen = [e for e in chosen if e.name in names or e.id in names]
+    results = []
+    for ex in chosen:
+        fn = namespace.get(ex.name)
+        if not callable(fn):
+            if missing == "report" or names:
+                results.append(Result(ex.id, ex.name, NOT_ATTEMPTED, note="not defined"))
+            continue
+        results.append(check_function(ex, fn))
+    return results
+
+
+def summary(results) -> str:
+    n = {s: sum(r.status == s for r in results) for s in (PASSED, FAILED, NOT_ATTEMPTED)}
+    return f"{n[PASSED]} passed, {n[FAILED]} failed, {n[NOT_ATTEMPTED]} not attempted"
+
+
+def format_result(r: Result) -> list[str]:
+    head = f"{r.id} {r.name}: {r.status}" + (f" ({r.note})" if r.note else "")
+    if r.status != FAILED:
+        return [head]
+    lines = [head]
+    for label, text in (("input", r.input), ("expected", r.expected), ("got", r.got),
+                        ("hint", r.hint)):
+        if text:
+            lines.append(f"    {label + ':':9s} {text}")
+    return lines
+
+
+def run(lesson: str, *names: str) -> None:
+    """Check, from a notebook cell, the exercises of ``lesson`` defined so far in this notebook.
+
+    Prints one line per exercise (and the failing input, expected vs got and a hint for a
+    failure), then a summary when several were checked. Does nothing while the notebook is being
+    imported by another notebook or by ``python -m quantlab.check``.
+    """
+    caller = sys._getframe(1).f_globals
+    if caller.get("__name__") != "__main__":
+        return
+    results = check_namespace(lesson, caller, names or None)
+    for r in results:
+        print("\n".join(format_result(r)))
+    if not results:
+        print(f"no lesson-{lesson} exercise is defined yet")
+    elif len(results) > 1:
+        print(summary(results))
+
+
+# -- importing a notebook -------------------------------------------------------------------------
+
+def lesson_of(path: pathlib.Path) -> str | None:
+    """The notebook's lesson: metadata ``quantlab.lesson`` first, else its file name."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+        lesson = meta.get("quantlab", {}).get("lesson")
+        if lesson:
+            return str(lesson)
+    except (OSError, ValueError, AttributeError):
+        pass
+    m = re.search(r"(?:^|[^A-Za-z])([a-z]{1,2})_exercises", path.name)
+    return m.group(1) if m else None
+
+
+def _shell():
+    """An IPython shell for the notebook's magics (get_ipython()), tolerant of failing magics."""
+    sys.modules.setdefault("rfc3987_syntax", None)  # jsonschema builds a slow IRI grammar otherwise
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    if not getattr(shell, "_quantlab_tolerant", False):
+        def tolerant(method):
+            def call(*args, **kwargs):
+                try:
+                    return method(*args, **kwargs)
+                except Exception as e:
+                    print(f"quantlab.check: skipped magic {args[:1]} ({type(e).__name__}: {e})",
+                          file=sys.stderr)
+            return call
+
+        shell.run_line_magic = tolerant(shell.run_line_magic)
+        shell.run_cell_magic = tolerant(shell.run_cell_magic)
+        shell.system = lambda cmd: print(f"quantlab.check: skipped shell command !{cmd}",
+                                         file=sys.stderr)
+        shell.getoutput = lambda cmd, split=True: []
+        shell._quantlab_tolerant = True
+    builtins.get_ipython = lambda: shell
+    return shell
+
+
+def import_notebook(path) -> tuple[dict, str | None]:
+    """Import a notebook with import-ipynb, in its own folder; return (globals, error or None).
+
+    The notebook's folder is the working directory and first on ``sys.path`` while it runs, so its
+    ``import import_ipynb`` / ``from a_exercises import ...`` finds its sibling notebooks. Its
+    output is discarded; an exception stops the import (the globals defined so far are returned).
+    """
+    path = pathlib.Path(path).resolve()
+    shell = _shell()
+    import import_ipynb  # noqa: F401  (registers its finder: the notebook's own notebook imports)
+    from nbformat import read
+
+    stem = path.stem if path.stem.isidentifier() else "learner_notebook"
+    mod = types.ModuleType(stem)
+    mod.__file__ = str(path)
+    old_cwd, old_path, old_modules = os.getcwd(), list(sys.path), set(sys.modules)
+    error = None
+    os.chdir(path.parent)
+    sys.path.insert(0, str(path.parent))
+    saved_ns = shell.user_ns
+    shell.user_ns = mod.__dict__
+    try:
+        with open(path, encoding="utf-8") as f:
+            nb = read(f, 4)
+        code_cells = [c for c in nb.cells if c.cell_type == "code"]
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i, cell in enumerate(code_cells, 1):
+                # import-ipynb's own loop (NotebookLoader.exec_module), with the cell number kept
+                code = shell.input_transformer_manager.transform_cell(cell.source)
+                try:
+                    exec(compile(code, f"<{path.name} code cell {i}>", "exec"), mod.__dict__)
+                except BaseException as e:
+                    if isinstance(e, KeyboardInterrupt):
+                        raise
+                    error = f"code cell {i} raised {type(e).__name__}: {e}"
+                    break
+    finally:
+        shell.user_ns = saved_ns
+        os.chdir(old_cwd)
+        sys.path[:] = old_path
+        for name in set(sys.modules) - old_modules:  # sibling notebooks: import them afresh next time
+            origin = getattr(sys.modules[name], "origin", None) or getattr(
+                getattr(sys.modules[name], "__spec__", None), "origin", None)
+            if isinstance(origin, str) and origin.endswith(".ipynb"):
+                del sys.modules[name]
+    return mod.__dict__, error
+
+
+@dataclass
+class FileResult:
+    file: str
+    lesson: str | None
+    results: list
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def grade_notebook(path, lesson: str | None = None, names=None) -> FileResult:
+    """Import one notebook (in this process) and grade every exercise of its lesson."""
+    start = time.perf_counter()
+    path = pathlib.Path(path)
+    lesson = lesson or lesson_of(path)
+    if lesson is None or lesson not in exercises():
+        return FileResult(str(path), lesson, [], f"cannot tell the lesson of {path.name}: name it "
+                          "<lesson>_exercises.ipynb or pass --lesson")
+    namespace, error = import_notebook(path)
+    results = check_namespace(lesson, namespace, names, missing="report")
+    if error:
+        for r in results:
+            if r.note == "not defined":
+                r.note = "not reached: the import stopped earlier"
+    return FileResult(str(path), lesson, results, error, time.perf_counter() - start)
+
+
+def _worker(path: str, lesson: str | None) -> int:
+    import torch
+
+    torch.set_num_threads(1)
+    fr = grade_notebook(path, lesson)
+    fr.results = [asdict(r) for r in fr.results]
+    print(_MARK + json.dumps(asdict(fr)))
+    return 0
+
+
+def _grade_in_subprocess(path: str, lesson: str | None, timeout: float) -> FileResult:
+    start = time.perf_counter()
+    env = dict(os.environ)
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("MPLBACKEND", "Agg")
+    cmd = [sys.executable, "-m", "quantlab.check", "--worker", str(path)]
+    if lesson:
+        cmd += ["--lesson", lesson]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return FileResult(str(path), lesson, [], f"timed out after {timeout:.0f} s",
+                          time.perf_counter() - start)
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith(_MARK):
+            d = json.loads(line[len(_MARK):])
+            d["results"] = [Result(**r) for r in d["results"]]
+            fr = FileResult(**d)
+            fr.seconds = time.perf_counter() - start
+            return fr
+    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+    return FileResult(str(path), lesson, [], f"the checker process failed: {tail}",
+                      time.perf_counter() - start)
+
+
+def _status_counts(fr: FileResult) -> str:
+    return summary(fr.results) + (f"; ERROR: {fr.error}" if fr.error else "")
+
+
+def file_ok(fr: FileResult, strict: bool) -> bool:
+    bad = {FAILED} | ({NOT_ATTEMPTED} if strict else set())
+    return fr.error is None and bool(fr.results) and not any(r.status in bad for r in fr.results)
+
+
+def _table(frs: list[FileResult]) -> list[str]:
+    """Rows = files, columns = exercises (per lesson): ok / FAIL / - (not attempted)."""
+    sym = {PASSED: "ok", FAILED: "FAIL", NOT_ATTEMPTED: "-"}
+    lines = []
+    for lesson in sorted({fr.lesson for fr in frs if fr.results}):
+        rows = [fr for fr in frs if fr.lesson == lesson and fr.results]
+        ids = [r.id for r in rows[0].results]
+        width = max(len(fr.file) for fr in rows)
+        lines.append("")
+        lines.append(f"lesson {lesson}: " + ", ".join(f"{r.id} {r.name}" for r in rows[0].results))
+        lines.append(f"{'file':{width}s}  " + " ".join(f"{i:>4s}" for i in ids))
+        for fr in rows:
+            cells = {r.id: sym[r.status] for r in fr.results}
+            lines.append(f"{fr.file:{width}s}  " + " ".join(f"{cells.get(i, '?'):>4s}"
+                                                              for i in ids))
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m quantlab.check", description=(
+        "Grade exercise notebooks: each is imported with import-ipynb in a fresh process and its "
+        "functions are checked against quantlab and PyTorch."))
+    p.add_argument("notebooks", nargs="+", help="exercise notebooks (.ipynb)")
+    p.add_argument("--strict", action="store_true", help="unattempted exercises fail too")
+    p.add_argument("--lesson", help="the lesson (a, d, e, f) instead of reading it from each "
+                   "notebook's metadata or file name")
+    p.add_argument("--jobs", "-j", type=int, default=min(2, os.cpu_count() or 1),
+                   help="notebooks checked at the same time (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per notebook")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="with several notebooks, also print every exercise of each")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return _worker(args.notebooks[0], args.lesson)
+    paths = [pathlib.Path(n) for n in args.notebooks]
+    for path in paths:
+        if not path.is_file():
+            p.error(f"no such notebook: {path}")
+    if len(paths) == 1:  # this process is fresh: import the notebook here
+        import torch
+
+        torch.set_num_threads(1)
+        frs = [grade_notebook(paths[0], args.lesson)]
+    else:  # one fresh process per notebook, so notebooks cannot disturb each other
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            frs = list(pool.map(lambda q: _grade_in_subprocess(str(q), args.lesson,
+                                                               args.timeout), paths))
+    ok = all(file_ok(fr, args.strict) for fr in frs)
+    if len(frs) == 1 or args.verbose:
+        for fr in frs:
+            print(f"{fr.file} (lesson {fr.lesson}, {fr.seconds:.1f} s)")
+            if fr.error:
+                print(f"  ERROR: {fr.error}")
+            for r in fr.results:
+                print("\n".join("  " + line for line in format_result(r)))
+            print("  " + summary(fr.results))
+        if len(frs) > 1:
+            print()
+    if len(frs) > 1:
+        width = max(len(fr.file) for fr in frs)
+        for fr in frs:
+            mark = "ok  " if file_ok(fr, args.strict) else "FAIL"
+            print(f"{mark} {fr.file:{width}s}  {_status_counts(fr)}")
+        print("\n".join(_table(frs)))
+    if args.strict:
+        print("(--strict: exercises not attempted count as failures)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

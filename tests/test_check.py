@@ -1,0 +1,207 @@
+"""The exercise checker (quantlab.check): solutions pass, templates are 'not attempted', and every
+mistake this family of tutorials made, planted in a copy of the solutions, is caught by its exercise."""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from quantlab import check
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TEMPLATES = ROOT / "exercises"
+SOLUTIONS = ROOT / "exercises" / "solutions"
+LESSONS = ["a", "d", "e", "f"]
+EXERCISE_NOTEBOOKS = sorted(TEMPLATES.glob("*.ipynb")) + sorted(SOLUTIONS.glob("*.ipynb"))
+
+# (lesson, exercise, text in the solution, its mutant): the mistakes the issue lists, and a few more
+MUTANTS = [
+    ("a", "calc_scale_zero_point", "quant_min - torch.round(min_neg / scale)",
+     "quant_min - int(min_neg / scale)"),                                   # Z truncated with int()
+    ("a", "calc_scale_zero_point", "min_neg = torch.clamp(min_val, max=0.0)",
+     "min_neg = min_val"),                                                  # range not widened to 0
+    ("a", "quantize", "return torch.clamp(q, quant_min, quant_max).to(torch.int32)",
+     "return q.to(torch.int32)"),                                           # no clamp
+    ("a", "quantize", "torch.round(x * (1.0 / scale))", "torch.round(x / scale)"),  # divide by S
+    ("a", "calc_scale_zero_point_symmetric", "/ 2), min=EPS)", "/ 2), min=0.0)"),  # no EPS floor
+    ("a", "dequantize", "(q.to(torch.int32) - zero_point)", "(q - zero_point)"),  # uint8 wraps
+    ("d", "fold_bn", "gamma / torch.sqrt(var + eps)", "gamma / var"),       # BN folded with var
+    ("d", "fold_bn", "gamma / torch.sqrt(var + eps)", "gamma / torch.sqrt(var)"),  # eps dropped
+    ("d", "quantize_bias", "torch.clamp(q_b.double(), -2**31, 2**31 - 1).to(torch.int32)",
+     "torch.clamp(q_b.double(), -128, 127).to(torch.int32)"),               # bias clamped to int8
+    ("d", "quantize_bias", "torch.clamp(q_b.double(), -2**31, 2**31 - 1).to(torch.int32)",
+     "q_b"),                                                                # float bias
+    ("d", "requantize", "torch.round(acc.to(torch.float32) * m)",
+     "(acc.to(torch.float32) * m)"),                                        # not rounded
+    ("e", "saturating_rounding_doubling_high_mul", "x = ab + torch.where(ab >= 0, 2**30, 1 - 2**30)",
+     "x = ab"),                                                             # no rounding nudge
+    ("e", "rounding_divide_by_pot", "threshold = (mask >> 1) + (x < 0).to(torch.int64)",
+     "threshold = (mask >> 1)"),                                            # wrong for negatives
+    ("e", "quantize_multiplier", "math.floor(q * 2**31 + 0.5)", "round(q * 2**31)"),  # half to even
+    ("e", "conv2d_accumulate", "w = q_w.to(torch.int64) - zw", "w = q_w.to(torch.int64)"),  # Z_w
+    ("e", "conv2d_accumulate", "F.conv2d(x.double(), w.double()", "F.conv2d(x.float(), w.float()"),
+    ("e", "quantized_conv2d", "acc = acc + q_b.reshape(1, -1, 1, 1)",
+     "acc = acc + bias.reshape(1, -1, 1, 1)"),                              # float bias in the conv
+    ("f", "fake_quantize", "(x - x.detach()) * inside", "(x - x.detach())"),  # STE not zeroed
+]
+
+
+def _copy_solutions(tmp_path: pathlib.Path) -> pathlib.Path:
+    folder = tmp_path / "submission"
+    shutil.copytree(SOLUTIONS, folder)
+    return folder
+
+
+def _substitute(path: pathlib.Path, old: str, new: str) -> None:
+    nb = json.loads(path.read_text())
+    hits = 0
+    for cell in nb["cells"]:
+        src = "".join(cell["source"])
+        if cell["cell_type"] == "code" and old in src:
+            hits += src.count(old)
+            cell["source"] = src.replace(old, new)
+    assert hits == 1, f"{old!r} occurs {hits} times in {path.name}"
+    path.write_text(json.dumps(nb))
+
+
+@pytest.mark.parametrize("lesson,name,old,new", MUTANTS,
+                         ids=[f"{m[1]}:{m[3][:30]}" for m in MUTANTS])
+def test_every_mutant_fails_its_exercise(tmp_path, lesson, name, old, new):
+    folder = _copy_solutions(tmp_path)
+    path = folder / f"{lesson}_exercises.ipynb"
+    _substitute(path, old, new)
+    fr = check.grade_notebook(path, names=[name])
+    assert fr.error is None, fr.error
+    (r,) = fr.results
+    assert (r.name, r.status) == (name, check.FAILED), r
+    assert r.expected and r.got and r.hint and r.input, r  # a failing input, both values, a hint
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_blank_templates_are_not_attempted_and_fail_strict(lesson, capsys):
+    path = TEMPLATES / f"{lesson}_exercises.ipynb"
+    fr = check.grade_notebook(path)
+    n = len(check.exercises()[lesson])
+    assert fr.error is None and len(fr.results) == n
+    assert all(r.status == check.NOT_ATTEMPTED for r in fr.results), fr.results
+    assert check.file_ok(fr, strict=False) and not check.file_ok(fr, strict=True)
+    if lesson == "a":  # the command line on one file runs in this process
+        assert check.main([str(path)]) == 0
+        assert check.main([str(path), "--strict"]) == 1
+        out = capsys.readouterr().out
+        assert f"0 passed, 0 failed, {n} not attempted" in out
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_solutions_pass_every_check_strict(lesson):
+    fr = check.grade_notebook(SOLUTIONS / f"{lesson}_exercises.ipynb")
+    assert fr.error is None and len(fr.results) == len(check.exercises()[lesson])
+    assert check.file_ok(fr, strict=True), [r for r in fr.results if r.status != check.PASSED]
+
+
+def test_command_line_several_files_one_process_each_and_a_table(tmp_path):
+    folder = _copy_solutions(tmp_path)
+    _substitute(folder / "a_exercises.ipynb", "torch.round(x * (1.0 / scale))", "torch.round(x / scale)")
+    files = [str(SOLUTIONS / "e_exercises.ipynb"), str(folder / "a_exercises.ipynb")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "quantlab.check", *files, "--strict"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    lines = p.stdout.splitlines()
+    assert p.returncode == 1, p.stdout + p.stderr  # the mutant copy fails
+    good = next(x for x in lines if "solutions/e_exercises" in x)
+    assert good.startswith("ok") and good.endswith("6 passed, 0 failed, 0 not attempted")
+    bad = next(x for x in lines if "submission/a_exercises" in x)
+    assert bad.startswith("FAIL") and bad.endswith("6 passed, 1 failed, 0 not attempted")
+    # the table: one row per file, one column per exercise
+    row = next(x for x in lines if x.startswith(files[1]))
+    assert row.split()[1:] == ["ok", "ok", "ok", "ok", "FAIL", "ok", "ok"]
+
+
+def test_the_first_solution_run_is_reported_with_failing_input_and_hint(tmp_path, capsys):
+    folder = _copy_solutions(tmp_path)
+    _substitute(folder / "e_exercises.ipynb", "threshold = (mask >> 1) + (x < 0).to(torch.int64)",
+                "threshold = (mask >> 1)")
+    assert check.main([str(folder / "e_exercises.ipynb")]) == 1
+    out = capsys.readouterr().out
+    assert "e3 rounding_divide_by_pot: failed" in out
+    assert re.search(r"input: +x=\[3, -3, 5, -5, 1, -1, 0\] \(int64\), exponent=1", out)
+    assert "ties round away from zero" in out
+    assert "e4 requantize_fixed_point: failed" in out  # it uses e3
+    assert "4 passed, 2 failed, 0 not attempted" in out
+
+
+def test_run_from_a_notebook_checks_the_callers_functions(capsys):
+    ns = {"__name__": "__main__"}
+    exec("import torch\nfrom quantlab import check\n"
+         "def quant_range(num_bits=8, signed=False):\n"
+         "    return (-(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1) if signed else (0, 2**num_bits - 1)\n"
+         "def quantize(x, scale, zero_point, num_bits=8, signed=False):\n"
+         "    raise NotImplementedError\n"
+         "def dequantize(q, scale, zero_point):\n"
+         "    return (q - zero_point) * scale\n"
+         "check.run('a')\n", ns)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "a1 quant_range: passed"
+    assert out[1] == "a5 quantize: not attempted (the stub raises NotImplementedError)"
+    assert out[2] == "a6 dequantize: failed"
+    assert out[-1] == "1 passed, 1 failed, 1 not attempted"
+    # imported by another notebook (its __name__ is not __main__): silent
+    ns["__name__"] = "a_exercises"
+    exec("check.run('a')", ns)
+    assert capsys.readouterr().out == ""
+
+
+def test_magics_shell_commands_and_a_crashing_cell_are_tolerated(tmp_path):
+    nb = json.loads((SOLUTIONS / "a_exercises.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    code[0]["source"] = "%matplotlib inline\n!echo hello\n" + "".join(code[0]["source"])
+    code[1]["source"] = "%%time\n" + "".join(code[1]["source"])
+    code[5]["source"] = "undefined_name + 1\n" + "".join(code[5]["source"])  # crashes: a3 not defined
+    path = tmp_path / "copy_of_a_exercises.ipynb"
+    path.write_text(json.dumps(nb))
+    fr = check.grade_notebook(path)
+    assert fr.lesson == "a"
+    assert fr.error and "code cell 6 raised NameError" in fr.error
+    status = {r.name: r.status for r in fr.results}
+    assert status["quant_range"] == status["calc_min_max"] == check.PASSED
+    assert status["calc_scale_zero_point"] == check.NOT_ATTEMPTED
+    assert not check.file_ok(fr, strict=False)
+
+
+def test_the_lesson_comes_from_metadata_or_file_name(tmp_path):
+    nb = json.loads((SOLUTIONS / "d_exercises.ipynb").read_text())
+    renamed = tmp_path / "homework 3.ipynb"
+    renamed.write_text(json.dumps(nb))
+    assert check.lesson_of(renamed) == "d"
+    del nb["metadata"]["quantlab"]
+    renamed.write_text(json.dumps(nb))
+    assert check.lesson_of(renamed) is None
+    named = tmp_path / "alice_e_exercises.ipynb"
+    named.write_text(json.dumps(nb))
+    assert check.lesson_of(named) == "e"
+    with pytest.raises(ValueError, match="lesson must be one of"):
+        check.check_namespace("z", {})
+
+
+@pytest.mark.parametrize("path", EXERCISE_NOTEBOOKS, ids=lambda p: str(p.relative_to(TEMPLATES)))
+def test_exercise_notebooks_are_stored_executed_clean(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert [c["execution_count"] for c in code] == list(range(1, len(code) + 1))
+    assert "widgets" not in nb["metadata"]
+    outputs = []
+    for c in code:
+        assert "execution" not in c.get("metadata", {})
+        for out in c.get("outputs", []):
+            assert out["output_type"] != "error"
+            outputs.append("".join(out.get("text", "")))
+    text = "".join(outputs)
+    lesson = nb["metadata"]["quantlab"]["lesson"]
+    expect = "passed" if path.parent == SOLUTIONS else "not attempted"
+    for ex in check.exercises()[lesson]:
+        assert f"{ex.id} {ex.name}: {expect}" in text
