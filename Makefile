@@ -41,8 +41,9 @@ exercises: $(STAMP)
 
 ## JupyterLab on the repository root: notebooks/ (lessons) and exercises/ side by side.
 ## Jupyter refuses to run as root without --allow-root (containers): add it when uid is 0.
+## More options: make lab LAB_ARGS="--no-browser --port 8890"
 lab: $(STAMP)
-	$(PY) -m jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(PY) -m jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 ## Re-train the shipped checkpoints (quantlab/weights) with quantlab's own recipe.
 weights: $(STAMP)

@@ -80,11 +80,14 @@ def _raised_by(fn, exc: BaseException) -> bool:
     return tb is not None and tb.tb_frame.f_code is getattr(fn, "__code__", None)
 
 
-def _last_function(exc: BaseException) -> str:
+def _last_function(exc: BaseException) -> tuple[str, str]:
+    """(function name, module name) of the frame that raised ``exc``."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb.tb_frame.f_code.co_name if tb is not None else "?"
+    if tb is None:
+        return "?", ""
+    return tb.tb_frame.f_code.co_name, str(tb.tb_frame.f_globals.get("__name__", ""))
 
 
 def _clone(v):
@@ -95,7 +98,7 @@ def _clone(v):
 
 def _try_case(ex, fn, case, first: bool):
     """Run one case; raise _NotAttempted or _Failure, return None when it passes."""
-    from .exercise_checks import Mismatch, describe
+    from .exercise_checks import Mismatch, describe, show
 
     expected = ex.oracle(**{k: _clone(v) for k, v in case.kwargs.items()})
     args = [_clone(v) for v in case.kwargs.values()]
@@ -107,15 +110,20 @@ def _try_case(ex, fn, case, first: bool):
     except NotImplementedError as e:
         if first and _raised_by(fn, e):
             raise _NotAttempted from None
-        where = _last_function(e)
-        msg = (f"calls {where}(), which still raises NotImplementedError" if where != ex.name
-               else "raised NotImplementedError")
-        raise _Failure(Result(ex.id, ex.name, FAILED, describe(case), "a result", msg,
-                              f"finish {where} first" if where != ex.name
-                              else "part of the function is still a stub")) from None
+        where, module = _last_function(e)
+        if where == ex.name:
+            msg, hint = "raised NotImplementedError", "part of the function is still a stub"
+        else:
+            msg = f"calls {where}(), which still raises NotImplementedError"
+            hint = f"finish {where} first" + (f" (in {module}.ipynb)" if module.endswith(
+                "_exercises") else "")
+        raise _Failure(Result(ex.id, ex.name, FAILED, describe(case), show(expected), msg,
+                              hint)) from None
     except Exception as e:  # the learner's code raised: that is a failure on this input
-        raise _Failure(Result(ex.id, ex.name, FAILED, describe(case), "a result",
-                              f"raised {type(e).__name__}: {e}", case.hint or ex.hint)) from None
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        raise _Failure(Result(ex.id, ex.name, FAILED, describe(case), show(expected),
+                              f"raised {type(e).__name__}: {first_line}",
+                              case.hint or ex.hint)) from None
     m = ex.compare(expected, got)
     if isinstance(m, Mismatch):
         raise _Failure(Result(ex.id, ex.name, FAILED, describe(case), m.expected, m.got,

@@ -1,7 +1,7 @@
 """Build the exercise notebooks from one source: exercises/<lesson>_exercises.ipynb (stubs) and
 exercises/solutions/<lesson>_exercises.ipynb (worked solutions), then execute them in place.
 
-Usage: python scripts/build_exercises.py [--no-execute]
+Usage: python scripts/build_exercises.py [--no-execute] [--lessons a d e f]
 Each exercise is a statement (markdown), a code cell holding the signature and docstring followed by
 either ``raise NotImplementedError`` (template) or the solution, and a checking cell. The checks
 themselves live in quantlab/exercise_checks.py; the checker is quantlab/check.py.
@@ -281,9 +281,9 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1''',
            return torch.where((a == INT32_MIN) & (b == INT32_MIN), INT32_MAX, high)'''),
         ex(3, "rounding_divide_by_pot", "rounding right shift",
            r"""
-           $x / 2^{e}$ rounded to the nearest integer, ties **away from zero** (gemmlowp's `RoundingDivideByPOT`):
-           with `mask = 2**e - 1`, `remainder = x & mask` and `threshold = (mask >> 1) + (x < 0)`,
-           the result is `(x >> e) + (remainder > threshold)`. Check it by hand on $-3/2 = -1.5 \to -2$.""",
+           $x / 2^{e}$ rounded to the nearest integer, ties **away from zero** (gemmlowp's `RoundingDivideByPOT`),
+           without division: `x >> e` floors, then add 1 when the remainder `x & (2**e - 1)` is above a threshold.
+           Which threshold? Work out $3/2 = 1.5 \to 2$ and $-3/2 = -1.5 \to -2$ by hand first (`-3 >> 1` is `-2`).""",
            '''
            def rounding_divide_by_pot(x, exponent):
                """x / 2**exponent rounded half away from zero (x: int64 tensor, exponent: 0..31)."""''',
@@ -420,6 +420,8 @@ def build(lesson: str, solution: bool) -> nbformat.NotebookNode:
     nb.cells.append(nbformat.v4.new_markdown_cell(
         "## All exercises of this notebook\n\nThe same checks for every function defined above, and a summary."))
     nb.cells.append(nbformat.v4.new_code_cell(f'# NBVAL_CHECK_OUTPUT\ncheck.run("{lesson}")'))
+    for i, cell in enumerate(nb.cells):  # stable ids: a rebuild changes only what changed
+        cell.id = f"{lesson}-{i:02d}"
     return nb
 
 
@@ -432,11 +434,13 @@ def execute(nb: nbformat.NotebookNode, folder: pathlib.Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-execute", action="store_true", help="write the notebooks without outputs")
+    p.add_argument("--lessons", nargs="+", default=list(LESSONS), choices=list(LESSONS),
+                   help="rebuild only these lessons (default: all)")
     args = p.parse_args()
     for solution in (False, True):
         folder = ROOT / "exercises" / ("solutions" if solution else "")
         folder.mkdir(parents=True, exist_ok=True)
-        for lesson in LESSONS:  # a, d before e: e imports them
+        for lesson in args.lessons:  # a, d before e: e imports them
             nb = build(lesson, solution)
             path = folder / f"{lesson}_exercises.ipynb"
             nbformat.write(nb, path)  # siblings must exist on disk before e imports them

@@ -22,7 +22,7 @@ EXERCISE_NOTEBOOKS = sorted(TEMPLATES.glob("*.ipynb")) + sorted(SOLUTIONS.glob("
 # (lesson, exercise, text in the solution, its mutant): the mistakes the issue lists, and a few more
 MUTANTS = [
     ("a", "calc_scale_zero_point", "quant_min - torch.round(min_neg / scale)",
-     "quant_min - int(min_neg / scale)"),                                   # Z truncated with int()
+     "quant_min - (min_neg / scale).int()"),                                # Z truncated as int()
     ("a", "calc_scale_zero_point", "min_neg = torch.clamp(min_val, max=0.0)",
      "min_neg = min_val"),                                                  # range not widened to 0
     ("a", "quantize", "return torch.clamp(q, quant_min, quant_max).to(torch.int32)",
