@@ -1,0 +1,49 @@
+"""quantlab.plots: the figure helpers return figures that show what they are given."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from quantlab.plots import flow_diagram, lsb_error_hist  # noqa: E402
+
+BOXES = {"a": (0, 0, "q_x uint8\n= 92"), "b": (1, 0, "acc int32\n= 296", "lightcyan"),
+         "c": (1, 1, "q_b int32")}
+
+
+def test_flow_diagram_draws_every_box_and_arrow():
+    fig = flow_diagram(BOXES, [("a", "b"), ("c", "b", "+")], title="t")
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    for spec in BOXES.values():
+        assert spec[2] in texts
+    assert "+" in texts                                   # the arrow's label
+    arrows = [c for c in ax.get_children() if isinstance(c, matplotlib.text.Annotation)]
+    assert len(arrows) == 2
+    colors = {t.get_text(): t.get_bbox_patch().get_facecolor() for t in ax.texts if t.get_bbox_patch()}
+    assert colors["acc int32\n= 296"] == matplotlib.colors.to_rgba("lightcyan")
+    plt.close(fig)
+
+
+def test_flow_diagram_rejects_bad_boxes_and_arrows():
+    with pytest.raises(ValueError, match="arrows"):
+        flow_diagram(BOXES, [("a", "missing")])
+    with pytest.raises(ValueError, match="arrows"):
+        flow_diagram(BOXES, [("a",)])
+    with pytest.raises(TypeError, match="boxes"):
+        flow_diagram({"a": (0, 0)}, [])
+    plt.close("all")
+
+
+def test_lsb_error_hist_keeps_its_legend_above_the_bars():
+    err = torch.randn(10_000) * 0.4
+    fig = lsb_error_hist(err, title="t")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    tallest = max(p.get_window_extent().y1 for p in ax.patches)
+    assert legend.y0 > tallest                            # the legend never covers a bar
+    plt.close(fig)
