@@ -33,7 +33,7 @@ def test_environment_yml_names_the_same_dependencies_as_pyproject():
             conda.add(CONDA_TO_PIP.get(m.group(1).lower(), m.group(1).lower()))
     conda -= {"python", "pip"}
     assert conda == runtime
-    assert "-e .[notebooks,test]" in env
+    assert "-e .[notebooks,test,docs]" in env
     assert "python=3.11" in env and "conda-forge" in env
 
 
