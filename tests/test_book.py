@@ -155,7 +155,7 @@ def browser():
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
     driver.set_page_load_timeout(60)
-    driver.set_script_timeout(60)
+    driver.set_script_timeout(120)
     yield driver
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
@@ -169,13 +169,22 @@ const done = arguments[arguments.length - 1];
   const imgs = [...document.images];
   imgs.forEach(i => { i.loading = 'eager'; });
   await Promise.all(imgs.map(i => i.decode().catch(() => null)));
-  if (window.MathJax && MathJax.startup && MathJax.startup.promise) await MathJax.startup.promise;
   const maths = [...document.querySelectorAll('.math')];
+  const typeset = () => maths.filter(m => m.querySelector('mjx-container')).length;
+  // MathJax loads deferred and typesets asynchronously: wait (up to 60 s on a loaded machine)
+  const t0 = Date.now();
+  while (maths.length && Date.now() - t0 < 60000) {
+    if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+      await MathJax.startup.promise;
+      if (typeset() === maths.length) break;
+    }
+    await new Promise(r => setTimeout(r, 100));
+  }
   const links = [...document.querySelectorAll('a[href]')].map(a => a.href);
   return {
     images: imgs.map(i => ({src: i.src, width: i.naturalWidth, complete: i.complete})),
     math: maths.length,
-    typeset: maths.filter(m => m.querySelector('mjx-container')).length,
+    typeset: typeset(),
     mathErrors: document.querySelectorAll('mjx-merror').length,
     mathjax: !!window.MathJax,
     links: links,
