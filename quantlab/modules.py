@@ -30,28 +30,27 @@ Taught in notebooks ``d_post_training_quantize`` and ``e_conv_quantization_walkt
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validate import check_bool, check_float_tensor, check_int, check_int_tensor
 from .fixed_point import multiply_by_quantized_multiplier, quantize_multiplier
 from .observer import QParam
 
 #: float32 holds every integer of magnitude up to 2**24 exactly
 FLOAT32_EXACT = 2**24
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+#: largest |bias integer| above 8 bits (an int64 bias, as TFLite's 16x8 kernels; kept below 2**52
+#: so that acc + bias stays exact in float64)
+INT64_BIAS_MAX = 2**52
 
 
 def check_integer_input(q: torch.Tensor, qparam: QParam, name: str = "q_x") -> torch.Tensor:
     """Raise unless ``q`` is an integer tensor inside ``qparam``'s integer range."""
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"{name} must be an integer torch.Tensor; got {type(q).__name__}")
-    if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (int32 from q_in.quantize_tensor); got "
-                        f"{q.dtype}")
-    if q.numel() == 0:
-        raise ValueError(f"{name} must not be empty")
+    check_int_tensor(q, name)
     lo, hi = int(q.min()), int(q.max())
     if lo < qparam.quant_min or hi > qparam.quant_max:
         raise ValueError(f"{name} holds values in [{lo}, {hi}], outside [{qparam.quant_min}, "
@@ -69,6 +68,36 @@ def _copy_qparam(src: QParam) -> QParam:
     dst = QParam(src.num_bits, src.signed, src.symmetric, src.axis, src.averaging_constant)
     dst.load_state_dict(src.state_dict())
     return dst
+
+
+def _unexpected(state_dict, prefix: str, names, children) -> list[str]:
+    """Keys under ``prefix`` that name neither one of ``names`` nor a child module."""
+    out = []
+    for key in state_dict:
+        if key.startswith(prefix):
+            head = key[len(prefix):].split(".", 1)[0]
+            if head not in names and head not in children:
+                out.append(key)
+    return out
+
+
+def _remember_loaded_freeze(module, incompatible_keys):
+    """After load_state_dict (children loaded too): a loaded frozen layer is frozen as loaded."""
+    if bool(module.frozen_flag):
+        module._mark_frozen()
+
+
+def _check_conv_input(conv: nn.Conv2d, q_x: torch.Tensor, name: str):
+    """(N, C_in, H, W) or unbatched (C_in, H, W), and at least one output position."""
+    if q_x.dim() not in (3, 4) or q_x.shape[-3] != conv.in_channels:
+        raise ValueError(f"{name} must have shape (N, {conv.in_channels}, H, W) or "
+                         f"({conv.in_channels}, H, W) for this conv; got {tuple(q_x.shape)}")
+    for d, size in enumerate(q_x.shape[-2:]):
+        k = conv.dilation[d] * (conv.kernel_size[d] - 1) + 1
+        if size + 2 * conv.padding[d] < k:
+            raise ValueError(f"{name}'s spatial size {tuple(q_x.shape[-2:])} is smaller than the "
+                             f"conv's kernel {tuple(conv.kernel_size)} (with padding "
+                             f"{tuple(conv.padding)}, dilation {tuple(conv.dilation)})")
 
 
 @contextlib.contextmanager
@@ -94,8 +123,7 @@ class QModule(nn.Module):
     def __init__(self, qi: bool = True, qo: bool = True, num_bits: int = 8,
                  averaging_constant: float | None = None):
         super().__init__()
-        if not isinstance(qi, bool) or not isinstance(qo, bool):
-            raise TypeError(f"qi and qo must be True or False; got qi={qi!r}, qo={qo!r}")
+        qi, qo = check_bool(qi, "qi"), check_bool(qo, "qo")
         self.qi, self.qo, self.num_bits = qi, qo, num_bits
         # q_in always exists so that state_dicts have the same keys; with qi=False it is not
         # observed but filled by freeze(q_in=...) from the previous layer's output QParam
@@ -104,10 +132,44 @@ class QModule(nn.Module):
         self.register_buffer("frozen_flag", torch.tensor(False))
         for name in self._frozen_buffers:
             self.register_buffer(name, torch.empty(0))
+        self.register_load_state_dict_post_hook(_remember_loaded_freeze)
+
+    def label(self) -> str:
+        """How errors and warnings name this layer (``qname``, set by the model, or the class)."""
+        return getattr(self, "qname", None) or type(self).__name__
+
+    def _qparams(self) -> tuple[QParam, ...]:
+        return tuple(p for p in (self.q_in, getattr(self, "q_w", None), self.q_out) if p is not None)
+
+    def _mark_frozen(self):
+        """Set the frozen flag and remember the qparams' versions: any later observation
+        (calibrate, a training-mode forward, QAT) un-freezes the layer, loudly."""
+        self.frozen_flag = torch.tensor(True)
+        self._frozen_versions = tuple(p.version for p in self._qparams())
+        for p in self._qparams():
+            p.frozen_by = self.label()
+
+    @property
+    def stale(self) -> bool:
+        """True when the layer was frozen but its qparams changed since (freeze() again)."""
+        return bool(self.frozen_flag) and \
+            getattr(self, "_frozen_versions", None) != tuple(p.version for p in self._qparams())
 
     @property
     def frozen(self) -> bool:
-        return bool(self.frozen_flag)
+        """True after ``freeze()`` as long as no QParam of the layer has observed anything since."""
+        return bool(self.frozen_flag) and not self.stale
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(torch.float64) / .half() must not change the frozen integer state (the float32
+        # multipliers): keep the frozen buffers' dtypes, follow device moves only
+        saved = {name: getattr(self, name) for name in self._frozen_buffers}
+        out = super()._apply(fn, *args, **kwargs)
+        for name, old in saved.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(device=new.device))
+        return out
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,8 +178,12 @@ class QModule(nn.Module):
             return self(x)
 
     def _check_frozen(self):
+        if self.stale:
+            raise RuntimeError(f"{self.label()} was frozen, but its qparams changed since "
+                               "(calibrate(), a forward pass in training mode, or QAT observed new "
+                               "ranges): call freeze() again before integer inference")
         if not self.frozen:
-            raise RuntimeError(f"{type(self).__name__}.quantize_inference needs freeze() first "
+            raise RuntimeError(f"{self.label()}.quantize_inference needs freeze() first "
                                "(calibrate with forward passes, then call freeze())")
 
     def _take_q_in(self, q_in: QParam | None):
@@ -137,6 +203,8 @@ class QModule(nn.Module):
 
     def _take_q_out(self, q_out: QParam | None) -> QParam:
         if q_out is not None:
+            if not isinstance(q_out, QParam):
+                raise TypeError(f"q_out must be a QParam; got {type(q_out).__name__}")
             self.q_out = _copy_qparam(q_out)
         if self.q_out is None or not self.q_out.observed:
             raise RuntimeError(f"{type(self).__name__} has no observed output QParam: build it "
@@ -151,12 +219,19 @@ class QModule(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # frozen buffers change shape at freeze(): take the stored ones as they are
-        for name in self._frozen_buffers + ("frozen_flag",):
+        names = self._frozen_buffers + ("frozen_flag",)
+        for name in names:
             key = prefix + name
             if key in state_dict:
-                setattr(self, name, state_dict[key].clone())
+                value = state_dict[key]
+                if not isinstance(value, torch.Tensor):
+                    error_msgs.append(f"{key}: expected a tensor, got {type(value).__name__}")
+                    continue
+                setattr(self, name, value.clone())
             elif strict:
                 missing_keys.append(key)
+        if strict:
+            unexpected_keys.extend(_unexpected(state_dict, prefix, names, self._modules))
         self._acc_dtype = None  # new integer weights: the accumulator bound must be recomputed
 
 
@@ -167,9 +242,9 @@ class _QWeighted(QModule):
 
     def __init__(self, qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant):
         super().__init__(qi, qo, num_bits, averaging_constant)
-        if not isinstance(per_channel, bool):
-            raise TypeError(f"per_channel must be True or False; got {per_channel!r}")
-        self.per_channel, self.relu, self.fixed_point = per_channel, bool(relu), bool(fixed_point)
+        per_channel = check_bool(per_channel, "per_channel")
+        relu, fixed_point = check_bool(relu, "relu"), check_bool(fixed_point, "fixed_point")
+        self.per_channel, self.relu, self.fixed_point = per_channel, relu, fixed_point
         # weights always follow the current float weights (averaging_constant=1)
         self.q_w = QParam(num_bits, signed=True, symmetric=per_channel,
                           axis=0 if per_channel else None, averaging_constant=1.0)
@@ -180,6 +255,12 @@ class _QWeighted(QModule):
 
     def _op(self, x, w, b):
         raise NotImplementedError
+
+    #: how a per-output-channel vector broadcasts against the layer's output (trailing dims)
+    _channel_shape: tuple[int, ...] = (-1,)
+
+    def _check_input_shape(self, q_x: torch.Tensor, name: str):
+        """Raise unless ``q_x`` has a shape the float layer accepts."""
 
     # -- calibration / QAT -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,22 +289,104 @@ class _QWeighted(QModule):
         self._take_q_in(q_in)
         q_out = self._take_q_out(q_out)
         w, b = self.float_weight_bias()
-        self.q_w.update(w)
-        self.weight_int = self.q_w.quantize_tensor(w)             # exactly q_w's integers
-        bias_scale = self.q_w.scale * self.q_in.scale             # f32(S_w * S_x), per channel
+        w = check_float_tensor(w.detach(), f"{self.label()}'s weight").to(torch.float32)
         if b is None:
             b = torch.zeros(w.shape[0])
-        q_b = torch.round(b.to(torch.float32) * (1.0 / bias_scale))  # f32 reciprocal, RNE
-        self.bias_int = torch.clamp(q_b, INT32_MIN, INT32_MAX).to(torch.int64).expand(w.shape[0])
-        self.bias_int = self.bias_int.contiguous()
-        self.multiplier = (bias_scale * (1.0 / q_out.scale)).to(torch.float32).expand(w.shape[0])
-        self.multiplier = self.multiplier.contiguous()
-        pairs = [quantize_multiplier(m) for m in self.multiplier.double().tolist()]
+        b = check_float_tensor(b.detach(), f"{self.label()}'s bias").to(torch.float32)
+        self.q_w.update(w)
+        self._widen_zero_channels(w, b)
+        weight_int = self.q_w.quantize_tensor(w)                  # exactly q_w's integers
+        bias_scale = self.q_w.scale * self.q_in.scale             # f32(S_w * S_x), per channel
+        q_b = torch.round(b * (1.0 / bias_scale))                 # f32 reciprocal, RNE
+        self._check_bias_fits(q_b, b, bias_scale)                 # exact or refuse: no clamp
+        bias_int = q_b.to(torch.int64).expand(w.shape[0]).contiguous()
+        multiplier = (bias_scale * (1.0 / q_out.scale)).to(torch.float32).expand(w.shape[0])
+        multiplier = multiplier.contiguous()
+        try:
+            pairs = [quantize_multiplier(m) for m in multiplier.double().tolist()]
+        except ValueError as e:
+            raise ValueError(f"{self.label()}: requantization multiplier S_x*S_w/S_y out of range "
+                             f"({e})") from None
+        if self.fixed_point:
+            self._check_fixed_point_accumulator(weight_int, bias_int)
+        self.weight_int, self.bias_int, self.multiplier = weight_int, bias_int, multiplier
         self.quantized_multiplier = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
         self.shift = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
-        self.frozen_flag = torch.tensor(True)
         self._acc_dtype = None
+        self._mark_frozen()
         return self
+
+    @property
+    def bias_limit(self) -> int:
+        """Largest |bias integer|: int32 up to 8 bits (qnnpack, ONNX Runtime, TFLite int8);
+        above 8 bits an int64 bias as TFLite's 16x8 kernels (kept below 2**52, exact in float64)."""
+        return INT32_MAX if self.num_bits <= 8 else INT64_BIAS_MAX
+
+    def _widen_zero_channels(self, w: torch.Tensor, b: torch.Tensor):
+        """An all-zero weight channel has its scale floored at eps, so an ordinary bias would not
+        fit the int32 bias (b / (S_x * eps) > 2**31). Any scale represents zero weights exactly:
+        widen that channel's weight scale until its bias fits (ONNX Runtime's quantizer widens
+        weight scales for the same reason). Exact: the channel's integers stay 0 (= Z_w)."""
+        limit = self.bias_limit
+        per_channel = self.q_w.axis is not None
+        zero = (w.flatten(1) == 0).all(1) if per_channel else (w == 0).all().expand(w.shape[0])
+        needed = b.double().abs() / (float(self.q_in.scale) * (limit / 2))  # half: margin
+        widen = zero & (needed > self.q_w.scale.double())
+        if not bool(widen.any()):
+            return
+        levels = self.q_w.quant_max - self.q_w.quant_min
+        if per_channel:
+            amax = (needed * levels).to(torch.float32)
+            self.q_w.set_range(torch.where(widen, -amax, self.q_w.min_val),
+                               torch.where(widen, amax, self.q_w.max_val))
+        else:
+            amax = float(needed.max()) * levels
+            self.q_w.set_range(-amax, amax)
+        channels = torch.nonzero(widen).flatten().tolist()
+        warnings.warn(f"{self.label()}: output channel(s) {channels[:10]} have all-zero weights and "
+                      "a bias that would not fit the int32 bias at the floored weight scale; their "
+                      "weight scale was widened (exact: their weight integers stay at the zero "
+                      "point)", UserWarning, stacklevel=3)
+
+    def _check_bias_fits(self, q_b: torch.Tensor, b: torch.Tensor, bias_scale: torch.Tensor):
+        """Refuse, naming the layer and channels, a bias integer beyond :attr:`bias_limit`
+        (qnnpack would saturate it to int32 and then wrap in its int32 accumulator)."""
+        limit = self.bias_limit
+        over = ~(q_b.double().abs() <= limit)  # compared in float64: f32(2**31 - 1) is 2**31
+        if not bool(over.any()):
+            return
+        chs = torch.nonzero(over).flatten().tolist()
+        c = chs[0]
+        scale_c = float(bias_scale.expand(b.shape[0])[c])
+        kind = "int32" if limit == INT32_MAX else "int64 (2**52)"
+        raise ValueError(
+            f"{self.label()}: the bias of output channel(s) {chs[:10]} does not fit the {kind} bias "
+            f"of a {self.num_bits}-bit layer: channel {c} has b = {float(b[c]):.6g} and "
+            f"S_x * S_w = {scale_c:.3g}, so b / (S_x * S_w) = {float(q_b[c]):.4g} > {limit}; the "
+            f"largest bias it can hold is {limit * scale_c:.4g}. Its weight scale is tiny "
+            f"(weights near zero) or the bits are many: retrain or prune that channel, or "
+            f"quantize with per_channel=False or fewer bits")
+
+    def _check_fixed_point_accumulator(self, weight_int: torch.Tensor, bias_int: torch.Tensor):
+        """fixed_point=True requantizes int32 accumulators (TFLite): refuse a layer whose
+        |acc + bias| can exceed int32 (16-bit layers, very long dot products)."""
+        bound = self._accumulator_bounds(weight_int) + bias_int.abs()
+        if int(bound.max()) > INT32_MAX:
+            c = int(bound.argmax())
+            raise ValueError(
+                f"{self.label()}: fixed_point=True needs |acc + bias| <= 2**31 - 1 (an int32 "
+                f"accumulator), but output channel {c} can reach {int(bound[c])} "
+                f"({self.num_bits}-bit, {weight_int[0].numel()} inputs per output). Use "
+                f"fixed_point=False (float requantization of the exact accumulator) or fewer bits")
+
+    def _accumulator_bounds(self, weight_int: torch.Tensor) -> torch.Tensor:
+        """Per output channel: ``sum_k |q_w - Z_w| * max(|q_min - Z_x|, |q_max - Z_x|)``."""
+        zp = self.q_w.zero_point.to(torch.int64)
+        zp = zp.reshape([-1] + [1] * (weight_int.dim() - 1)) if zp.dim() else zp
+        w = (weight_int.to(torch.int64) - zp).abs()
+        zx = int(self.q_in.zero_point)
+        x_max = max(abs(self.q_in.quant_min - zx), abs(self.q_in.quant_max - zx))
+        return w.flatten(1).sum(1) * x_max
 
     @property
     def weight_zero_point(self) -> torch.Tensor:
@@ -235,10 +398,7 @@ class _QWeighted(QModule):
         """The largest |acc| any input in q_in's range can produce (without the bias):
         ``max_c sum_k |q_w - Z_w| * max(|q_min - Z_x|, |q_max - Z_x|)``."""
         self._check_frozen()
-        w = (self.weight_int.to(torch.int64) - self.weight_zero_point).abs()
-        zx = int(self.q_in.zero_point)
-        x_max = max(abs(self.q_in.quant_min - zx), abs(self.q_in.quant_max - zx))
-        return int(w.flatten(1).sum(1).max()) * x_max
+        return int(self._accumulator_bounds(self.weight_int).max())
 
     @property
     def acc_dtype(self) -> torch.dtype:
@@ -253,6 +413,7 @@ class _QWeighted(QModule):
         """``sum (q_x - Z_x)(q_w - Z_w)``: exact integers held in float32 or float64."""
         self._check_frozen()
         check_integer_input(q_x, self.q_in)
+        self._check_input_shape(q_x, "q_x")
         dt = self.acc_dtype  # exact: every partial sum is bounded by accumulator_bound()
         x = (q_x.to(torch.int64) - int(self.q_in.zero_point)).to(dt)
         w = (self.weight_int.to(torch.int64) - self.weight_zero_point).to(dt)
@@ -260,16 +421,19 @@ class _QWeighted(QModule):
 
     def requantize(self, acc: torch.Tensor) -> torch.Tensor:
         """int32 output from the exact accumulator: + bias, * M, round, + Z_y, clamp (ReLU)."""
-        nd = acc.dim()
-        acc = acc.to(torch.float64) + _channel_view(self.bias_int, nd).to(torch.float64)
+        # per-channel vectors broadcast over the trailing dims: (C, 1, 1) for a conv's (N, C, H, W)
+        # or unbatched (C, H, W) output, (C,) for a linear layer's (..., C) output
+        ch = self._channel_shape
+        acc = acc.to(torch.float64) + self.bias_int.reshape(ch).to(torch.float64)
         if self.fixed_point:
-            acc = torch.clamp(acc, INT32_MIN, INT32_MAX).to(torch.int64)
-            y = multiply_by_quantized_multiplier(acc, _channel_view(self.quantized_multiplier, nd),
-                                                 _channel_view(self.shift, nd))
+            # freeze() proved |acc + bias| <= 2**31 - 1 (no clamp: a violation raises)
+            acc = acc.to(torch.int64)
+            y = multiply_by_quantized_multiplier(acc, self.quantized_multiplier.reshape(ch),
+                                                 self.shift.reshape(ch))
             y = y.to(torch.float32)
         else:
             # qnnpack: the int32 accumulator converted to float32, times the f32 multiplier, RNE
-            y = torch.round(acc.to(torch.float32) * _channel_view(self.multiplier, nd))
+            y = torch.round(acc.to(torch.float32) * self.multiplier.to(torch.float32).reshape(ch))
         return self.add_zero_point_and_clamp(y)
 
     def add_zero_point_and_clamp(self, y: torch.Tensor) -> torch.Tensor:
@@ -282,7 +446,9 @@ class _QWeighted(QModule):
         """int32 input -> int32 output, integer arithmetic only.
 
         Args:
-            q_x: integers in q_in's range, e.g. ``self.q_in.quantize_tensor(x)``.
+            q_x: integers in q_in's range, e.g. ``self.q_in.quantize_tensor(x)``, of any shape the
+                float layer accepts (a conv: (N, C, H, W) or unbatched (C, H, W); a linear layer:
+                (..., in_features)); the output has the float layer's output shape.
             pool: ``(kernel_size, stride)`` of a max-pool to apply to the accumulators before
                 requantizing. Requantization is monotonic per channel, so this gives the same
                 integers as pooling afterwards, with 4x less requantization work.
@@ -311,6 +477,11 @@ class QConv2d(_QWeighted):
         super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant)
         self.conv = conv
 
+    _channel_shape = (-1, 1, 1)
+
+    def _check_input_shape(self, q_x, name):
+        _check_conv_input(self.conv, q_x, name)
+
     def float_weight_bias(self):
         return self.conv.weight, self.conv.bias
 
@@ -329,6 +500,11 @@ class QLinear(_QWeighted):
             raise TypeError(f"fc must be a torch.nn.Linear; got {type(fc).__name__}")
         super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant)
         self.fc = fc
+
+    def _check_input_shape(self, q_x, name):
+        if q_x.dim() < 1 or q_x.shape[-1] != self.fc.in_features:
+            raise ValueError(f"{name} must have shape (..., {self.fc.in_features}) for this linear "
+                             f"layer; got {tuple(q_x.shape)}")
 
     def float_weight_bias(self):
         return self.fc.weight, self.fc.bias
@@ -364,10 +540,20 @@ class QConvBNReLU(_QWeighted):
             raise TypeError(f"conv must be a torch.nn.Conv2d; got {type(conv).__name__}")
         if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
             raise TypeError(f"bn must be a BatchNorm2d({conv.out_channels}); got {bn!r}")
+        if not bn.affine or not bn.track_running_stats or bn.running_var is None:
+            raise ValueError(f"bn must have affine=True and track_running_stats=True (folding needs "
+                             f"its weight, bias and running statistics); got {bn!r}")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("conv must use numeric zero padding (padding_mode='zeros')")
         super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant)
         self.conv, self.bn = conv, bn
         #: fold the running statistics during training too (BN statistics frozen)
         self.freeze_bn_stats = False
+
+    _channel_shape = (-1, 1, 1)
+
+    def _check_input_shape(self, q_x, name):
+        _check_conv_input(self.conv, q_x, name)
 
     def float_weight_bias(self):
         bn = self.bn
@@ -408,13 +594,17 @@ class _QUnweighted(QModule):
     def freeze(self, q_in: QParam | None = None):
         """Take the previous layer's output QParam as this layer's input (and output) qparams."""
         self._take_q_in(q_in)
-        self.frozen_flag = torch.tensor(True)
+        self._mark_frozen()
         return self
 
     def quantize_inference(self, q_x):
         self._check_frozen()
         check_integer_input(q_x, self.q_in)
+        self._check_input_shape(q_x, "q_x")
         return self._integer_op(q_x)
+
+    def _check_input_shape(self, q_x, name):
+        pass
 
 
 class QReLU(_QUnweighted):
@@ -431,8 +621,16 @@ class QMaxPool2d(_QUnweighted):
     """Max-pooling on the integers (max commutes with any increasing map, so q and r agree)."""
 
     def __init__(self, kernel_size=2, stride=None, padding=0, num_bits: int = 8):
+        kernel_size = check_int(kernel_size, "kernel_size", 1)
+        stride = None if stride is None else check_int(stride, "stride", 1)
+        padding = check_int(padding, "padding", 0, kernel_size // 2)
         super().__init__(num_bits)
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    def _check_input_shape(self, q_x, name):
+        if q_x.dim() not in (3, 4) or min(q_x.shape[-2:]) + 2 * self.padding < self.kernel_size:
+            raise ValueError(f"{name} must have shape (N, C, H, W) or (C, H, W) with H, W >= "
+                             f"kernel_size={self.kernel_size}; got {tuple(q_x.shape)}")
 
     def forward(self, x):
         return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
@@ -451,6 +649,11 @@ class QFlatten(_QUnweighted):
 
     def forward(self, x):
         return torch.flatten(x, 1)
+
+    def _check_input_shape(self, q_x, name):
+        if q_x.dim() < 2:
+            raise ValueError(f"{name} must have a batch dimension (at least 2-d); got "
+                             f"{tuple(q_x.shape)}")
 
     def _integer_op(self, q_x):
         return torch.flatten(q_x, 1)
