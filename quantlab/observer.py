@@ -165,6 +165,9 @@ class QParam(nn.Module):
                 setattr(self, name, value.clone())
             elif strict:
                 missing_keys.append(key)
+        if strict:  # torch passes strict=True here and decides later whether to raise
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix)
+                                   and k[len(prefix):] not in _BUFFERS)
         if self.observed:
             want = self.scale.shape
             for name in _BUFFERS:
