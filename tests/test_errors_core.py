@@ -7,8 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantlab import QParam, calc_min_max, calc_scale_zero_point, dequantize, fake_quantize, quantize
-from quantlab import quant_range
+from quantlab import (
+    QParam,
+    calc_min_max,
+    calc_scale_zero_point,
+    dequantize,
+    fake_quantize,
+    quant_range,
+    quantize,
+)
 from quantlab.fixed_point import (
     multiply_by_quantized_multiplier,
     quantize_multiplier,
