@@ -24,6 +24,13 @@ The float32 steps that make the integers bit-exact with PyTorch's qnnpack kernel
     M   = f32(f32(S_w * S_x) * f32(1 / S_y))           (as qnnpack's requantization scales)
     q_y = rne(f32(acc) * M) + Z_y, clamped
 
+Nothing is clamped silently: ``freeze()`` refuses (ValueError naming the layer and channel) a bias
+integer beyond int32 (qnnpack saturates it to 2**31 - 1 without a word: a bias of 30.0 measured as
+5.0 on an all-zero channel), except on all-zero weight channels, whose weight scale it widens so the
+bias fits (exact; ONNX Runtime's and TFLite's quantizers widen any channel's weight scale instead,
+trading weight precision). Above 8 bits the bias is int64 (TFLite's 16x8 kernels). With
+``fixed_point=True`` it refuses a layer whose ``|acc + bias|`` can exceed int32.
+
 Taught in notebooks ``d_post_training_quantize`` and ``e_conv_quantization_walkthrough``.
 """
 
