@@ -1,9 +1,9 @@
 """quantlab: the reusable pieces of the quantization notebooks.
 
 Layers, lowest first (lower layers never import higher ones):
-``_validate`` (argument checks) <- ``qparams`` (ranges, scale, zero point) <- ``quantize`` (quantize / dequantize / fake_quantize)
-<- ``observer`` (QParam) <- ``fixed_point`` (integer requantization) <- ``modules``
-(QConv2d, QLinear, ...) <- ``models`` (Net, NetBN, quantize_model).
+``_validate`` (argument checks) <- ``qparams`` (ranges, scale, zero point) <- ``quantize``
+(quantize / dequantize / fake_quantize) <- ``observer`` (QParam) <- ``fixed_point`` (integer
+requantization) <- ``modules`` (QConv2d, QLinear, ...) <- ``models`` (Net, NetBN, quantize_model).
 ``data``, ``training`` and ``plots`` sit beside them and are imported on demand; ``check`` (the
 exercise checker, ``quantlab.check.run("a")``) sits on top.
 """
