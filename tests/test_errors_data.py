@@ -82,6 +82,7 @@ CASES = {
         (lambda: data.normalize(None), T, "pixels"),
         (lambda: data.normalize(torch.zeros(5)), V, "pixels"),
         (lambda: data.resolve_source("full-mnist"), V, "source"),
+        (lambda: data.embedded_split(seed=-3), V, "seed"),
     ],
 }
 

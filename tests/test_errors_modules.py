@@ -7,10 +7,20 @@ from torch import nn
 
 from quantlab import QParam
 from quantlab.models import Net, NetBN, quantize_model
-from quantlab.modules import QConv2d, QConvBNReLU, QFlatten, QLinear, QMaxPool2d, QReLU
+from quantlab.modules import (
+    QConv2d,
+    QConvBNReLU,
+    QFlatten,
+    QLinear,
+    QMaxPool2d,
+    QReLU,
+    calibration_mode,
+    fold_bn,
+)
 
 T, V, R = TypeError, ValueError, RuntimeError
 IMAGES = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+BN4 = (torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3), 1e-5)  # mean var gamma beta eps
 
 
 def conv():
@@ -120,6 +130,15 @@ CASES = {
         (lambda: QFlatten().freeze(frozen_conv().q_out).quantize_inference(i32(3)), V, "q_x"),
         (lambda: QFlatten().freeze(frozen_conv().q_out).quantize_inference(torch.ones(3, 3)),
          T, "q_x"),
+    ],
+    "fold_bn": [
+        (lambda: fold_bn(None, None, *BN4), T, "weight"),
+        (lambda: fold_bn(torch.ones(3, 1), None, torch.ones(2), *BN4[1:]), V, "mean"),
+        (lambda: fold_bn(torch.ones(3, 1), torch.ones(3, dtype=torch.int64), *BN4), T, "bias"),
+        (lambda: fold_bn(torch.ones(3, 1), None, BN4[0], -BN4[1], *BN4[2:]), V, "var"),
+        (lambda: fold_bn(torch.ones(3, 1), None, *BN4[:4], 0.0), V, "eps"),
+        (lambda: fold_bn(torch.ones(3, 1), None, *BN4[:4], "1e-5"), T, "eps"),
+        (lambda: calibration_mode(None).__enter__(), T, "module"),
     ],
     "quantize_model": [
         (lambda: quantize_model(None), T, "net"),
