@@ -58,7 +58,7 @@ def quantize_multiplier(multiplier: float) -> tuple[int, int]:
 def _check_int32(x, name: str) -> torch.Tensor:
     x = as_real_tensor(x, name)
     if x.is_floating_point() or x.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integers (an integer tensor or python int); got "
+        raise TypeError(f"{name} must be an integer tensor or python int; got "
                         f"{x.dtype}")
     x = x.to(torch.int64)
     if x.numel() and (int(x.min()) < INT32_MIN or int(x.max()) > INT32_MAX):
