@@ -257,7 +257,7 @@ def load_checkpoint(model: nn.Module, path, sha256: str | None = None,
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, corrupt pickle, ...: all mean an unreadable file
-        raise ValueError(f"checkpoint {path} is not a readable PyTorch checkpoint "
+        raise ValueError(f"checkpoint {path} is not a readable PyTorch state_dict "
                          f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from e
     state = _unpack_checkpoint(obj, path, model)
     want = set(model.state_dict())
@@ -291,8 +291,8 @@ def _unpack_checkpoint(obj, path, model) -> dict:
         diff = [f"{k}: checkpoint {stored.get(k)!r}, model {now.get(k)!r}"
                 for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
         if diff:
-            raise ValueError(f"checkpoint {path} was saved from a model of another configuration: "
-                             + "; ".join(diff[:4]))
+            raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: it was "
+                             "saved from a model of another configuration: " + "; ".join(diff[:4]))
         return state
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ValueError(f"checkpoint {path} is not a state_dict (a dict of tensors)")
