@@ -53,12 +53,14 @@ def error_vs_bits(bits, series: dict, ylabel: str = "RMS error", title: str = ""
 
 
 def accuracy_vs_bits(bits, series: dict, title: str = "", reference: float | None = None,
-                     ax=None):
+                     ax=None, connect: bool = True):
     """Accuracy (percent) against the bit width for several named series; ``reference`` (e.g.
-    the float model's accuracy) is drawn as a dashed line."""
+    the float model's accuracy) is drawn as a dashed line. ``connect=False`` draws markers only
+    (for bit widths with gaps: a line would suggest values that were not measured)."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.5))
     for name, values in series.items():
-        ax.plot(list(bits), [100 * v for v in values], marker="o", label=name)
+        ax.plot(list(bits), [100 * v for v in values], marker="o", label=name,
+                ls="-" if connect else "none")
     if reference is not None:
         ax.axhline(100 * reference, color="gray", ls="--", label=f"float {100 * reference:.2f}%")
     ax.set_xlabel("num_bits (weights and activations)")
