@@ -200,7 +200,8 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int 
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     off = cm.clone().float()
     off.fill_diagonal_(float("nan"))
-    ax.imshow(off.numpy(), cmap="Reds")
+    im = ax.imshow(off.numpy(), cmap="Reds")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="misclassified digits (off-diagonal)")
     worst = max(1, int(torch.nan_to_num(off, nan=0.0).max()))
     for i in range(num_classes):
         for j in range(num_classes):
