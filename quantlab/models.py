@@ -88,6 +88,14 @@ class QuantizedNet(nn.Module):
         for i, layer in enumerate(self.layers):
             if isinstance(layer, QModule) and not getattr(layer, "qname", None):
                 layer.qname = f"layers[{i}] ({type(layer).__name__})"  # names it in errors
+        # each layer without its own input QParam reads the previous weighted layer's output
+        # QParam in the forward pass (the same one freeze() will copy into its q_in)
+        previous = None
+        for layer in self.layers:
+            if isinstance(layer, QModule) and not layer.qi and hasattr(layer, "link_input"):
+                layer.link_input(previous)
+            if isinstance(layer, QModule) and layer.q_out is not None:
+                previous = layer.q_out
         self.num_bits, self.per_channel = num_bits, per_channel
         self.fixed_point, self.qat = fixed_point, qat
         if qat:
@@ -328,6 +336,10 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
               QMaxPool2d(2, 2, num_bits=num_bits), QFlatten(num_bits), fc]
     qnet = QuantizedNet(layers, num_bits, per_channel, fixed_point, qat)
     qnet.input_shape = (net.conv1.in_channels, 28, 28)  # the fc layer needs 28x28 images
+    for layer in layers:
+        # QAT's forward pass computes exactly what the integer model will: int32 bias and
+        # requantization rounding (the calibration of PTQ keeps the plain fake quantization)
+        layer.simulate_integer = qat and hasattr(layer, "link_input")
     if qat:
         # fine-tuning a trained model: BN statistics frozen, i.e. training folds BN exactly as
         # inference does (the last phase of the standard recipe; 2-bit NetBN measured 95% this

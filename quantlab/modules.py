@@ -70,6 +70,12 @@ def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape([1, -1] + [1] * (ndim - 2)) if v.dim() == 1 else v
 
 
+def _weight_view(zero_point: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Z_w as int64, (C,) -> (C, 1, ...) to broadcast over a weight of ``ndim`` dims."""
+    zp = zero_point.to(torch.int64)
+    return zp.reshape([-1] + [1] * (ndim - 1)) if zp.dim() else zp
+
+
 def _copy_qparam(src: QParam) -> QParam:
     """A new QParam with the configuration and the observed values of ``src``."""
     dst = QParam(src.num_bits, src.signed, src.symmetric, src.axis, src.averaging_constant)
@@ -272,19 +278,74 @@ class _QWeighted(QModule):
         """Raise unless ``q_x`` has a shape the float layer accepts."""
 
     # -- calibration / QAT -------------------------------------------------------------------
+    #: simulate the integer model in the forward pass (set by ``quantize_model(..., qat=True)``):
+    #: int32 bias and requantization rounding, see :meth:`forward`
+    simulate_integer = False
+
+    def link_input(self, q_in: QParam | None) -> None:
+        """Use ``q_in`` (the previous layer's live output QParam) as the input's qparams in the
+        forward pass of a layer built with ``qi=False`` (``QuantizedNet`` links its layers)."""
+        if q_in is not None and not isinstance(q_in, QParam):
+            raise TypeError(f"q_in must be a QParam or None; got {type(q_in).__name__}")
+        self._input_link = (q_in,)  # a tuple: not registered as a submodule
+
+    def input_qparam(self) -> QParam | None:
+        """The qparams of this layer's input during the forward pass (own or linked)."""
+        return self.q_in if self.qi else getattr(self, "_input_link", (None,))[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Observe ranges and return the fake-quantized float output (calibration and QAT)."""
+        """Observe ranges and return the fake-quantized float output (calibration and QAT).
+
+        With ``simulate_integer`` (QAT), the value returned is exactly what the frozen integer
+        layer computes, ``S_y (clamp(round(M (acc + q_b)) + Z_y) - Z_y)``: the bias is rounded to
+        the int32 grid ``S_x S_w`` and the output is requantized from the exact accumulator as in
+        :meth:`requantize`. The gradient flows straight through both roundings, along the float
+        path ``conv(x, fake_quant(w)) + b_q``.
+        """
         if self.qi:
             x = self.q_in(x)
         w, b = self.float_weight_bias()
         if self.q_w.observing:
             self.q_w.update(w.detach())
-        y = self._op(x, self.q_w.fake_quantize(w), b)
+        w_q = self.q_w.fake_quantize(w)
+        q_in = self.input_qparam() if self.simulate_integer else None
+        if q_in is None or not q_in.observed or self.q_out is None:
+            y = self._op(x, w_q, b)
+            if self.relu:
+                y = F.relu(y)
+            return self.q_out(y) if self.q_out is not None else y
+        bias_scale = self.q_w.scale * q_in.scale                  # f32(S_w * S_x), per channel
+        if b is None:
+            b = torch.zeros(w.shape[0])
+        q_b = torch.clamp(torch.round(b.detach().to(torch.float32) * (1.0 / bias_scale)),
+                          INT32_MIN, INT32_MAX)
+        b_q = b + (q_b * bias_scale - b).detach()                 # int32 bias, straight through
+        y = self._op(x, w_q, b_q)
         if self.relu:
             y = F.relu(y)
-        if self.q_out is not None:
-            y = self.q_out(y)
-        return y
+        y = self.q_out(y)                     # observes the range; straight-through gradient
+        with torch.no_grad():
+            exact = self.q_out.dequantize_tensor(self._simulate(x, w, q_in, q_b, bias_scale))
+        return exact + (y - y.detach())       # the integer model's value, the float gradient
+
+    @torch.no_grad()
+    def _simulate(self, x, w, q_in: QParam, q_b, bias_scale) -> torch.Tensor:
+        """The frozen layer's integer output for the fake-quantized input ``x`` (on q_in's grid)."""
+        x_int = torch.round(x.detach() * (1.0 / q_in.scale))      # q_x - Z_x, exact integers
+        w_int = (self.q_w.quantize_tensor(w.detach()).to(torch.int64)
+                 - _weight_view(self.q_w.zero_point, w.dim()))
+        zx = int(q_in.zero_point)
+        x_max = max(abs(q_in.quant_min - zx), abs(q_in.quant_max - zx))
+        bound = int(w_int.abs().flatten(1).sum(1).max()) * x_max
+        dt = torch.float32 if bound < FLOAT32_EXACT else torch.float64
+        acc = self._op(x_int.to(dt), w_int.to(dt), None)           # exact: |acc| <= bound
+        multiplier = (bias_scale * (1.0 / self.q_out.scale)).to(torch.float32).expand(w.shape[0])
+        qm = shift = None
+        if self.fixed_point:
+            pairs = [quantize_multiplier(m) for m in multiplier.double().tolist()]
+            qm = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
+            shift = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
+        return self._requantize(acc, q_b.expand(w.shape[0]), multiplier, qm, shift)
 
     # -- freeze ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -400,8 +461,7 @@ class _QWeighted(QModule):
     @property
     def weight_zero_point(self) -> torch.Tensor:
         """Z_w broadcast over the weight's output channels (0 for symmetric per-channel)."""
-        zp = self.q_w.zero_point.to(torch.int64)
-        return zp.reshape([-1] + [1] * (self.weight_int.dim() - 1)) if zp.dim() else zp
+        return _weight_view(self.q_w.zero_point, self.weight_int.dim())
 
     def accumulator_bound(self) -> int:
         """The largest |acc| any input in q_in's range can produce (without the bias):
@@ -430,19 +490,24 @@ class _QWeighted(QModule):
 
     def requantize(self, acc: torch.Tensor) -> torch.Tensor:
         """int32 output from the exact accumulator: + bias, * M, round, + Z_y, clamp (ReLU)."""
+        return self._requantize(acc, self.bias_int, self.multiplier, self.quantized_multiplier,
+                                self.shift)
+
+    def _requantize(self, acc, bias_int, multiplier, quantized_multiplier, shift):
         # per-channel vectors broadcast over the trailing dims: (C, 1, 1) for a conv's (N, C, H, W)
         # or unbatched (C, H, W) output, (C,) for a linear layer's (..., C) output
         ch = self._channel_shape
-        acc = acc.to(torch.float64) + self.bias_int.reshape(ch).to(torch.float64)
+        acc = acc.to(torch.float64) + bias_int.reshape(ch).to(torch.float64)
         if self.fixed_point:
-            # freeze() proved |acc + bias| <= 2**31 - 1 (no clamp: a violation raises)
-            acc = acc.to(torch.int64)
-            y = multiply_by_quantized_multiplier(acc, self.quantized_multiplier.reshape(ch),
-                                                 self.shift.reshape(ch))
+            # a frozen layer: freeze() proved |acc + bias| <= 2**31 - 1 (a violation raises there);
+            # QAT's simulation (_simulate) has no such proof: the clamp is int32's saturation
+            acc = torch.clamp(acc, INT32_MIN, INT32_MAX).to(torch.int64)
+            y = multiply_by_quantized_multiplier(acc, quantized_multiplier.reshape(ch),
+                                                 shift.reshape(ch))
             y = y.to(torch.float32)
         else:
             # qnnpack: the int32 accumulator converted to float32, times the f32 multiplier, RNE
-            y = torch.round(acc.to(torch.float32) * self.multiplier.to(torch.float32).reshape(ch))
+            y = torch.round(acc.to(torch.float32) * multiplier.to(torch.float32).reshape(ch))
         return self.add_zero_point_and_clamp(y)
 
     def add_zero_point_and_clamp(self, y: torch.Tensor) -> torch.Tensor:

@@ -84,16 +84,18 @@ def error_vs_bits(bits, series: dict, ylabel: str = "RMS error", title: str = ""
 
 
 def accuracy_vs_bits(bits, series: dict, title: str = "", reference: float | None = None,
-                     ax=None):
+                     ax=None, connect: bool = True):
     """Accuracy (percent) against the bit width for several named series; ``reference`` (e.g.
-    the float model's accuracy) is drawn as a dashed line."""
+    the float model's accuracy) is drawn as a dashed line. ``connect=False`` draws markers only
+    (for bit widths with gaps: a line would suggest values that were not measured)."""
     bits = _check_series(bits, series)
     if reference is not None:
         reference = check_real(reference, "reference", 0.0, 1.0)
     _check_ax(ax)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.5))
     for name, values in series.items():
-        ax.plot(list(bits), [100 * v for v in values], marker="o", label=name)
+        ax.plot(list(bits), [100 * v for v in values], marker="o", label=name,
+                ls="-" if connect else "none")
     if reference is not None:
         ax.axhline(100 * reference, color="gray", ls="--", label=f"float {100 * reference:.2f}%")
     ax.set_xlabel("num_bits (weights and activations)")
@@ -258,7 +260,8 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int 
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     off = cm.clone().float()
     off.fill_diagonal_(float("nan"))
-    ax.imshow(off.numpy(), cmap="Reds")
+    im = ax.imshow(off.numpy(), cmap="Reds")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="misclassified digits (off-diagonal)")
     worst = max(1, int(torch.nan_to_num(off, nan=0.0).max()))
     for i in range(num_classes):
         for j in range(num_classes):
