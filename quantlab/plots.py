@@ -108,36 +108,40 @@ def accuracy_vs_bits(bits, series: dict, title: str = "", reference: float | Non
     return fig
 
 
-def lsb_error_hist(err_lsb: torch.Tensor, title: str = "", half_lsb: bool = True, ax=None):
+def lsb_error_hist(err_lsb: torch.Tensor, title: str = "", half_lsb: bool = True, ax=None,
+                   label: str = "outputs per bin"):
     """Histogram of an error measured in LSBs (units of the output scale), log counts; dashed
-    lines at +-0.5 LSB, the output rounding alone (explained in a legend above the bars)."""
+    lines at +-0.5 LSB, the output rounding alone (explained in a legend above the axes)."""
     check_float_tensor(err_lsb, "err_lsb")
     half_lsb = check_bool(half_lsb, "half_lsb")
     _check_ax(ax)
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.4))
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.6))
     counts, _, _ = ax.hist(err_lsb.flatten().numpy(), bins=81, color="tab:green", log=True,
-                           label="outputs")
+                           label=label)
     if half_lsb:
         for i, v in enumerate((-0.5, 0.5)):
             ax.axvline(v, color="black", ls="--", lw=1,
                        label="\u00b10.5 LSB: the output rounding alone" if i == 0 else None)
-    ax.set_ylim(0.5, counts.max() * 60)  # head room: the legend sits above the tallest bar
-    ax.legend(loc="upper center", fontsize=8, ncol=2, framealpha=1)
+    ax.set_ylim(0.5, counts.max() * 2)  # the y axis ends just above the tallest bar
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, ncol=2, framealpha=1)
     ax.set_xlabel("error (LSB of the output scale)")
-    ax.set_ylabel("count")
-    ax.set_title(title)
+    ax.set_ylabel("count (log scale)")
+    ax.set_title(title, pad=26)  # above the legend, which sits above the axes
     fig.tight_layout()
     return fig
 
 
-def flow_diagram(boxes: dict, arrows, title: str = "", figsize=(13, 4.2)):
+def flow_diagram(boxes: dict, arrows, title: str = "", figsize=(13, 4.2), legend=None,
+                 fontsize: float = 8):
     """Boxes with text joined by arrows: a data-flow picture (e.g. the dtypes of a quantized conv).
 
     Args:
         boxes: ``{name: (x, y, text)}`` or ``{name: (x, y, text, color)}``; ``x, y`` are the box
             centre in data units (the axes span the boxes), ``text`` may hold several lines.
         arrows: ``(source, target)`` or ``(source, target, label)`` tuples of box names; an arrow
-            leaves the side of the source that faces the target.
+            leaves the side of the source's box that faces the target.
+        legend: optional ``{color: meaning}``, drawn as coloured patches below the boxes.
+        fontsize: of the box texts.
     Returns:
         the Figure. Raises ValueError for an arrow naming an unknown box, TypeError for a box
         that is not a tuple of 3 or 4 items.
@@ -161,21 +165,26 @@ def flow_diagram(boxes: dict, arrows, title: str = "", figsize=(13, 4.2)):
     for name, spec in boxes.items():
         x, y, text = spec[:3]
         color = spec[3] if len(spec) == 4 else "whitesmoke"
-        artists[name] = ax.text(x, y, text, ha="center", va="center", fontsize=8, zorder=3,
-                                bbox=dict(boxstyle="round,pad=0.4", fc=color, ec="gray"))
+        artists[name] = ax.text(x, y, text, ha="center", va="center", fontsize=fontsize,
+                                zorder=3, bbox=dict(boxstyle="round,pad=0.55", fc=color, ec="gray"))
     for a in arrows:
         (x0, y0), (x1, y1) = boxes[a[0]][:2], boxes[a[1]][:2]
         if abs(x1 - x0) >= abs(y1 - y0):  # mostly horizontal: right side -> left side
             start, end = ((1, 0.5), (0, 0.5)) if x1 > x0 else ((0, 0.5), (1, 0.5))
         else:
             start, end = ((0.5, 0), (0.5, 1)) if y1 < y0 else ((0.5, 1), (0.5, 0))
-        ax.annotate("", xy=end, xycoords=artists[a[1]], xytext=start,
-                    textcoords=artists[a[0]],
+        # anchored on the boxes (the bbox patches), not the text inside them; drawn after them
+        ax.annotate("", xy=end, xycoords=artists[a[1]].get_bbox_patch(), xytext=start,
+                    textcoords=artists[a[0]].get_bbox_patch(), zorder=5,
                     arrowprops=dict(arrowstyle="-|>", color="dimgray", lw=1.2,
-                                    shrinkA=1, shrinkB=1))
+                                    shrinkA=0, shrinkB=0))
         if len(a) == 3:
             ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.06, a[2], ha="center", va="bottom",
                     fontsize=7, color="dimgray", zorder=4)
+    if legend:
+        handles = [plt.Rectangle((0, 0), 1, 1, fc=c, ec="gray") for c in legend]
+        ax.legend(handles, list(legend.values()), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                  ncol=len(legend), fontsize=fontsize, frameon=False)
     if title:
         ax.set_title(title)
     fig.tight_layout()
