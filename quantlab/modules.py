@@ -24,6 +24,10 @@ The float32 steps that make the integers bit-exact with PyTorch's qnnpack kernel
     M   = f32(f32(S_w * S_x) * f32(1 / S_y))           (as qnnpack's requantization scales)
     q_y = rne(f32(acc) * M) + Z_y, clamped
 
+``multiplier="onnxruntime"`` computes ``M = f32(f32(S_x * S_w) / S_y)`` instead, as ONNX Runtime's
+QLinearConv does: the two differ in the last bit for some scales, which moves an output by 1 LSB
+when its exact value lies on a near-tie (notebook ``g_deploy``).
+
 Taught in notebooks ``d_post_training_quantize`` and ``e_conv_quantization_walkthrough``.
 """
 
@@ -41,6 +45,31 @@ from .observer import QParam
 #: float32 holds every integer of magnitude up to 2**24 exactly
 FLOAT32_EXACT = 2**24
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+#: how freeze() computes the float32 requantization multiplier M from the scales
+MULTIPLIER_FORMULAS = ("qnnpack", "onnxruntime")
+
+
+def check_multiplier_formula(multiplier) -> str:
+    """Return ``multiplier`` if it names a formula of :data:`MULTIPLIER_FORMULAS`, else raise."""
+    if not isinstance(multiplier, str):
+        raise TypeError(f"multiplier must be one of {MULTIPLIER_FORMULAS}; got {multiplier!r}")
+    if multiplier not in MULTIPLIER_FORMULAS:
+        raise ValueError(f"multiplier must be one of {MULTIPLIER_FORMULAS}; got {multiplier!r}")
+    return multiplier
+
+
+def requantization_multiplier(s_x, s_w, s_y, multiplier: str = "qnnpack") -> torch.Tensor:
+    """The float32 multiplier ``M = S_x * S_w / S_y`` as an engine computes it.
+
+    ``"qnnpack"``: ``f32(f32(S_w * S_x) * f32(1 / S_y))`` (PyTorch's qnnpack, quantlab's default);
+    ``"onnxruntime"``: ``f32(f32(S_x * S_w) / S_y)`` (ONNX Runtime's QLinearConv/QLinearMatMul).
+    """
+    check_multiplier_formula(multiplier)
+    s_x, s_w, s_y = (torch.as_tensor(v, dtype=torch.float32) for v in (s_x, s_w, s_y))
+    if multiplier == "qnnpack":
+        return (s_w * s_x) * (1.0 / s_y)
+    return (s_x * s_w) / s_y
 
 
 def check_integer_input(q: torch.Tensor, qparam: QParam, name: str = "q_x") -> torch.Tensor:
@@ -165,10 +194,13 @@ class _QWeighted(QModule):
 
     _frozen_buffers = ("weight_int", "bias_int", "multiplier", "quantized_multiplier", "shift")
 
-    def __init__(self, qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant):
+    def __init__(self, qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant,
+                 multiplier="qnnpack"):
         super().__init__(qi, qo, num_bits, averaging_constant)
         if not isinstance(per_channel, bool):
             raise TypeError(f"per_channel must be True or False; got {per_channel!r}")
+        #: the formula freeze() uses for M (see requantization_multiplier)
+        self.multiplier_formula = check_multiplier_formula(multiplier)
         self.per_channel, self.relu, self.fixed_point = per_channel, bool(relu), bool(fixed_point)
         # weights always follow the current float weights (averaging_constant=1)
         self.q_w = QParam(num_bits, signed=True, symmetric=per_channel,
@@ -198,13 +230,18 @@ class _QWeighted(QModule):
 
     # -- freeze ------------------------------------------------------------------------------
     @torch.no_grad()
-    def freeze(self, q_in: QParam | None = None, q_out: QParam | None = None):
+    def freeze(self, q_in: QParam | None = None, q_out: QParam | None = None,
+               multiplier: str | None = None):
         """Integer weights, int32 bias and requantization multipliers from the observed qparams.
 
         Args:
             q_in: the previous layer's output QParam, required when built with ``qi=False``.
             q_out: an output QParam to use instead of our own (rarely needed).
+            multiplier: ``"qnnpack"`` or ``"onnxruntime"``, the formula of the float32
+                multiplier (None: the layer's ``multiplier_formula``, "qnnpack" by default).
         """
+        if multiplier is not None:
+            self.multiplier_formula = check_multiplier_formula(multiplier)
         self._take_q_in(q_in)
         q_out = self._take_q_out(q_out)
         w, b = self.float_weight_bias()
@@ -216,7 +253,8 @@ class _QWeighted(QModule):
         q_b = torch.round(b.to(torch.float32) * (1.0 / bias_scale))  # f32 reciprocal, RNE
         self.bias_int = torch.clamp(q_b, INT32_MIN, INT32_MAX).to(torch.int64).expand(w.shape[0])
         self.bias_int = self.bias_int.contiguous()
-        self.multiplier = (bias_scale * (1.0 / q_out.scale)).to(torch.float32).expand(w.shape[0])
+        self.multiplier = requantization_multiplier(self.q_in.scale, self.q_w.scale, q_out.scale,
+                                                    self.multiplier_formula).expand(w.shape[0])
         self.multiplier = self.multiplier.contiguous()
         pairs = [quantize_multiplier(m) for m in self.multiplier.double().tolist()]
         self.quantized_multiplier = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
@@ -298,17 +336,19 @@ class QConv2d(_QWeighted):
 
     Extra keyword arguments: ``relu`` (fuse a following ReLU: the output range is observed after
     it and the ReLU becomes the clamp at Z_y), ``fixed_point`` (integer-only requantization),
-    ``averaging_constant`` (moving-average activation ranges for QAT).
+    ``averaging_constant`` (moving-average activation ranges for QAT), ``multiplier``
+    (``"qnnpack"`` or ``"onnxruntime"``: the formula of the float32 requantization multiplier).
     """
 
     def __init__(self, conv: nn.Conv2d, qi: bool = True, qo: bool = True, num_bits: int = 8,
                  per_channel: bool = False, *, relu: bool = False, fixed_point: bool = False,
-                 averaging_constant: float | None = None):
+                 averaging_constant: float | None = None, multiplier: str = "qnnpack"):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d; got {type(conv).__name__}")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("conv must use numeric zero padding (padding_mode='zeros')")
-        super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant)
+        super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant,
+                         multiplier)
         self.conv = conv
 
     def float_weight_bias(self):
@@ -324,10 +364,11 @@ class QLinear(_QWeighted):
 
     def __init__(self, fc: nn.Linear, qi: bool = True, qo: bool = True, num_bits: int = 8,
                  per_channel: bool = False, *, relu: bool = False, fixed_point: bool = False,
-                 averaging_constant: float | None = None):
+                 averaging_constant: float | None = None, multiplier: str = "qnnpack"):
         if not isinstance(fc, nn.Linear):
             raise TypeError(f"fc must be a torch.nn.Linear; got {type(fc).__name__}")
-        super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant)
+        super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant,
+                         multiplier)
         self.fc = fc
 
     def float_weight_bias(self):
@@ -359,12 +400,14 @@ class QConvBNReLU(_QWeighted):
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, qi: bool = True, qo: bool = True,
                  num_bits: int = 8, per_channel: bool = False, *, relu: bool = True,
-                 fixed_point: bool = False, averaging_constant: float | None = None):
+                 fixed_point: bool = False, averaging_constant: float | None = None,
+                 multiplier: str = "qnnpack"):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d; got {type(conv).__name__}")
         if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
             raise TypeError(f"bn must be a BatchNorm2d({conv.out_channels}); got {bn!r}")
-        super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant)
+        super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant,
+                         multiplier)
         self.conv, self.bn = conv, bn
         #: fold the running statistics during training too (BN statistics frozen)
         self.freeze_bn_stats = False
