@@ -18,7 +18,6 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import onnxruntime as ort
 import torch
 from common import test_sets
@@ -66,9 +65,10 @@ def main():
 
     print(f"{len(images)} {name} test images; torch {torch.__version__}, onnxruntime "
           f"{ort.__version__}, 2 threads\n")
-    n = q_x.numel()
     print(f"{'logit integers that differ from quantlab':58s}{'qnnpack M':>12s}{'ORT M':>10s}")
-    ref = {"qnnpack": qnnpack_ints(qnet, q_x), "onnxruntime": qnnpack_ints(q_ort, q_x)}
+    ref = {"qnnpack": qnet.integer_inference(q_x).numpy(),
+           "onnxruntime": q_ort.integer_inference(q_x).numpy()}
+    n = ref["qnnpack"].size
     y_ort = sess.run(["y_q"], {"x": x_np})[0]
     rows = [("ONNX Runtime (its own multiplier formula)", y_ort, y_ort),
             ("NumPy engine (the file's formula note / onnxruntime)", engine.run(x_np)["y_q"],
@@ -96,10 +96,6 @@ def main():
     print(f"{'model':32s}{'seconds':>10s}{'x float':>10s}")
     for label, t in rows:
         print(f"{label:32s}{t:10.3f}{t / t_float:10.2f}")
-
-
-def qnnpack_ints(qnet, q_x) -> np.ndarray:
-    return qnet.integer_inference(q_x).numpy()
 
 
 if __name__ == "__main__":
