@@ -29,6 +29,7 @@ from .modules import (
     QModule,
     calibration_mode,
     check_integer_input,
+    check_multiplier_formula,
 )
 from .observer import QParam
 from .qparams import check_num_bits
@@ -168,19 +169,26 @@ class QuantizedNet(nn.Module):
         return self
 
     @torch.no_grad()
-    def freeze(self) -> QuantizedNet:
+    def freeze(self, multiplier: str | None = None) -> QuantizedNet:
         """Freeze every layer, feeding each the previous layer's output QParam.
+
+        Args:
+            multiplier: ``"qnnpack"`` or ``"onnxruntime"``, the formula of the float32
+                requantization multipliers (None: as given to ``quantize_model``).
 
         The model is left in eval mode; if a layer refuses (e.g. a bias that does not fit the
         int32 bias), the previous train/eval mode is restored and the error names the layer.
         """
+        if multiplier is not None:
+            check_multiplier_formula(multiplier)
         was_training = self.training
         self.eval()
         try:
             previous = None
             for layer in self.layers:
                 if isinstance(layer, QModule):
-                    layer.freeze(q_in=None if previous is None or layer.qi else previous)
+                    kw = {"multiplier": multiplier} if hasattr(layer, "multiplier_formula") else {}
+                    layer.freeze(q_in=None if previous is None or layer.qi else previous, **kw)
                     previous = layer.output_qparam
         except BaseException:
             self.train(was_training)
@@ -280,7 +288,7 @@ class QuantizedNet(nn.Module):
 def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
                    qat: bool = False, fixed_point: bool = False,
                    averaging_constant: float | None = None,
-                   output_bits: int | None = 8) -> QuantizedNet:
+                   output_bits: int | None = 8, multiplier: str = "qnnpack") -> QuantizedNet:
     """Build the quantized version of a ``Net`` or ``NetBN`` (a deep copy: ``net`` is untouched).
 
     Conv layers get their ReLU fused (the output range is observed after it); ``NetBN``'s BN is
@@ -298,6 +306,9 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
             for ``num_bits``). Below 8 bits ``num_bits`` applies to the input, every weight and
             every hidden activation, but 10 logits on 2 bits (4 levels) would mostly tie at the
             top level, so the output keeps its own width.
+        multiplier: ``"qnnpack"`` (default) or ``"onnxruntime"``: how ``freeze()`` computes the
+            float32 requantization multiplier, as PyTorch's qnnpack (``f32(f32(S_x*S_w) *
+            f32(1/S_y))``) or as ONNX Runtime (``f32(f32(S_x*S_w) / S_y)``) does.
     """
     import copy
 
@@ -322,7 +333,8 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
     # (float16 -> float32 is exact; float64 -> float32 rounds each weight once)
     net = copy.deepcopy(net).float()
     kw = dict(num_bits=num_bits, per_channel=per_channel, fixed_point=fixed_point,
-              averaging_constant=averaging_constant)
+              averaging_constant=averaging_constant,
+              multiplier=check_multiplier_formula(multiplier))
     if isinstance(net, NetBN):
         conv1 = QConvBNReLU(net.conv1, net.bn1, qi=True, qo=True, relu=True, **kw)
         conv2 = QConvBNReLU(net.conv2, net.bn2, qi=False, qo=True, relu=True, **kw)

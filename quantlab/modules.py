@@ -31,6 +31,10 @@ bias fits (exact; ONNX Runtime's and TFLite's quantizers widen any channel's wei
 trading weight precision). Above 8 bits the bias is int64 (TFLite's 16x8 kernels). With
 ``fixed_point=True`` it refuses a layer whose ``|acc + bias|`` can exceed int32.
 
+``multiplier="onnxruntime"`` computes ``M = f32(f32(S_x * S_w) / S_y)`` instead, as ONNX Runtime's
+QLinearConv does: the two differ in the last bit for some scales, which moves an output by 1 LSB
+when its exact value lies on a near-tie (notebook ``g_deploy``).
+
 Taught in notebooks ``d_post_training_quantize`` and ``e_conv_quantization_walkthrough``.
 """
 
@@ -53,6 +57,31 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 #: largest |bias integer| above 8 bits (an int64 bias, as TFLite's 16x8 kernels; kept below 2**52
 #: so that acc + bias stays exact in float64)
 INT64_BIAS_MAX = 2**52
+
+#: how freeze() computes the float32 requantization multiplier M from the scales
+MULTIPLIER_FORMULAS = ("qnnpack", "onnxruntime")
+
+
+def check_multiplier_formula(multiplier) -> str:
+    """Return ``multiplier`` if it names a formula of :data:`MULTIPLIER_FORMULAS`, else raise."""
+    if not isinstance(multiplier, str):
+        raise TypeError(f"multiplier must be one of {MULTIPLIER_FORMULAS}; got {multiplier!r}")
+    if multiplier not in MULTIPLIER_FORMULAS:
+        raise ValueError(f"multiplier must be one of {MULTIPLIER_FORMULAS}; got {multiplier!r}")
+    return multiplier
+
+
+def requantization_multiplier(s_x, s_w, s_y, multiplier: str = "qnnpack") -> torch.Tensor:
+    """The float32 multiplier ``M = S_x * S_w / S_y`` as an engine computes it.
+
+    ``"qnnpack"``: ``f32(f32(S_w * S_x) * f32(1 / S_y))`` (PyTorch's qnnpack, quantlab's default);
+    ``"onnxruntime"``: ``f32(f32(S_x * S_w) / S_y)`` (ONNX Runtime's QLinearConv/QLinearMatMul).
+    """
+    check_multiplier_formula(multiplier)
+    s_x, s_w, s_y = (torch.as_tensor(v, dtype=torch.float32) for v in (s_x, s_w, s_y))
+    if multiplier == "qnnpack":
+        return (s_w * s_x) * (1.0 / s_y)
+    return (s_x * s_w) / s_y
 
 
 def check_integer_input(q: torch.Tensor, qparam: QParam, name: str = "q_x") -> torch.Tensor:
@@ -255,10 +284,13 @@ class _QWeighted(QModule):
 
     _frozen_buffers = ("weight_int", "bias_int", "multiplier", "quantized_multiplier", "shift")
 
-    def __init__(self, qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant):
+    def __init__(self, qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant,
+                 multiplier="qnnpack"):
         super().__init__(qi, qo, num_bits, averaging_constant)
         per_channel = check_bool(per_channel, "per_channel")
         relu, fixed_point = check_bool(relu, "relu"), check_bool(fixed_point, "fixed_point")
+        #: the formula freeze() uses for M (see requantization_multiplier)
+        self.multiplier_formula = check_multiplier_formula(multiplier)
         self.per_channel, self.relu, self.fixed_point = per_channel, relu, fixed_point
         # weights always follow the current float weights (averaging_constant=1)
         self.q_w = QParam(num_bits, signed=True, symmetric=per_channel,
@@ -339,7 +371,8 @@ class _QWeighted(QModule):
         bound = int(w_int.abs().flatten(1).sum(1).max()) * x_max
         dt = torch.float32 if bound < FLOAT32_EXACT else torch.float64
         acc = self._op(x_int.to(dt), w_int.to(dt), None)           # exact: |acc| <= bound
-        multiplier = (bias_scale * (1.0 / self.q_out.scale)).to(torch.float32).expand(w.shape[0])
+        multiplier = requantization_multiplier(q_in.scale, self.q_w.scale, self.q_out.scale,
+                                               self.multiplier_formula).expand(w.shape[0])
         qm = shift = None
         if self.fixed_point:
             pairs = [quantize_multiplier(m) for m in multiplier.double().tolist()]
@@ -349,13 +382,18 @@ class _QWeighted(QModule):
 
     # -- freeze ------------------------------------------------------------------------------
     @torch.no_grad()
-    def freeze(self, q_in: QParam | None = None, q_out: QParam | None = None):
+    def freeze(self, q_in: QParam | None = None, q_out: QParam | None = None,
+               multiplier: str | None = None):
         """Integer weights, int32 bias and requantization multipliers from the observed qparams.
 
         Args:
             q_in: the previous layer's output QParam, required when built with ``qi=False``.
             q_out: an output QParam to use instead of our own (rarely needed).
+            multiplier: ``"qnnpack"`` or ``"onnxruntime"``, the formula of the float32
+                multiplier (None: the layer's ``multiplier_formula``, "qnnpack" by default).
         """
+        if multiplier is not None:
+            self.multiplier_formula = check_multiplier_formula(multiplier)
         self._take_q_in(q_in)
         q_out = self._take_q_out(q_out)
         w, b = self.float_weight_bias()
@@ -370,7 +408,8 @@ class _QWeighted(QModule):
         q_b = torch.round(b * (1.0 / bias_scale))                 # f32 reciprocal, RNE
         self._check_bias_fits(q_b, b, bias_scale)                 # exact or refuse: no clamp
         bias_int = q_b.to(torch.int64).expand(w.shape[0]).contiguous()
-        multiplier = (bias_scale * (1.0 / q_out.scale)).to(torch.float32).expand(w.shape[0])
+        multiplier = requantization_multiplier(self.q_in.scale, self.q_w.scale, q_out.scale,
+                                               self.multiplier_formula).expand(w.shape[0])
         multiplier = multiplier.contiguous()
         try:
             pairs = [quantize_multiplier(m) for m in multiplier.double().tolist()]
@@ -538,17 +577,19 @@ class QConv2d(_QWeighted):
 
     Extra keyword arguments: ``relu`` (fuse a following ReLU: the output range is observed after
     it and the ReLU becomes the clamp at Z_y), ``fixed_point`` (integer-only requantization),
-    ``averaging_constant`` (moving-average activation ranges for QAT).
+    ``averaging_constant`` (moving-average activation ranges for QAT), ``multiplier``
+    (``"qnnpack"`` or ``"onnxruntime"``: the formula of the float32 requantization multiplier).
     """
 
     def __init__(self, conv: nn.Conv2d, qi: bool = True, qo: bool = True, num_bits: int = 8,
                  per_channel: bool = False, *, relu: bool = False, fixed_point: bool = False,
-                 averaging_constant: float | None = None):
+                 averaging_constant: float | None = None, multiplier: str = "qnnpack"):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d; got {type(conv).__name__}")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("conv must use numeric zero padding (padding_mode='zeros')")
-        super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant)
+        super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant,
+                         multiplier)
         self.conv = conv
 
     _channel_shape = (-1, 1, 1)
@@ -569,10 +610,11 @@ class QLinear(_QWeighted):
 
     def __init__(self, fc: nn.Linear, qi: bool = True, qo: bool = True, num_bits: int = 8,
                  per_channel: bool = False, *, relu: bool = False, fixed_point: bool = False,
-                 averaging_constant: float | None = None):
+                 averaging_constant: float | None = None, multiplier: str = "qnnpack"):
         if not isinstance(fc, nn.Linear):
             raise TypeError(f"fc must be a torch.nn.Linear; got {type(fc).__name__}")
-        super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant)
+        super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant,
+                         multiplier)
         self.fc = fc
 
     def _check_input_shape(self, q_x, name):
@@ -619,7 +661,8 @@ class QConvBNReLU(_QWeighted):
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, qi: bool = True, qo: bool = True,
                  num_bits: int = 8, per_channel: bool = False, *, relu: bool = True,
-                 fixed_point: bool = False, averaging_constant: float | None = None):
+                 fixed_point: bool = False, averaging_constant: float | None = None,
+                 multiplier: str = "qnnpack"):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d; got {type(conv).__name__}")
         if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
@@ -629,7 +672,8 @@ class QConvBNReLU(_QWeighted):
                              f"its weight, bias and running statistics); got {bn!r}")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("conv must use numeric zero padding (padding_mode='zeros')")
-        super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant)
+        super().__init__(qi, qo, num_bits, per_channel, relu, fixed_point, averaging_constant,
+                         multiplier)
         self.conv, self.bn = conv, bn
         #: fold the running statistics during training too (BN statistics frozen)
         self.freeze_bn_stats = False

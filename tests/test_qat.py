@@ -6,10 +6,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from quantlab.data import embedded_split
 from quantlab.models import quantize_model
-from quantlab.reference import torch_quantized_model
+from quantlab.reference import ao_unavailable_reason, torch_ao_available, torch_quantized_model
 from quantlab.training import evaluate, pretrained, train
 
-HAS_QNNPACK = "qnnpack" in torch.backends.quantized.supported_engines
+# torch.ao's int8 kernels are deprecated: without them the qnnpack oracle tests skip
+# (test_export.py checks the same integers against ONNX Runtime)
+needs_qnnpack = pytest.mark.skipif(not torch_ao_available(), reason=ao_unavailable_reason())
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_observers_follow_a_moving_average_only_while_training(loaders):
     assert torch.equal(q_out.max_val, moved)
 
 
-@pytest.mark.skipif(not HAS_QNNPACK, reason="PyTorch's qnnpack engine unavailable")
+@needs_qnnpack
 def test_netbn_qat_folds_bn_and_freezes_bit_exact(loaders):
     train_loader, test_loader = loaders
     netbn = pretrained("netbn")
