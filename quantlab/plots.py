@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from ._validate import check_bool, check_float_tensor, check_int, check_int_tensor, check_real
 from .qparams import quant_range
@@ -86,22 +87,29 @@ def error_vs_bits(bits, series: dict, ylabel: str = "RMS error", title: str = ""
 def accuracy_vs_bits(bits, series: dict, title: str = "", reference: float | None = None,
                      ax=None, connect: bool = True):
     """Accuracy (percent) against the bit width for several named series; ``reference`` (e.g.
-    the float model's accuracy) is drawn as a dashed line. ``connect=False`` draws markers only
-    (for bit widths with gaps: a line would suggest values that were not measured)."""
+    the float model's accuracy) is drawn as a dashed line. ``connect=False`` draws markers only.
+    Consecutive bit widths (8, 7, ..., 2) get a numeric axis; otherwise (e.g. 8, 4, 3, 2) each
+    measured width gets one evenly spaced tick and there are no empty slots for widths that were
+    not measured."""
     bits = _check_series(bits, series)
     if reference is not None:
         reference = check_real(reference, "reference", 0.0, 1.0)
     _check_ax(ax)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.5))
+    consecutive = all(abs(a - b) == 1 for a, b in zip(bits, bits[1:]))
+    # a numeric axis for consecutive widths, else one evenly spaced slot per measured width
+    xs = list(bits) if consecutive else [sorted(bits, reverse=True).index(b) for b in bits]
     for name, values in series.items():
-        ax.plot(list(bits), [100 * v for v in values], marker="o", label=name,
-                ls="-" if connect else "none")
+        ax.plot(xs, [100 * v for v in values], marker="o", label=name, ls="-" if connect else "none")
     if reference is not None:
         ax.axhline(100 * reference, color="gray", ls="--", label=f"float {100 * reference:.2f}%")
-    ax.set_xlabel("num_bits (weights and activations)")
+    ax.set_xticks(xs, [str(b) for b in bits])
+    ax.set_xlabel("num_bits (weights and activations)" if consecutive
+                  else "num_bits (weights and activations; the measured widths only)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
-    ax.invert_xaxis()
+    if consecutive:
+        ax.invert_xaxis()   # many bits on the left, as the slots are
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -270,7 +278,9 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int 
     off = cm.clone().float()
     off.fill_diagonal_(float("nan"))
     im = ax.imshow(off.numpy(), cmap="Reds")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="misclassified digits (off-diagonal)")
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="misclassified digits (off-diagonal)")
+    bar.locator = MaxNLocator(integer=True)   # counts: whole-number ticks only
+    bar.update_ticks()
     worst = max(1, int(torch.nan_to_num(off, nan=0.0).max()))
     for i in range(num_classes):
         for j in range(num_classes):

@@ -47,3 +47,29 @@ def test_lsb_error_hist_keeps_its_legend_above_the_bars():
     tallest = max(p.get_window_extent().y1 for p in ax.patches)
     assert legend.y0 > tallest                            # the legend never covers a bar
     plt.close(fig)
+
+
+def test_accuracy_vs_bits_has_no_empty_slots_for_unmeasured_widths():
+    from quantlab.plots import accuracy_vs_bits
+
+    fig = accuracy_vs_bits([8, 4, 3, 2], {"a": [0.98, 0.97, 0.95, 0.7]}, connect=False)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "4", "3", "2"]
+    assert list(ax.get_xticks()) == [0, 1, 2, 3]          # evenly spaced, many bits on the left
+    fig = accuracy_vs_bits(list(range(8, 1, -1)), {"a": [0.9] * 7})
+    ax = fig.axes[0]
+    assert list(ax.get_xticks()) == list(range(8, 1, -1)) and ax.xaxis_inverted()
+    plt.close("all")
+
+
+def test_confusion_matrix_colorbar_has_integer_ticks():
+    from quantlab.plots import confusion_matrix
+
+    labels = torch.arange(10).repeat(10)
+    pred = labels.clone()
+    pred[:3] = (pred[:3] + 1) % 10                        # three errors: counts 0 and 1 only
+    fig = confusion_matrix(pred, labels)
+    bar = fig.axes[1]
+    ticks = [t for t in bar.get_yticks() if 0 <= t <= 1]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    plt.close(fig)
