@@ -5,6 +5,7 @@ For Net and NetBN: PTQ (calibrated on the embedded training digits) and QAT
 both frozen to integer-only inference; accuracy on the embedded 1,000-digit split and the official
 10,000-image MNIST test set (when ../shared/data/mnist exists), and the QAT training time.
 Targets (issue 6): 4-bit QAT within 0.3 points of float; 2-bit QAT >= 90%.
+Usage: ``python bench_qat.py [net] [netbn] [--bits 4 2]`` (default: both models at 8, 4, 3 and 2 bits).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from quantlab.models import quantize_model
 from quantlab.training import evaluate, pretrained, train
 
 
-def main(names=("net", "netbn")):
+def main(names=("net", "netbn"), bits_list=(8, 4, 3, 2)):
     torch.set_num_threads(2)
     train_loader, test_loader = mnist_loaders("embedded")
     sets = test_sets(test_loader)
@@ -34,7 +35,7 @@ def main(names=("net", "netbn")):
         float_acc = {s: evaluate(net, loader) for s, loader in sets.items()}
         print(f"{name:6s} {'32':>4s} {'float':6s}" + "".join(
             f"{100 * float_acc[s]:12.2f}{0:9.2f}" for s in sets) + f"{'-':>9s}", flush=True)
-        for bits in (8, 4, 3, 2):
+        for bits in bits_list:
             ptq = quantize_model(net, bits, per_channel=True).calibrate(train_loader).freeze()
             qat = quantize_model(net, bits, per_channel=True, qat=True)
             start = time.perf_counter()
@@ -49,4 +50,11 @@ def main(names=("net", "netbn")):
 
 
 if __name__ == "__main__":
-    main(tuple(sys.argv[1:]) or ("net", "netbn"))
+    # usage: bench_qat.py [net] [netbn] [--bits 4 2]   (default: both models, 8 4 3 2 bits)
+    args = sys.argv[1:]
+    bits_list = (8, 4, 3, 2)
+    if "--bits" in args:
+        i = args.index("--bits")
+        bits_list = tuple(int(b) for b in args[i + 1:])
+        args = args[:i]
+    main(tuple(args) or ("net", "netbn"), bits_list)
