@@ -3,8 +3,8 @@
 :func:`quantlab.export.to_npz` writes it from a frozen ``QuantizedNet`` / ``QConv2d`` /
 ``QConvBNReLU`` / ``QLinear``; ``quantlab.engine.Engine("net.npz")`` runs it, bit-identical with
 the ``.onnx`` file of the same model (:func:`graph` rebuilds the very nodes ``to_onnx`` writes) and
-with quantlab's ``integer_inference``. The file is ``np.savez_compressed`` (no pickled objects): strings are
-0-d unicode arrays, ``C`` below is the layer's number of output channels.
+with quantlab's ``integer_inference``. The file is ``np.savez_compressed`` (no pickled objects):
+strings are 0-d unicode arrays, ``C`` below is the layer's number of output channels.
 
 Version 1, global keys:
 
@@ -42,13 +42,14 @@ Layer ``i`` (keys ``"{i}.{name}"``; activations are NCHW, as in PyTorch):
 
 :func:`read` checks everything above and raises ``ValueError`` naming the file and the first bad
 key (missing, unexpected, wrong dtype or shape, a non-positive scale, an empty range, a newer
-version). Taught in notebook ``g_deploy``.
+version, a member whose CRC fails). Taught in notebook ``g_deploy``.
 """
 
 from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -100,7 +101,7 @@ def read(path) -> dict:
     try:
         with np.load(name, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
         raise ValueError(f"{name}: unreadable .npz ({type(e).__name__}: {e})") from None
     _check(arrays, name)
     return arrays
