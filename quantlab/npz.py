@@ -42,7 +42,7 @@ Layer ``i`` (keys ``"{i}.{name}"``; activations are NCHW, as in PyTorch):
 
 :func:`read` checks everything above and raises ``ValueError`` naming the file and the first bad
 key (missing, unexpected, wrong dtype or shape, a non-positive scale, an empty range, a newer
-version, a member whose CRC fails). Taught in notebook ``g_deploy``.
+version, a member whose CRC fails).
 """
 
 from __future__ import annotations
