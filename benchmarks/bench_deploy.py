@@ -93,7 +93,7 @@ def agreement(label, parts, images, labels):
            "onnxruntime": q_ort.integer_inference(q_x).numpy()}
     y_ort = np.concatenate([sess.run(["y_q"], {"x": c})[0] for c in np.split(
         x_np, range(CHUNK, len(x_np), CHUNK))])
-    rows = [("quantlab integer_inference", ref["qnnpack"], ref["onnxruntime"]),
+    rows = [("quantlab, qnnpack M (the formulas)", ref["qnnpack"], ref["qnnpack"]),
             ("ONNX Runtime (its own formula)", y_ort, y_ort)]
     for suffix in ("onnx", "npz"):
         rows.append((f"NumPy engine, .{suffix}",
