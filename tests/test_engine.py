@@ -15,26 +15,16 @@ import torch
 from test_export import _random_layer
 from torch import nn
 
-from quantlab.data import embedded_split
 from quantlab.engine import Engine, multiply_by_quantized_multiplier, quantize_multiplier
 from quantlab.export import to_npz, to_onnx
 from quantlab.fixed_point import multiply_by_quantized_multiplier as torch_mbqm
 from quantlab.fixed_point import quantize_multiplier as torch_qm
-from quantlab.models import quantize_model
-from quantlab.training import pretrained
 
 
 @pytest.fixture(scope="module")
-def data():
-    x_tr, _, x_te, _ = embedded_split()
+def data(embedded):
+    x_tr, _, x_te, _ = embedded
     return x_tr, x_te
-
-
-@pytest.fixture(scope="module")
-def calibrated_nets(data):
-    x_tr, _ = data
-    return {(name, pc): quantize_model(pretrained(name), 8, per_channel=pc).calibrate([x_tr])
-            for name in ("net", "netbn") for pc in (False, True)}
 
 
 def variant(qnet, fixed_point: bool, multiplier: str):
