@@ -8,19 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from quantlab.data import embedded_split
 from quantlab.engine import Engine
 from quantlab.export import to_npz
-from quantlab.models import quantize_model
 from quantlab.modules import QLinear
 from quantlab.npz import FORMAT, VERSION
-from quantlab.training import pretrained
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory):
-    x_tr, _, _, _ = embedded_split()
-    qnet = quantize_model(pretrained("net"), 8, per_channel=True).calibrate([x_tr[:200]]).freeze()
+def written(tmp_path_factory, frozen_nets):
+    qnet = frozen_nets["net", True]
     path = tmp_path_factory.mktemp("npz") / "net.npz"
     to_npz(qnet, path)
     with np.load(path) as f:
