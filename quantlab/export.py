@@ -166,6 +166,24 @@ def _weighted(g: _Graph, layer, x: str, name: str, allow_fixed_point: bool,
     return y
 
 
+def _layers(model, caller: str) -> list:
+    """The layers of a frozen QuantizedNet, or ``[model]`` for a single frozen weighted layer."""
+    if isinstance(model, QuantizedNet):
+        if not model.frozen:
+            raise RuntimeError("model is not frozen: qnet.calibrate(train_loader); qnet.freeze()")
+        layers = list(model.layers)
+    elif isinstance(model, (QConv2d, QConvBNReLU, QLinear)):
+        layers = [model]
+    else:
+        raise TypeError(f"model must be a frozen QuantizedNet, QConv2d, QConvBNReLU or QLinear; "
+                        f"got {type(model).__name__}")
+    if not isinstance(layers[0], (QConv2d, QConvBNReLU, QLinear)):
+        raise TypeError("the first layer must be a QConv2d, QConvBNReLU or QLinear")
+    if not layers[0].frozen:
+        raise RuntimeError(f"model is not frozen: calibrate, then freeze() before {caller}")
+    return layers
+
+
 def to_onnx(model, path: str | os.PathLike | None = None, *, input_dtype: str = "float32",
             weight_dtype: str = "uint8", opset: int = 13,
             allow_fixed_point: bool = False) -> onnx.ModelProto:
@@ -194,20 +212,8 @@ def to_onnx(model, path: str | os.PathLike | None = None, *, input_dtype: str = 
         raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}; got {input_dtype!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
         raise ValueError(f"opset must be an int >= 13; got {opset!r}")
-    if isinstance(model, QuantizedNet):
-        if not model.frozen:
-            raise RuntimeError("model is not frozen: qnet.calibrate(train_loader); qnet.freeze()")
-        layers = list(model.layers)
-    elif isinstance(model, (QConv2d, QConvBNReLU, QLinear)):
-        layers = [model]
-    else:
-        raise TypeError(f"model must be a frozen QuantizedNet, QConv2d, QConvBNReLU or QLinear; "
-                        f"got {type(model).__name__}")
+    layers = _layers(model, "to_onnx")
     first, last = layers[0], layers[-1]
-    if not isinstance(first, (QConv2d, QConvBNReLU, QLinear)):
-        raise TypeError("the first layer must be a QConv2d, QConvBNReLU or QLinear")
-    if not first.frozen:
-        raise RuntimeError("model is not frozen: calibrate, then freeze() before to_onnx")
     g = _Graph()
     ndim = 2 if isinstance(first, QLinear) else 4
     channels = first.fc.in_features if isinstance(first, QLinear) else first.conv.in_channels
@@ -326,20 +332,8 @@ def to_npz(model, path: str | os.PathLike, *, input_dtype: str = "float32") -> d
         raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}; got {input_dtype!r}")
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).endswith(".npz"):
         raise ValueError(f"path must be a file name ending in .npz; got {path!r}")
-    if isinstance(model, QuantizedNet):
-        if not model.frozen:
-            raise RuntimeError("model is not frozen: qnet.calibrate(train_loader); qnet.freeze()")
-        layers = list(model.layers)
-    elif isinstance(model, (QConv2d, QConvBNReLU, QLinear)):
-        layers = [model]
-    else:
-        raise TypeError(f"model must be a frozen QuantizedNet, QConv2d, QConvBNReLU or QLinear; "
-                        f"got {type(model).__name__}")
+    layers = _layers(model, "to_npz")
     first = layers[0]
-    if not isinstance(first, (QConv2d, QConvBNReLU, QLinear)):
-        raise TypeError("the first layer must be a QConv2d, QConvBNReLU or QLinear")
-    if not first.frozen:
-        raise RuntimeError("model is not frozen: calibrate, then freeze() before to_npz")
     in_scale, in_zp = _u8(first.q_in, "the input")
     out_scale, out_zp = _u8(layers[-1].output_qparam, "the output")
     arrays = {"input_dtype": np.array(input_dtype), "input.scale": in_scale,
