@@ -5,8 +5,8 @@ Layers, lowest first (lower layers never import higher ones):
 (quantize / dequantize / fake_quantize) <- ``observer`` (QParam) <- ``fixed_point`` (integer
 requantization) <- ``modules`` (QConv2d, QLinear, ...) <- ``models`` (Net, NetBN, quantize_model).
 ``data``, ``training``, ``plots``, ``reference`` and ``export`` sit beside them and are imported
-on demand; ``engine`` needs only NumPy and onnx; ``check`` (the exercise checker,
-``quantlab.check.run("a")``) sits on top.
+on demand; ``engine`` and ``npz`` need only NumPy (and onnx to read .onnx files); ``check``
+(the exercise checker, ``quantlab.check.run("a")``) sits on top.
 
 The names below are imported lazily (PEP 562), so ``import quantlab.engine`` does not import
 torch: a deployed model runs where torch is not installed.
