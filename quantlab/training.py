@@ -25,6 +25,8 @@ from .models import MODELS
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
 #: quantlab's recipe for the shipped checkpoints (make weights): Adam, cosine schedule, shifts
 RECIPE = {"epochs": 26, "lr": 3e-3, "batch_size": 64, "max_shift": 2, "seed": 0}
+#: the recipe of each shipped checkpoint (the ResNet converges in fewer epochs)
+RECIPES = {"net": RECIPE, "netbn": RECIPE, "resnet": {**RECIPE, "epochs": 12}}
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -175,7 +177,8 @@ def pretrained(name: str = "net") -> nn.Module:
     """The trained float model shipped inside the package, verified by checksum, in eval mode.
 
     Args:
-        name: ``"net"`` (:class:`~quantlab.models.Net`) or ``"netbn"`` (``NetBN``).
+        name: ``"net"`` (:class:`~quantlab.models.Net`), ``"netbn"`` (``NetBN``) or
+            ``"resnet"`` (``ResNet``).
     """
     if name not in MODELS:
         raise ValueError(f"name must be one of {sorted(MODELS)}; got {name!r}")
