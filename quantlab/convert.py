@@ -184,7 +184,7 @@ class QuantizedNet(nn.Module):
         return all(layer.frozen for layer in self.layers if isinstance(layer, QModule))
 
     # -- running the graph --------------------------------------------------------------------
-    def _run(self, x: torch.Tensor, integer: bool) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, integer: bool, keep: bool = False):
         values = {self.input_name: x}
         for step in self.steps:
             if step.kind == "alias":
@@ -210,7 +210,7 @@ class QuantizedNet(nn.Module):
                     q_x, pool=(layer.kernel_size, layer.stride or layer.kernel_size))
             else:
                 values[step.name] = layer.quantize_inference(*args)
-        return values[self.output_name]
+        return values if keep else values[self.output_name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, integer=False)
@@ -298,6 +298,22 @@ class QuantizedNet(nn.Module):
         if q_x.dim() > 0 and q_x.shape[0] > self.chunk_size:
             return torch.cat([self._run(c, integer=True) for c in q_x.split(self.chunk_size)])
         return self._run(q_x, integer=True)
+
+    @torch.no_grad()
+    def integer_values(self, q_x: torch.Tensor) -> dict:
+        """Every intermediate integer tensor of ``integer_inference(q_x)``, by graph node name
+        (the step names of ``steps``; a conv fused with its max-pool appears as the pool)."""
+        self._check_frozen()
+        check_integer_input(q_x, self.q_in)
+        values = self._run(q_x, integer=True, keep=True)
+        return {k: v for k, v in values.items() if v is not None}
+
+    def qparam_of(self, name: str) -> QParam:
+        """The QParam of the graph value ``name`` (a step name, or the input's name)."""
+        q = self._qparam(name)
+        if q is None:
+            raise KeyError(f"name must be a graph value with qparams; got {name!r}")
+        return q
 
     @torch.no_grad()
     def quantize_inference(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 class Net(nn.Module):
     """The original's CNN: 11,170 parameters, (N, 1, 28, 28) -> (N, 10) logits."""
 
@@ -101,4 +100,4 @@ MODELS = {"net": Net, "netbn": NetBN, "resnet": ResNet}
 
 
 # whole-model quantization lives in quantlab.convert (any traceable model); re-exported here
-from .convert import QuantizedNet, quantize_model  # noqa: E402
+from .convert import QuantizedNet, quantize_model  # noqa: E402, F401

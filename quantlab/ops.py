@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fixed_point import rounding_divide_by_pot
 from .modules import QModule, _copy_qparam, _QUnweighted, check_integer_input, relu6_limit
 from .observer import QParam
 
@@ -70,9 +69,11 @@ def quantized_add(q_a, q_b, zero_point_a: int, zero_point_b: int, zero_point_y: 
     """
     a = q_a.to(torch.int64) - int(zero_point_a)
     b = q_b.to(torch.int64) - int(zero_point_b)
-    acc = a * int(quantized_multiplier_a) + b * int(quantized_multiplier_b)
-    y = rounding_divide_by_pot(acc, int(shift)) + int(zero_point_y)
-    return torch.clamp(y, quant_min, quant_max).to(torch.int32)
+    acc = a * int(quantized_multiplier_a) + b * int(quantized_multiplier_b)  # |acc| < 2**31
+    # RoundingDivideByPOT in one expression: (acc + 2**(s-1) - [acc < 0]) >> s
+    shift = int(shift)
+    y = (acc + ((1 << (shift - 1)) - (acc < 0).to(torch.int64))).bitwise_right_shift_(shift)
+    return torch.clamp(y + int(zero_point_y), quant_min, quant_max).to(torch.int32)
 
 
 class QAdd(QModule):

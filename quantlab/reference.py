@@ -93,6 +93,13 @@ def _qweight(layer) -> torch.Tensor:
         w, q_w.scale.double(), q_w.zero_point.long(), q_w.axis)
 
 
+def _relu6(x: torch.Tensor) -> torch.Tensor:
+    """PyTorch's quantized ReLU6 on a contiguous tensor: measured on torch 2.14.1, ``F.relu6`` of a
+    channels-last quint8 tensor (what qnnpack's conv returns) gives its values in NHWC order read
+    as NCHW, i.e. scrambled (tests/test_convert.py shows it)."""
+    return F.relu6(x.contiguous())
+
+
 _GRAPH_LAYERS = (QAdd, QCat, QMaxPool2d, QAvgPool2d, QReLU, QReLU6, QFlatten, QInput)
 
 
@@ -190,7 +197,7 @@ class TorchQuantizedNet(torch.nn.Module):
         if isinstance(layer, (QConv2d, QConvBNReLU, QLinear)):
             y = self.mods[str(index)](args[0])
             if layer.relu6:
-                y = F.relu6(y)
+                y = _relu6(y)
             return narrow(y, layer.q_out)
         if isinstance(layer, QAdd):
             add = torch.ops.quantized.add_relu if layer.relu else torch.ops.quantized.add
@@ -211,7 +218,7 @@ class TorchQuantizedNet(torch.nn.Module):
         if isinstance(layer, QReLU):
             return F.relu(x)
         if isinstance(layer, QReLU6):
-            return F.relu6(x)
+            return _relu6(x)
         if isinstance(layer, QFlatten):
             return torch.flatten(x, 1)
         return x  # QInput

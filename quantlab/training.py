@@ -132,6 +132,27 @@ def evaluate(model: nn.Module | Callable, loader) -> float:
     return (pred == labels).float().mean().item()
 
 
+def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy ``correct / total`` (95% for the default ``z``).
+
+    ``(p + z^2/2n -/+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)`` with ``p = correct/total``:
+    unlike ``p -/+ z sqrt(p(1-p)/n)`` it stays inside [0, 1] and is not empty at 0% or 100%.
+    On 1,000 test digits at 98% it is about [97.0%, 98.7%]: differences of a few tenths of a
+    point are noise. Taught in notebook ``d_post_training_quantize``.
+    """
+    if isinstance(correct, bool) or isinstance(total, bool) or not isinstance(correct, int) \
+            or not isinstance(total, int):
+        raise TypeError(f"correct and total must be ints; got {correct!r}, {total!r}")
+    if total <= 0 or not 0 <= correct <= total:
+        raise ValueError(f"need 0 <= correct <= total and total > 0; got {correct}, {total}")
+    p, n = correct / total, total
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    lo = 0.0 if correct == 0 else max(0.0, centre - half)
+    hi = 1.0 if correct == total else min(1.0, centre + half)
+    return lo, hi
+
+
 def save_checkpoint(model: nn.Module, path) -> str:
     """``torch.save(model.state_dict(), path)``; returns the file's sha256."""
     path = pathlib.Path(path)

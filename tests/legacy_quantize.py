@@ -19,7 +19,6 @@ from quantlab.modules import (
 )
 from quantlab.observer import QParam
 
-
 # --------------------------------------------------------------------------------------------
 # whole-model quantization (taught in notebook d_post_training_quantize)
 

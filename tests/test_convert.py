@@ -1,0 +1,258 @@
+"""torch.fx conversion: Net/NetBN unchanged, any supported model integer-exact with qnnpack."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from legacy_quantize import legacy_quantize_model
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from quantlab import quantize_model
+from quantlab.convert import UnsupportedModelError
+from quantlab.data import embedded_split
+from quantlab.models import ResNet
+from quantlab.ops import QAdd, QAvgPool2d, QCat, QInput, QReLU6
+from quantlab.reference import ao_unavailable_reason, torch_ao_available, torch_quantized_model
+from quantlab.training import pretrained, train
+
+needs_ao = pytest.mark.skipif(not torch_ao_available(), reason=ao_unavailable_reason() or "ok")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x_tr, y_tr, x_te, y_te = embedded_split()
+    return x_tr[:512], y_tr[:512], x_te[:300]
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("name", ["net", "netbn"])
+@pytest.mark.parametrize("config", [dict(num_bits=8, per_channel=True),
+                                    dict(num_bits=8, per_channel=False),
+                                    dict(num_bits=8, per_channel=True, fixed_point=True),
+                                    dict(num_bits=4, per_channel=True)],
+                         ids=["int8-pc", "int8-pt", "int8-fixed", "int4"])
+def test_net_and_netbn_give_the_old_integers(digits, name, config):
+    x_tr, _, x_te = digits
+    new = quantize_model(pretrained(name), **config).calibrate([x_tr[:256], x_tr[256:]]).freeze()
+    old = legacy_quantize_model(pretrained(name), **config).calibrate([x_tr[:256],
+                                                                       x_tr[256:]]).freeze()
+    assert [type(m) for m in new.layers] == [type(m) for m in old.layers]
+    _same_state(new, old)  # every QParam, integer weight, bias and multiplier
+    q_x = new.q_in.quantize_tensor(x_te)
+    assert torch.equal(new.integer_inference(q_x), old.integer_inference(q_x))
+
+
+def test_qat_trains_the_same_as_before(digits):
+    x_tr, y_tr, x_te = digits
+    loader = DataLoader(TensorDataset(x_tr[:192], y_tr[:192]), batch_size=64)
+    models = []
+    for build in (quantize_model, legacy_quantize_model):
+        qnet = build(pretrained("netbn"), num_bits=4, qat=True)
+        train(qnet, loader, epochs=1, progress=False)
+        models.append(qnet.freeze())
+    _same_state(*models)
+
+
+# ---------------------------------------------------------------------------------------------
+# small custom models: every supported op, module and functional forms
+
+class Branches(nn.Module):
+    """Input into two branches (a QInput), cat of different scales, ReLU6, avg-pool, view."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(1, 6, 5, padding=2)
+        self.bn = nn.BatchNorm2d(6)
+        self.act = nn.ReLU6(inplace=True)
+        self.pool = nn.AvgPool2d(2)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(10 * 7 * 7, 10)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), self.act(self.bn(self.b(x)))], dim=1)
+        y = F.max_pool2d(self.pool(y), 2)
+        return self.fc(self.drop(y.view(y.size(0), -1)))
+
+
+class Residual(nn.Module):
+    """torch.add + inplace ReLU module, functional avg-pool, Identity, Flatten module, relu6."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.skip = nn.Identity()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8 * 7 * 7, 10)
+
+    def forward(self, x):
+        x = F.relu6(self.stem(x))
+        y = self.relu(torch.add(self.c2(F.relu(self.c1(x))), self.skip(x)))
+        y = F.max_pool2d(F.avg_pool2d(y, 2), 2)
+        return self.fc(self.flatten(F.relu(y)))
+
+
+class GlobalPoolHead(nn.Module):
+    """A fully convolutional classifier ending in global average pooling, no flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, stride=2)
+        self.c2 = nn.Conv2d(8, 10, 1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.gap(self.c2(F.relu(self.c1(x)) + 0 * 0 + F.relu(self.c1(x))))
+
+
+class Sigmoid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(x))
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return x
+
+
+def _calibrated(model, x_tr, **kw):
+    return quantize_model(model, **kw).calibrate([x_tr[:256], x_tr[256:]]).freeze()
+
+
+def _trained_bn(model, x):
+    """BN statistics from a few forward passes in training mode (no training)."""
+    model.train()
+    with torch.no_grad():
+        for chunk in x.split(64):
+            model(chunk)
+    return model.eval()
+
+
+@needs_ao
+@pytest.mark.parametrize("cls", [Branches, Residual, ResNet], ids=lambda c: c.__name__)
+def test_custom_models_bit_exact_with_qnnpack(digits, cls):
+    x_tr, _, x_te = digits
+    torch.manual_seed(0)
+    model = _trained_bn(cls(), x_tr)
+    qnet = _calibrated(model, x_tr)
+    q_x = qnet.q_in.quantize_tensor(x_te)
+    ours = qnet.integer_inference(q_x)
+    assert torch.equal(ours, torch_quantized_model(qnet).integer_inference(q_x))
+    # the integer model approximates the float model
+    out, ref = qnet.q_out.dequantize_tensor(ours), model(x_te)
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_kinds_of_layers_built(digits):
+    x_tr, _, _ = digits
+    kinds = {cls: [type(m) for m in _calibrated(_trained_bn(cls(), x_tr), x_tr).layers]
+             for cls in (Branches, Residual)}
+    assert kinds[Branches][0] is QInput and QCat in kinds[Branches] and QReLU6 not in \
+        kinds[Branches]  # the ReLU6 is fused into the conv+BN
+    assert QAvgPool2d in kinds[Residual] and QAdd in kinds[Residual]
+    qnet = quantize_model(Branches())
+    assert qnet.layers[2].relu6 and qnet.layers[2].relu
+
+
+def test_a_model_ending_in_global_pooling(digits):
+    x_tr, _, x_te = digits
+    model = _trained_bn(GlobalPoolHead(), x_tr)
+    with pytest.raises(UnsupportedModelError, match="only the sum of two tensors"):
+        quantize_model(model)  # `+ 0 * 0` adds a constant
+
+
+class GlobalPoolNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, stride=2)
+        self.c2 = nn.Conv2d(8, 10, 1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.gap(self.c2(F.relu(self.c1(x))))
+
+
+@needs_ao
+def test_global_pool_without_flatten_bit_exact(digits):
+    x_tr, _, x_te = digits
+    qnet = _calibrated(GlobalPoolNet(), x_tr)
+    q_x = qnet.q_in.quantize_tensor(x_te)
+    ours = qnet.integer_inference(q_x)
+    assert ours.shape == (len(x_te), 10, 1, 1)
+    assert torch.equal(ours, torch_quantized_model(qnet).integer_inference(q_x))
+
+
+def test_unsupported_op_names_the_node():
+    with pytest.raises(UnsupportedModelError) as info:
+        quantize_model(Sigmoid())
+    message = str(info.value)
+    assert "node 'sigmoid'" in message and "call_function sigmoid" in message
+    assert "Supported: Conv2d" in message and "torch.cat" in message
+    with pytest.raises(UnsupportedModelError, match="could not trace Untraceable"):
+        quantize_model(Untraceable())
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        quantize_model("net")
+    with pytest.raises(UnsupportedModelError, match="BatchNorm2d is only supported"):
+        quantize_model(nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 2, 3)))
+
+
+def test_example_input_checks_the_trace():
+    model = GlobalPoolNet()
+    qnet = quantize_model(model, example_input=torch.randn(2, 1, 28, 28))
+    assert len(qnet.layers) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision models: random weights, BN statistics from a few forward passes, small inputs
+
+@needs_ao
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_torchvision_models_bit_exact_with_qnnpack(arch):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=10)
+    images = torch.randn(24, 3, 32, 32)
+    model = _trained_bn(model, images[:16])
+    qnet = quantize_model(model, 8).calibrate([images[:8], images[8:16]]).freeze()
+    kinds = {type(m).__name__ for m in qnet.layers}
+    assert {"QConvBNReLU", "QAdd", "QAvgPool2d", "QLinear"} <= kinds
+    q_x = qnet.q_in.quantize_tensor(images[16:])
+    ours = qnet.integer_inference(q_x)
+    assert torch.equal(ours, torch_quantized_model(qnet).integer_inference(q_x))
+
+
+@needs_ao
+def test_pytorch_relu6_scrambles_channels_last_tensors():
+    # why reference._relu6 makes its input contiguous first (torch 2.14.1)
+    from quantlab.reference import quantized_engine
+
+    q = torch.randint(0, 256, (1, 3, 4, 5), dtype=torch.uint8)
+    with quantized_engine("qnnpack"):
+        x = torch._make_per_tensor_quantized_tensor(q, 0.1, 0).contiguous(
+            memory_format=torch.channels_last)
+        right = F.relu6(x.contiguous()).int_repr()
+        got = F.relu6(x).int_repr()
+    assert torch.equal(right, q.clamp(0, 60))
+    if torch.equal(got, right):
+        pytest.skip("this PyTorch's quantized relu6 handles channels-last tensors")
+    assert torch.equal(got.flatten(), right.permute(0, 2, 3, 1).flatten())
