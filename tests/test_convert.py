@@ -21,7 +21,7 @@ needs_ao = pytest.mark.skipif(not torch_ao_available(), reason=ao_unavailable_re
 @pytest.fixture(scope="module")
 def digits():
     x_tr, y_tr, x_te, y_te = embedded_split()
-    return x_tr[:512], y_tr[:512], x_te[:300]
+    return x_tr[:256], y_tr[:256], x_te[:200]
 
 
 def _same_state(a, b):
@@ -39,9 +39,9 @@ def _same_state(a, b):
                          ids=["int8-pc", "int8-pt", "int8-fixed", "int4"])
 def test_net_and_netbn_give_the_old_integers(digits, name, config):
     x_tr, _, x_te = digits
-    new = quantize_model(pretrained(name), **config).calibrate([x_tr[:256], x_tr[256:]]).freeze()
-    old = legacy_quantize_model(pretrained(name), **config).calibrate([x_tr[:256],
-                                                                       x_tr[256:]]).freeze()
+    new = quantize_model(pretrained(name), **config).calibrate([x_tr[:128], x_tr[128:]]).freeze()
+    old = legacy_quantize_model(pretrained(name), **config).calibrate([x_tr[:128],
+                                                                       x_tr[128:]]).freeze()
     assert [type(m) for m in new.layers] == [type(m) for m in old.layers]
     _same_state(new, old)  # every QParam, integer weight, bias and multiplier
     q_x = new.q_in.quantize_tensor(x_te)
@@ -50,7 +50,7 @@ def test_net_and_netbn_give_the_old_integers(digits, name, config):
 
 def test_qat_trains_the_same_as_before(digits):
     x_tr, y_tr, x_te = digits
-    loader = DataLoader(TensorDataset(x_tr[:192], y_tr[:192]), batch_size=64)
+    loader = DataLoader(TensorDataset(x_tr[:128], y_tr[:128]), batch_size=64)
     models = []
     for build in (quantize_model, legacy_quantize_model):
         qnet = build(pretrained("netbn"), num_bits=4, qat=True)
@@ -135,7 +135,7 @@ class Untraceable(nn.Module):
 
 
 def _calibrated(model, x_tr, **kw):
-    return quantize_model(model, **kw).calibrate([x_tr[:256], x_tr[256:]]).freeze()
+    return quantize_model(model, **kw).calibrate([x_tr[:128], x_tr[128:]]).freeze()
 
 
 def _trained_bn(model, x):
@@ -231,12 +231,12 @@ def test_torchvision_models_bit_exact_with_qnnpack(arch):
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(weights=None, num_classes=10)
-    images = torch.randn(24, 3, 32, 32)
-    model = _trained_bn(model, images[:16])
-    qnet = quantize_model(model, 8).calibrate([images[:8], images[8:16]]).freeze()
+    images = torch.randn(12, 3, 32, 32)
+    model = _trained_bn(model, images[:8])
+    qnet = quantize_model(model, 8).calibrate([images[:4], images[4:8]]).freeze()
     kinds = {type(m).__name__ for m in qnet.layers}
     assert {"QConvBNReLU", "QAdd", "QAvgPool2d", "QLinear"} <= kinds
-    q_x = qnet.q_in.quantize_tensor(images[16:])
+    q_x = qnet.q_in.quantize_tensor(images[8:])
     ours = qnet.integer_inference(q_x)
     assert torch.equal(ours, torch_quantized_model(qnet).integer_inference(q_x))
 
