@@ -203,7 +203,10 @@ def pretrained(name: str = "net") -> nn.Module:
     """
     if name not in MODELS:
         raise ValueError(f"name must be one of {sorted(MODELS)}; got {name!r}")
-    info = _checksums()[name]
+    info = _checksums().get(name)
+    if info is None:
+        raise FileNotFoundError(f"no checkpoint of {name!r} is shipped in {WEIGHTS_DIR}: train it "
+                                f"with `python scripts/train_pretrained.py {name}`")
     model = MODELS[name]()
     load_checkpoint(model, WEIGHTS_DIR / f"{name}.pt", sha256=info["sha256"])
     return model.eval()
