@@ -56,7 +56,9 @@ lint: $(STAMP)
 ## Re-execute the notebooks in place, storing their outputs (commit the result).
 notebooks: $(STAMP)
 	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
-		../$(PY) -m jupyter nbconvert --to notebook --execute --inplace $$nb || exit 1; done
+		../$(PY) -m jupyter nbconvert --to notebook --execute --inplace \
+			--ExecutePreprocessor.store_widget_state=False $$nb || exit 1; done
+	$(PY) scripts/clean_notebooks.py $(NOTEBOOKS)
 
 ## Rebuild exercises/ (templates) and exercises/solutions/ from scripts/build_exercises.py, executed.
 exercises: $(STAMP)

@@ -21,27 +21,26 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ._validate import check_bool, check_real, check_tensor
+from .graph import QuantizedNet, Step
 from .modules import (
     QConv2d,
     QConvBNReLU,
     QFlatten,
     QLinear,
     QMaxPool2d,
-    QModule,
     QReLU,
-    _QWeighted,
-    calibration_mode,
-    check_integer_input,
+    check_multiplier_formula,
 )
 from .observer import QParam
 from .ops import QAdd, QAvgPool2d, QCat, QInput, QReLU6
+from .qparams import check_num_bits
 
 SUPPORTED = ("Conv2d (+BatchNorm2d) (+ReLU/ReLU6), Linear (+ReLU), MaxPool2d / F.max_pool2d, "
              "AvgPool2d / F.avg_pool2d, AdaptiveAvgPool2d / F.adaptive_avg_pool2d, "
@@ -64,41 +63,6 @@ _SHAPE_METHODS = {"view", "reshape", "size", "contiguous"}
 _SHAPE_FNS = {torch.reshape, operator.getitem, getattr}
 
 
-@dataclass
-class Step:
-    """One node of the quantized graph: ``kind`` is 'layer' (``layers[index]``), 'shape' (a
-    shape function applied as-is to float or integer tensors) or 'alias' (pass-through)."""
-    name: str
-    kind: str
-    index: int = -1
-    fn: object = None
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    #: the integer step computes a conv with this max-pool on its accumulators (same integers)
-    pool_of: str | None = None
-
-
-def _refs(args):
-    """Names of the graph values used in (nested) args."""
-    out = []
-    for a in args:
-        if isinstance(a, str) and a.startswith("%"):
-            out.append(a[1:])
-        elif isinstance(a, (list, tuple)):
-            out.extend(_refs(a))
-    return out
-
-
-def _subst(args, values):
-    if isinstance(args, str) and args.startswith("%"):
-        return values[args[1:]]
-    if isinstance(args, (list, tuple)):
-        return type(args)(_subst(a, values) for a in args)
-    if isinstance(args, dict):
-        return {k: _subst(v, values) for k, v in args.items()}
-    return args
-
-
 def _encode(arg):
     """fx arguments -> plain data with '%name' for graph values."""
     if isinstance(arg, torch.fx.Node):
@@ -109,248 +73,6 @@ def _encode(arg):
         return {k: _encode(v) for k, v in arg.items()}
     return arg
 
-
-class QuantizedNet(nn.Module):
-    """A quantized graph model built by :func:`quantize_model`.
-
-    ``forward(x)`` runs fake quantization on float images (calibration, QAT);
-    ``calibrate(data)`` observes ranges; ``freeze()``; ``quantize_inference(x)`` runs the integer
-    layers on float images and returns dequantized outputs; ``integer_inference(q_x)`` maps the
-    input integers to the output integers. ``layers`` holds the quantized layers in graph order.
-    """
-
-    def __init__(self, layers: list[nn.Module], num_bits: int, per_channel: bool,
-                 fixed_point: bool, qat: bool, steps: list[Step] | None = None,
-                 input_name: str = "x", output_name: str | None = None):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.num_bits, self.per_channel = num_bits, per_channel
-        self.fixed_point, self.qat = fixed_point, qat
-        if steps is None:  # a plain chain of layers
-            steps, prev = [], input_name
-            for i in range(len(layers)):
-                steps.append(Step(f"layer{i}", "layer", i, args=("%" + prev,)))
-                prev = f"layer{i}"
-            output_name = prev
-        self.steps, self.input_name, self.output_name = steps, input_name, output_name
-        self._qsource = self._trace_qparams()
-        #: max-pool step name -> the conv step whose accumulators it pools (integer inference)
-        self._pool_fused = {s.pool_of: s for s in steps if s.pool_of is not None}
-        if qat:
-            # fine-tuning from a trained float model: a third of its peak learning rate, and no
-            # shift augmentation (measured best at 2-4 bits on the embedded digits)
-            self.default_lr, self.default_augment = 1e-3, 0
-
-    # -- where each value's qparams live ------------------------------------------------------
-    def _trace_qparams(self) -> dict:
-        """value name -> (layer index, 'q_in' | 'out'): the QParam describing that value."""
-        src, first = {}, None
-        for step in self.steps:
-            ins = _refs(step.args)
-            if step.kind == "layer":
-                layer = self.layers[step.index]
-                if self.input_name in ins and getattr(layer, "qi", False):
-                    first = (step.index, "q_in")
-                    src[self.input_name] = first
-                if isinstance(layer, (_QWeighted, QAdd, QCat)):
-                    src[step.name] = (step.index, "out")
-                elif isinstance(layer, QInput):
-                    src[step.name] = (step.index, "q_in")
-                else:  # shares its input's qparams
-                    src[step.name] = src.get(ins[0])
-            elif ins:
-                src[step.name] = src.get(ins[0])
-        return src
-
-    def _qparam(self, name: str) -> QParam | None:
-        where = self._qsource.get(name)
-        if where is None:
-            return None
-        layer = self.layers[where[0]]
-        return layer.q_in if where[1] == "q_in" else layer.output_qparam
-
-    @property
-    def q_in(self) -> QParam:
-        """The QParam of the input images."""
-        return self._qparam(self.input_name)
-
-    @property
-    def q_out(self) -> QParam:
-        """The QParam of the model's output (the logits)."""
-        return self._qparam(self.output_name)
-
-    @property
-    def frozen(self) -> bool:
-        return all(layer.frozen for layer in self.layers if isinstance(layer, QModule))
-
-    # -- running the graph --------------------------------------------------------------------
-    def _run(self, x: torch.Tensor, integer: bool, keep: bool = False):
-        values = {self.input_name: x}
-        for step in self.steps:
-            if step.kind == "alias":
-                values[step.name] = values[_refs(step.args)[0]]
-                continue
-            args = _subst(step.args, values)
-            if step.kind == "shape":
-                values[step.name] = step.fn(*args, **_subst(step.kwargs, values))
-                continue
-            layer = self.layers[step.index]
-            if not integer:
-                if isinstance(layer, (QAvgPool2d, QReLU6)):
-                    values[step.name] = layer(args[0], self._qparam(_refs(step.args)[0]))
-                else:
-                    values[step.name] = layer(*args)
-            elif step.pool_of is not None:
-                values[step.name] = None  # computed by the max-pool that follows (pool_of)
-            elif step.name in self._pool_fused:
-                conv_step = self._pool_fused[step.name]
-                conv = self.layers[conv_step.index]
-                q_x = values[_refs(conv_step.args)[0]]
-                values[step.name] = conv.quantize_inference(
-                    q_x, pool=(layer.kernel_size, layer.stride or layer.kernel_size))
-            else:
-                values[step.name] = layer.quantize_inference(*args)
-        return values if keep else values[self.output_name]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, integer=False)
-
-    @torch.no_grad()
-    def calibrate(self, data, num_batches: int | None = None) -> QuantizedNet:
-        """Observe activation ranges on calibration data (use training data, never the test set).
-
-        Args:
-            data: a DataLoader of ``(images, labels)`` or any iterable of image batches.
-            num_batches: stop after this many batches (None: all).
-        """
-        seen = 0
-        with calibration_mode(self):
-            for batch in data:
-                images = batch[0] if isinstance(batch, (tuple, list)) else batch
-                if not isinstance(images, torch.Tensor):
-                    raise TypeError(f"data must yield image tensors or (images, labels); got "
-                                    f"{type(images).__name__}")
-                self(images)
-                seen += 1
-                if num_batches is not None and seen >= num_batches:
-                    break
-        if seen == 0:
-            raise ValueError("data yielded no batches: calibration needs at least one batch")
-        return self
-
-    def freeze_bn_stats(self, frozen: bool = True) -> QuantizedNet:
-        """Fold BN's running statistics during training too (True), or let BN normalize with the
-        batch statistics while training (False; see QConvBNReLU)."""
-        for m in self.modules():
-            if isinstance(m, QConvBNReLU):
-                m.freeze_bn_stats = frozen
-        return self
-
-    def freeze_observers(self) -> QuantizedNet:
-        """Stop updating activation ranges (e.g. for the last epochs of QAT)."""
-        for m in self.modules():
-            if isinstance(m, QParam) and m.averaging_constant != 1.0:
-                m.observing = False
-        return self
-
-    @torch.no_grad()
-    def freeze(self) -> QuantizedNet:
-        """Freeze every layer in graph order, feeding each its inputs' QParams."""
-        self.eval()
-        for step in self.steps:
-            if step.kind != "layer":
-                continue
-            layer = self.layers[step.index]
-            ins = [self._qparam(n) for n in _refs(step.args)]
-            if isinstance(layer, QAdd):
-                layer.freeze(ins[0], ins[1])
-            elif isinstance(layer, QCat):
-                layer.freeze(ins)
-            elif isinstance(layer, QInput):
-                layer.freeze()
-            elif isinstance(layer, _QWeighted) and layer.qi:
-                layer.freeze(q_in=None)
-            else:
-                if ins[0] is None:
-                    raise RuntimeError(f"layer {step.index} ({type(layer).__name__}) has no "
-                                       "quantized input")
-                layer.freeze(q_in=ins[0])
-        return self
-
-    def _check_frozen(self):
-        if not self.frozen:
-            raise RuntimeError("quantize_inference needs freeze() first: "
-                               "qnet.calibrate(train_loader); qnet.freeze()")
-
-    #: images per chunk in integer inference: small tensors stay in the CPU caches (measured
-    #: 3-4x faster than one 10,000-image batch on 2 cores)
-    chunk_size = 256
-
-    @torch.no_grad()
-    def integer_inference(self, q_x: torch.Tensor) -> torch.Tensor:
-        """int32 image integers -> int32 output integers, integer arithmetic only.
-
-        A max-pool that is a conv's only consumer is applied to the conv's accumulators (same
-        integers, faster). Large batches are processed in chunks of ``chunk_size`` images.
-        """
-        self._check_frozen()
-        check_integer_input(q_x, self.q_in)
-        if q_x.dim() > 0 and q_x.shape[0] > self.chunk_size:
-            return torch.cat([self._run(c, integer=True) for c in q_x.split(self.chunk_size)])
-        return self._run(q_x, integer=True)
-
-    @torch.no_grad()
-    def integer_values(self, q_x: torch.Tensor) -> dict:
-        """Every intermediate integer tensor of ``integer_inference(q_x)``, by graph node name
-        (the step names of ``steps``; a conv fused with its max-pool appears as the pool)."""
-        self._check_frozen()
-        check_integer_input(q_x, self.q_in)
-        values = self._run(q_x, integer=True, keep=True)
-        return {k: v for k, v in values.items() if v is not None}
-
-    def qparam_of(self, name: str) -> QParam:
-        """The QParam of the graph value ``name`` (a step name, or the input's name)."""
-        q = self._qparam(name)
-        if q is None:
-            raise KeyError(f"name must be a graph value with qparams; got {name!r}")
-        return q
-
-    @torch.no_grad()
-    def quantize_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Float images -> quantize with ``q_in`` -> integer layers -> dequantized float output."""
-        self._check_frozen()
-        return self.q_out.dequantize_tensor(self.integer_inference(self.q_in.quantize_tensor(x)))
-
-    def accuracy(self, loader) -> float:
-        """Accuracy of the integer model (``quantize_inference``) on ``loader`` of
-        ``(images, labels)``, as a fraction in [0, 1]."""
-        correct = total = 0
-        for images, labels in loader:
-            correct += int((self.quantize_inference(images).argmax(1) == labels).sum())
-            total += len(labels)
-        if total == 0:
-            raise ValueError("loader yielded no images")
-        return correct / total
-
-    def size_bytes(self) -> dict:
-        """Storage of the frozen integer model: weights at ceil(num_bits/8) bytes each, int32
-        biases, and per output channel a float32 multiplier plus the weight's scale and zero
-        point; compared with the float32 parameters of the float layers."""
-        self._check_frozen()
-        int_bytes, float_bytes = 0, 0
-        per_weight = (self.num_bits + 7) // 8
-        for layer in self.layers:
-            if isinstance(layer, QModule) and hasattr(layer, "weight_int"):
-                w, b = layer.float_weight_bias()
-                float_bytes += 4 * (w.numel() + (b.numel() if b is not None else 0))
-                channels = layer.weight_int.shape[0]
-                int_bytes += per_weight * layer.weight_int.numel() + 4 * channels  # w, bias
-                int_bytes += 4 * channels + 4 * layer.q_w.scale.numel() * 2      # M, S_w, Z_w
-        return {"float32": float_bytes, "integer": int_bytes}
-
-
-# ---------------------------------------------------------------------------------------------
-# conversion
 
 def _describe(node: torch.fx.Node, modules: dict) -> str:
     if node.op == "call_module":
@@ -484,6 +206,7 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
 def quantize_model(model: nn.Module, num_bits: int = 8, per_channel: bool = True,
                    qat: bool = False, fixed_point: bool = False,
                    averaging_constant: float | None = None, output_bits: int | None = 8,
+                   multiplier: str = "qnnpack",
                    example_input: torch.Tensor | None = None) -> QuantizedNet:
     """Build the quantized version of any supported model (a deep copy: ``model`` is untouched).
 
@@ -502,16 +225,43 @@ def quantize_model(model: nn.Module, num_bits: int = 8, per_channel: bool = True
             learning rate and augmentation for ``quantlab.training.train``.
         fixed_point: integer-only requantization of conv/linear layers (Q31 multiplier and shift)
             instead of float.
-        output_bits: bits of the model's output (8 by default; None for ``num_bits``): 10
-            logits on 2 bits would mostly tie at the top level.
+        output_bits: bits of the model's output, the logits to the host (8 by default; None for
+            ``num_bits``). Below 8 bits ``num_bits`` applies to the input, every weight and every
+            hidden activation, but 10 logits on 2 bits (4 levels) would mostly tie at the top
+            level, so the output keeps its own width.
+        multiplier: ``"qnnpack"`` (default) or ``"onnxruntime"``: how ``freeze()`` computes the
+            float32 requantization multiplier of the conv/linear layers, as PyTorch's qnnpack
+            (``f32(f32(S_x*S_w) * f32(1/S_y))``) or as ONNX Runtime (``f32(f32(S_x*S_w) / S_y)``).
         example_input: an input batch; when given, the float and the traced graph are run on it
-            and must agree (catches a reshape that mixes the batch dimension).
+            and must agree (catches a reshape that mixes the batch dimension), and the model
+            accepts only inputs of its shape (``input_shape``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    num_bits = check_num_bits(num_bits, "num_bits")
+    per_channel, qat = check_bool(per_channel, "per_channel"), check_bool(qat, "qat")
+    fixed_point = check_bool(fixed_point, "fixed_point")
+    if output_bits is not None:
+        output_bits = check_num_bits(output_bits, "output_bits")
+    if averaging_constant is not None:
+        averaging_constant = check_real(averaging_constant, "averaging_constant", 0, 1,
+                                        low_open=True)
+    multiplier = check_multiplier_formula(multiplier)
+    if example_input is not None:
+        check_tensor(example_input, "example_input")
+        if example_input.dim() < 2:
+            raise ValueError(f"example_input must be a batch (N, ...); got "
+                             f"{tuple(example_input.shape)}")
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        check_tensor(p, f"model.{name}")  # meta tensors (no data) cannot be quantized
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise ValueError(f"model.{name} holds NaN or inf: a float model to quantize must be "
+                             "finite")
     if averaging_constant is None and qat:
         averaging_constant = 0.01
-    model = copy.deepcopy(model).eval()
+    # quantlab's qparams and observers are float32: a float64/float16 model is converted
+    # (float16 -> float32 is exact; float64 -> float32 rounds each weight once)
+    model = copy.deepcopy(model).float().eval()
     gm = _trace(model)
     modules = dict(gm.named_modules())
     nodes = list(gm.graph.nodes)
@@ -528,7 +278,7 @@ def quantize_model(model: nn.Module, num_bits: int = 8, per_channel: bool = True
                                     f"{type(model).__name__} returns {type(out_arg).__name__}")
     x_name = placeholders[0].name
     kw = dict(num_bits=num_bits, per_channel=per_channel, fixed_point=fixed_point,
-              averaging_constant=averaging_constant)
+              averaging_constant=averaging_constant, multiplier=multiplier)
 
     layers, steps, absorbed = [], [], {}
     # the input goes straight into exactly one weighted layer: that layer quantizes it (qi=True)
@@ -679,6 +429,15 @@ def quantize_model(model: nn.Module, num_bits: int = 8, per_channel: bool = True
         where = qnet._qsource.get(out_name)
         if where is not None and where[1] == "out":
             qnet.layers[where[0]].q_out = QParam(output_bits, averaging_constant=averaging_constant)
+            qnet.link_inputs()
+    # the input shape the model accepts: example_input's, or one the model declares (Net's fc
+    # needs 28x28 images); None accepts any batch
+    qnet.input_shape = tuple(example_input.shape[1:]) if example_input is not None else \
+        getattr(model, "input_shape", None)
+    for layer in layers:
+        # QAT's forward pass computes exactly what the integer model will: int32 bias and
+        # requantization rounding (the calibration of PTQ keeps the plain fake quantization)
+        layer.simulate_integer = qat and hasattr(layer, "link_input")
     if example_input is not None:
         with torch.no_grad():
             want, got = model(example_input), gm(example_input)

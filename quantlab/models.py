@@ -20,6 +20,7 @@ class Net(nn.Module):
         self.conv1 = nn.Conv2d(num_channels, 40, 3, 1)
         self.conv2 = nn.Conv2d(40, 40, 3, 1, groups=20)
         self.fc = nn.Linear(5 * 5 * 40, 10)
+        self.input_shape = (num_channels, 28, 28)  # the fc layer needs 28x28 images
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
@@ -37,6 +38,7 @@ class NetBN(nn.Module):
         self.conv2 = nn.Conv2d(40, 40, 3, 1, groups=20)
         self.bn2 = nn.BatchNorm2d(40)
         self.fc = nn.Linear(5 * 5 * 40, 10)
+        self.input_shape = (num_channels, 28, 28)  # the fc layer needs 28x28 images
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2, 2)
@@ -100,4 +102,5 @@ MODELS = {"net": Net, "netbn": NetBN, "resnet": ResNet}
 
 
 # whole-model quantization lives in quantlab.convert (any traceable model); re-exported here
-from .convert import QuantizedNet, quantize_model  # noqa: E402, F401
+from .convert import quantize_model  # noqa: E402, F401
+from .graph import QuantizedNet  # noqa: E402, F401

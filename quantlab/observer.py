@@ -8,10 +8,19 @@ Taught in notebooks ``a_basic_quant`` (by hand) and ``d_post_training_quantize``
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-from .qparams import calc_min_max, calc_scale_zero_point, check_axis, quant_range
+from ._validate import check_bool, check_real
+from .qparams import (
+    calc_min_max,
+    calc_scale_zero_point,
+    check_axis,
+    check_float_tensor,
+    quant_range,
+)
 from .quantize import dequantize, fake_quantize, quantize
 
 _BUFFERS = ("min_val", "max_val", "scale", "zero_point")
@@ -33,19 +42,33 @@ class QParam(nn.Module):
                  axis: int | None = None, averaging_constant: float | None = None):
         super().__init__()
         self.quant_min, self.quant_max = quant_range(num_bits, signed)
-        if not isinstance(symmetric, bool):
-            raise TypeError(f"symmetric must be True or False; got {symmetric!r}")
+        symmetric = check_bool(symmetric, "symmetric")
         if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
             raise TypeError(f"axis must be None or an int; got {axis!r}")
-        if averaging_constant is not None and not 0 < averaging_constant <= 1:
-            raise ValueError(f"averaging_constant must be None or in (0, 1]; got "
-                             f"{averaging_constant!r}")
+        if averaging_constant is not None:
+            averaging_constant = check_real(averaging_constant, "averaging_constant", 0, 1,
+                                            low_open=True)
         self.num_bits, self.signed, self.symmetric, self.axis = num_bits, signed, symmetric, axis
         self.averaging_constant = averaging_constant
         #: when False, update() leaves the range alone (a frozen observer)
         self.observing = True
+        #: bumped whenever the qparams change: a frozen layer compares it with its freeze() time
+        self.version = 0
+        #: set by a layer's freeze(); the first change afterwards warns that the layer is stale
+        self.frozen_by = None
         for name in _BUFFERS:
             self.register_buffer(name, torch.empty(0))
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(torch.float64) / .half() must not change frozen qparams: keep the buffers' dtype
+        # (a float16 round trip would move the scale), move them to the new device only
+        saved = {name: getattr(self, name) for name in _BUFFERS}
+        out = super()._apply(fn, *args, **kwargs)
+        for name, old in saved.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(device=new.device))
+        return out
 
     @property
     def observed(self) -> bool:
@@ -59,10 +82,15 @@ class QParam(nn.Module):
                                "calibrate()), or load a state_dict")
 
     def update(self, x: torch.Tensor) -> QParam:
-        """Observe a batch: merge its range into ``min_val``/``max_val`` and recompute qparams."""
+        """Observe a batch: merge its range into ``min_val``/``max_val`` and recompute qparams.
+
+        Observing after a layer's ``freeze()`` un-freezes that layer (with a warning): its integer
+        weights, biases and multipliers no longer match these qparams until ``freeze()`` again.
+        """
         if not self.observing and self.observed:
             return self
-        axis = check_axis(self.axis, x.dim()) if isinstance(x, torch.Tensor) else self.axis
+        check_float_tensor(x, "x")
+        axis = check_axis(self.axis, x.dim())
         if self.min_val.numel() == 0 or self.averaging_constant == 1.0:
             new_min, new_max = calc_min_max(x, axis=axis)
         elif self.averaging_constant is None:
@@ -79,9 +107,20 @@ class QParam(nn.Module):
         """Set the range directly and recompute ``scale`` and ``zero_point``."""
         scale, zero_point = calc_scale_zero_point(min_val, max_val, self.num_bits, self.signed,
                                                   self.symmetric)
-        self.min_val = torch.as_tensor(min_val, dtype=torch.float32).clone()
-        self.max_val = torch.as_tensor(max_val, dtype=torch.float32).clone()
+        min_val = torch.as_tensor(min_val, dtype=torch.float32).clone()
+        max_val = torch.as_tensor(max_val, dtype=torch.float32).clone()
+        if self.observed and torch.equal(min_val, self.min_val) and torch.equal(max_val,
+                                                                               self.max_val):
+            return self  # nothing moved (e.g. the weights' range on an unchanged layer)
+        self.min_val, self.max_val = min_val, max_val
         self.scale, self.zero_point = scale, zero_point
+        self.version += 1
+        if self.frozen_by is not None:
+            warnings.warn(f"{self.frozen_by} was frozen, and its qparams just changed "
+                          "(calibrate(), a forward pass in training mode, or QAT observed new "
+                          "ranges): it is no longer frozen; call freeze() again before integer "
+                          "inference", UserWarning, stacklevel=3)
+            self.frozen_by = None
         return self
 
     def quantize_tensor(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,6 +165,9 @@ class QParam(nn.Module):
                 setattr(self, name, value.clone())
             elif strict:
                 missing_keys.append(key)
+        if strict:  # torch passes strict=True here and decides later whether to raise
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix)
+                                   and k[len(prefix):] not in _BUFFERS)
         if self.observed:
             want = self.scale.shape
             for name in _BUFFERS:

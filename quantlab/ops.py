@@ -111,8 +111,11 @@ class QAdd(QModule):
         m = add_multipliers(self.q_in.scale, self.q_in_b.scale, q_out.scale)
         for name, value in m.items():
             setattr(self, name, torch.as_tensor(value))
-        self.frozen_flag = torch.tensor(True)
+        self._mark_frozen()
         return self
+
+    def _qparams(self):
+        return (self.q_in, self.q_in_b, self.q_out)
 
     def quantize_inference(self, q_a: torch.Tensor, q_b: torch.Tensor) -> torch.Tensor:
         self._check_frozen()
@@ -252,8 +255,11 @@ class QCat(QModule):
                 raise RuntimeError("every input QParam must be observed: calibrate the model first")
         self.q_ins = torch.nn.ModuleList(_copy_qparam(q) for q in q_ins)
         self._take_q_out(None)
-        self.frozen_flag = torch.tensor(True)
+        self._mark_frozen()
         return self
+
+    def _qparams(self):
+        return (*self.q_ins, self.q_out)
 
     def quantize_inference(self, *q_xs: torch.Tensor) -> torch.Tensor:
         self._check_frozen()
@@ -297,7 +303,7 @@ class QInput(QModule):
 
     def freeze(self, q_in=None):
         self._take_q_in(None)
-        self.frozen_flag = torch.tensor(True)
+        self._mark_frozen()
         return self
 
     def quantize_inference(self, q_x):

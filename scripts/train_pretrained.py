@@ -9,6 +9,7 @@ Deterministic on one machine; other CPUs may differ in the last bits of the weig
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 import time
@@ -24,7 +25,7 @@ OFFICIAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mn
 
 
 def main() -> int:
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # nice to a shared CPU
     names = sys.argv[1:] or list(MODELS)
     unknown = sorted(set(names) - set(MODELS))
     if unknown:

@@ -1,0 +1,376 @@
+"""Export a frozen quantlab model to ONNX in the QOperator format (QLinearConv and friends).
+
+``to_onnx(model, path)`` writes a frozen :class:`~quantlab.models.QuantizedNet`, or a single frozen
+``QConv2d`` / ``QConvBNReLU`` / ``QLinear``, as a standard ONNX graph (opset 13 by default):
+
+    x (float32) -QuantizeLinear-> uint8 -QLinearConv-> uint8 -MaxPool-> ... -Flatten-> uint8
+      -Reshape (N, 1000, 1, 1)-> QLinearConv 1x1 (the fc layer) -Flatten-> y_q (uint8)
+      -DequantizeLinear-> y (float32)
+
+Graph outputs: ``y`` (the dequantized output) and ``y_q`` (its integers). With
+``input_dtype="uint8"`` the graph starts from the input integers ``x_q`` instead (no
+QuantizeLinear), which compares integers with integers.
+
+What each node holds, in quantlab's names:
+
+- ``QLinearConv``: ``q_x`` (uint8) with ``S_x, Z_x``; ``q_w`` as int8 with ``S_w, Z_w`` per tensor
+  (affine: ``Z_w != 0``, which ONNX Runtime supports per tensor) or per output channel (symmetric,
+  ``Z_w = 0``, which ONNX requires per channel); ``q_b`` as int32 (scale ``S_x * S_w``, zero point 0);
+  ``S_y, Z_y``. ONNX Runtime computes ``q_y = sat(rne(f32(acc + q_b) * M) + Z_y)`` with
+  ``M = f32(f32(S_x * S_w) / S_y)``; quantlab's default ``M`` is qnnpack's
+  ``f32(f32(S_x * S_w) * f32(1 / S_y))``, which differs in the last bit for some scales (freeze the
+  model with ``multiplier="onnxruntime"`` for ONNX Runtime's integers).
+- A fused ReLU needs no node: its output range starts at 0, so ``Z_y = 0`` and the uint8 saturation
+  is the ReLU. Narrower ranges (``num_bits < 8``, or a ReLU with ``Z_y > 0``) get a ``Clip``.
+- The fc layer is a 1x1 ``QLinearConv`` on the flattened features reshaped to (N, C, 1, 1), not a
+  ``QLinearMatMul``: QLinearMatMul has no bias input, and adding the int32 bias outside it would
+  need an integer MatMul, an Add and a float requantization of our own (MatMulInteger, Add, Cast,
+  Mul, QuantizeLinear), five nodes whose float rounding no longer matches quantlab's or ONNX
+  Runtime's fused requantization. The 1x1 conv is exactly ``q_w @ q_x + q_b`` with the same
+  requantization as the conv layers.
+
+Graph models (residual adds, pooling, concatenation, any model of ``quantize_model``) use four
+operators of ONNX Runtime's ``com.microsoft`` domain, which the standard has no QOperator for:
+
+- ``QLinearAdd`` for ``QAdd`` (+ a ``Clip`` at ``Z_y`` for a fused ReLU). ONNX Runtime adds in
+  float; quantlab uses qnnpack's fixed-point multipliers: measured equal except on exact .5 ties of
+  power-of-two scale ratios (1 LSB; ``tests/test_ops.py``).
+- ``QLinearGlobalAveragePool`` for ``AdaptiveAvgPool2d(1)`` (measured bit-exact) and
+  ``QLinearAveragePool`` for ``AvgPool2d`` (1 LSB on some outputs: it rounds its own way);
+  other adaptive output sizes are refused.
+- ``QLinearConcat`` for ``QCat`` (it divides by ``S_y`` where quantlab, like PyTorch, multiplies by
+  ``f32(1/S_y)``: 1 LSB on near-ties).
+
+ReLU6 is a ``Clip`` at ``[Z, Z + round(6/S)]``. Shape steps other than flatten are refused.
+
+Fixed-point (TFLite-style) requantization has no ONNX operator: such models are refused unless
+``allow_fixed_point=True``, which exports the same graph with a note in its metadata
+(``quantlab.requantization = fixed_point``): ONNX Runtime then requantizes in float (0.1-0.4% of
+outputs 1 LSB off), while :mod:`quantlab.engine` reads the note and reproduces quantlab's integers.
+Taught in notebook ``g_deploy``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from .graph import QuantizedNet, _refs
+from .modules import (
+    MULTIPLIER_FORMULAS,
+    QConv2d,
+    QConvBNReLU,
+    QFlatten,
+    QLinear,
+    QMaxPool2d,
+    QReLU,
+    relu6_limit,
+    requantization_multiplier,
+)
+from .ops import QAdd, QAvgPool2d, QCat, QInput, QReLU6
+
+#: metadata keys that tell quantlab.engine how quantlab requantized (ONNX has no field for it)
+META_MULTIPLIER = "quantlab.multiplier"
+META_REQUANTIZATION = "quantlab.requantization"
+INPUT_DTYPES = ("float32", "uint8")
+WEIGHT_DTYPES = ("uint8", "int8")
+
+
+def multiplier_formula(layer) -> str:
+    """Which formula produced a frozen layer's float32 multipliers: "qnnpack" or "onnxruntime".
+
+    Read from the multipliers themselves (a loaded state_dict carries them, not the formula);
+    when both formulas give the same float32 values, the layer's own ``multiplier_formula``.
+    """
+    matches = [f for f in MULTIPLIER_FORMULAS if torch.equal(
+        requantization_multiplier(layer.q_in.scale, layer.q_w.scale, layer.q_out.scale,
+                                  f).expand_as(layer.multiplier), layer.multiplier)]
+    if not matches:
+        raise ValueError(f"{type(layer).__name__}'s multipliers match neither formula of "
+                         f"{MULTIPLIER_FORMULAS}: freeze() it again")
+    own = getattr(layer, "multiplier_formula", "qnnpack")
+    return own if own in matches else matches[0]
+
+
+class _Graph:
+    """Collects nodes and initializers; names tensors uniquely."""
+
+    def __init__(self):
+        self.nodes, self.inits, self.count = [], [], 0
+        self.contrib = False  # uses com.microsoft operators
+
+    def contrib_node(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        """A node of ONNX Runtime's com.microsoft domain (QLinearAdd, QLinearConcat, ...)."""
+        self.contrib = True
+        out = f"{name}_out"
+        self.nodes.append(helper.make_node(op, inputs, [out], name=name, domain="com.microsoft",
+                                           **attrs))
+        return out
+
+    def const(self, name: str, value, dtype) -> str:
+        name = f"{name}_{len(self.inits)}"
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        self.count += 1
+        out = f"{name}_out" if name else f"t{self.count}"
+        self.nodes.append(helper.make_node(op, inputs, [out], name=name or f"{op}_{self.count}",
+                                           **attrs))
+        return out
+
+    def qparams(self, prefix: str, qparam) -> tuple[str, str]:
+        """(scale, zero point) initializers of an unsigned 8-bit activation QParam."""
+        if qparam.signed or qparam.quant_max > 255:
+            raise ValueError(f"{prefix}: ONNX's QLinear operators take uint8 activations; this "
+                             f"QParam has range [{qparam.quant_min}, {qparam.quant_max}]")
+        return (self.const(f"{prefix}_scale", float(qparam.scale), np.float32),
+                self.const(f"{prefix}_zero_point", int(qparam.zero_point), np.uint8))
+
+    def clip(self, x: str, low: int, high: int, name: str) -> str:
+        """A Clip node when [low, high] is narrower than uint8's [0, 255]."""
+        if (low, high) == (0, 255):
+            return x
+        lo = self.const(f"{name}_min", low, np.uint8)
+        hi = self.const(f"{name}_max", high, np.uint8)
+        return self.node("Clip", [x, lo, hi], f"{name}_clip")
+
+
+def _weighted(g: _Graph, layer, x: str, name: str, allow_fixed_point: bool,
+              weight_dtype: str) -> str:
+    if not layer.frozen:
+        raise RuntimeError(f"{name} is not frozen: calibrate and freeze() before to_onnx")
+    if layer.fixed_point and not allow_fixed_point:
+        raise ValueError(
+            f"{name} uses fixed-point requantization (Q31 multiplier and shift), which no ONNX "
+            "operator expresses: ONNX Runtime's QLinearConv requantizes in float32. Freeze the "
+            "model with fixed_point=False, or pass allow_fixed_point=True to export it anyway "
+            "(the graph is marked; ONNX Runtime's integers may then differ by 1 LSB)")
+    if layer.num_bits > 8:
+        raise ValueError(f"{name}: ONNX's QLinearConv takes 8-bit integers; num_bits is "
+                         f"{layer.num_bits}")
+    q_w = layer.q_w
+    w = layer.weight_int.to(torch.int64).numpy()
+    if isinstance(layer, QLinear):  # (out, in) -> (out, in, 1, 1): a 1x1 conv on (N, in, 1, 1)
+        w = w.reshape(w.shape[0], w.shape[1], 1, 1)
+        x = g.node("Reshape", [x, g.const("fc_shape", [0, -1, 1, 1], np.int64)], f"{name}_reshape")
+        attrs = dict(kernel_shape=[1, 1])
+    else:
+        c = layer.conv
+        pad_h, pad_w = c.padding
+        attrs = dict(kernel_shape=list(c.kernel_size), strides=list(c.stride),
+                     pads=[pad_h, pad_w, pad_h, pad_w], dilations=list(c.dilation),
+                     group=c.groups)
+    xs, xz = g.qparams(f"{name}_x", layer.q_in)
+    ys, yz = g.qparams(f"{name}_y", layer.q_out)
+    per_channel = q_w.axis is not None
+    w_scale = q_w.scale.numpy().astype(np.float32)
+    w_zp = q_w.zero_point.numpy().astype(np.int64)
+    if per_channel and np.any(w_zp != w_zp[0]):
+        raise ValueError(f"{name}: ONNX Runtime needs one weight zero point for all channels "
+                         "(symmetric per-channel weights)")
+    if weight_dtype == "uint8":  # the same real weights: (q_w + 128) - (Z_w + 128) = q_w - Z_w
+        w, w_zp = w + 128, w_zp + 128
+    dt = np.uint8 if weight_dtype == "uint8" else np.int8
+    inputs = [x, xs, xz, g.const(f"{name}_w", w, dt), g.const(f"{name}_w_scale", w_scale,
+                                                                np.float32),
+              g.const(f"{name}_w_zero_point", w_zp, dt), ys, yz,
+              g.const(f"{name}_bias", layer.bias_int.numpy(), np.int32)]
+    y = g.node("QLinearConv", inputs, name, **attrs)
+    low = int(layer.q_out.zero_point) if layer.relu else layer.q_out.quant_min
+    high = layer.q_out.quant_max
+    if layer.relu and layer.relu6:  # ReLU6: also the clip at Z_y + round(6 / S_y)
+        high = min(high, relu6_limit(layer.q_out))
+    y = g.clip(y, max(low, layer.q_out.quant_min), high, name)
+    if isinstance(layer, QLinear):
+        y = g.node("Flatten", [y], f"{name}_flatten", axis=1)
+    return y
+
+
+def to_onnx(model, path: str | os.PathLike | None = None, *, input_dtype: str = "float32",
+            weight_dtype: str = "uint8", opset: int = 13,
+            allow_fixed_point: bool = False) -> onnx.ModelProto:
+    """Write a frozen QuantizedNet / QConv2d / QConvBNReLU / QLinear as an ONNX QOperator graph.
+
+    Args:
+        model: the frozen model or layer (``calibrate``, then ``freeze()``): any model of
+            ``quantize_model`` (graphs with adds, pooling and concatenation use ONNX Runtime's
+            ``com.microsoft`` operators, see the module docstring).
+        path: where to write the ``.onnx`` file (None: only return the model).
+        input_dtype: ``"float32"``: input ``x`` of float images, quantized by a QuantizeLinear
+            node; ``"uint8"``: input ``x_q`` of the input integers (``q_in.quantize_tensor(x)``).
+        weight_dtype: ``"uint8"`` (default): the weights stored as ``q_w + 128`` with zero point
+            ``Z_w + 128`` (the same real values), which ONNX Runtime multiplies exactly on every
+            CPU; ``"int8"``: quantlab's int8 weights as they are, the usual U8S8 format, which
+            ONNX Runtime's AVX2 kernels (x86 without VNNI) multiply with ``vpmaddubsw``,
+            saturating pairs of products to int16 (wrong integers, see notebook ``g_deploy``).
+        opset: ONNX opset, 13 or later.
+        allow_fixed_point: export fixed-point models anyway (see the module docstring).
+    Returns:
+        the ``onnx.ModelProto`` (checked by ``onnx.checker``). Outputs ``y`` (float32) and ``y_q``
+        (uint8); metadata ``quantlab.multiplier`` and ``quantlab.requantization`` for
+        :mod:`quantlab.engine`.
+    """
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}; got {weight_dtype!r}")
+    if input_dtype not in INPUT_DTYPES:
+        raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}; got {input_dtype!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
+        raise ValueError(f"opset must be an int >= 13; got {opset!r}")
+    if isinstance(model, QuantizedNet):
+        if not model.frozen:
+            raise RuntimeError("model is not frozen: qnet.calibrate(train_loader); qnet.freeze()")
+        net = model
+    elif isinstance(model, (QConv2d, QConvBNReLU, QLinear)):
+        had_name = "qname" in model.__dict__
+        net = QuantizedNet([model], model.num_bits, model.q_w.axis is not None,
+                           model.fixed_point, False)
+        if not had_name:  # a one-layer graph for the export only: the layer keeps its own name
+            del model.qname
+    else:
+        raise TypeError(f"model must be a frozen QuantizedNet, QConv2d, QConvBNReLU or QLinear; "
+                        f"got {type(model).__name__}")
+    first = next(net.layers[s.index] for s in net.steps if s.kind == "layer")
+    if not isinstance(first, (QConv2d, QConvBNReLU, QLinear, QInput)):
+        raise TypeError("the first layer must be a QConv2d, QConvBNReLU, QLinear or QInput")
+    if not first.frozen:
+        raise RuntimeError("model is not frozen: calibrate, then freeze() before to_onnx")
+    g = _Graph()
+    shape = _input_shape(net, first)
+    q_in = net.q_in
+    if input_dtype == "float32":
+        x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+        xs, xz = g.qparams("input", q_in)
+        x = g.node("QuantizeLinear", ["x", xs, xz], "quantize_input")
+        x = g.clip(x, q_in.quant_min, q_in.quant_max, "quantize_input")
+    else:
+        x_in = helper.make_tensor_value_info("x_q", TensorProto.UINT8, shape)
+        x = "x_q"
+    values = {net.input_name: x}
+    formulas, fixed = set(), set()
+    for step in net.steps:
+        ins = [values[n] for n in _refs(step.args)]
+        if step.kind == "alias":
+            values[step.name] = ins[0]
+            continue
+        if step.kind == "shape":
+            if step.fn is torch.flatten and tuple(step.args[1:]) in ((1,), (1, -1)):
+                values[step.name] = g.node("Flatten", ins[:1], step.name, axis=1)
+                continue
+            raise TypeError(f"graph step {step.name} ({getattr(step.fn, '__name__', step.fn)}) has "
+                            "no ONNX export: only flatten(x, 1) of the shape functions is exported")
+        layer = net.layers[step.index]
+        name = f"{type(layer).__name__.lower()}_{step.index}"
+        if isinstance(layer, (QConv2d, QConvBNReLU, QLinear)):
+            values[step.name] = _weighted(g, layer, ins[0], name, allow_fixed_point, weight_dtype)
+            formulas.add(multiplier_formula(layer))
+            fixed.add(bool(layer.fixed_point))
+        else:
+            values[step.name] = _graph_op(g, layer, ins, name)
+    x = values[net.output_name]
+    out_q = net.q_out
+    g.nodes.append(helper.make_node("Identity", [x], ["y_q"], name="output_integers"))
+    ys, yz = g.qparams("output", out_q)
+    g.nodes.append(helper.make_node("DequantizeLinear", ["y_q", ys, yz], ["y"], name="dequantize"))
+    out_shape = _output_shape(net)
+    graph = helper.make_graph(
+        g.nodes, "quantlab_" + type(model).__name__, [x_in],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape),
+         helper.make_tensor_value_info("y_q", TensorProto.UINT8, out_shape)], g.inits)
+    opsets = [helper.make_opsetid("", opset)]
+    if g.contrib:
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="quantlab")
+    onnx_model.ir_version = min(onnx_model.ir_version, 8 if opset <= 17 else 10)
+    formula = "qnnpack" if "qnnpack" in formulas else "onnxruntime"
+    if len(formulas) > 1:
+        raise ValueError("the layers were frozen with different multiplier formulas: freeze the "
+                         "model again with one of them")
+    helper.set_model_props(onnx_model, {META_MULTIPLIER: formula,
+                                        META_REQUANTIZATION: "fixed_point" if True in fixed
+                                        else "float"})
+    onnx_model.doc_string = (
+        f"quantlab integer model. quantlab requantized with the {formula} multiplier formula"
+        + (" and fixed-point (Q31) requantization, which ONNX cannot express: ONNX Runtime "
+           "requantizes in float" if True in fixed else "") + ".")
+    onnx.checker.check_model(onnx_model, full_check=True)
+    if path is not None:
+        onnx.save(onnx_model, os.fspath(path))
+    return onnx_model
+
+
+def _input_shape(net: QuantizedNet, first) -> list:
+    if getattr(net, "input_shape", None) is not None:
+        return ["N", *net.input_shape]
+    if isinstance(first, QLinear):
+        return ["N", first.fc.in_features]
+    if isinstance(first, (QConv2d, QConvBNReLU)):
+        return ["N", first.conv.in_channels, "H", "W"]
+    return ["N", "C", "H", "W"]
+
+
+def _output_shape(net: QuantizedNet) -> list:
+    """The output's symbolic shape: (N, C) after a linear layer or a flatten, else (N, C, OH, OW)."""
+    names = {s.name: s for s in net.steps}
+    step = names.get(net.output_name)
+    while step is not None and step.kind == "alias":
+        step = names.get(_refs(step.args)[0])
+    if step is not None and step.kind == "layer" and isinstance(net.layers[step.index],
+                                                                (QLinear, QFlatten)):
+        return ["N", "C"]
+    if step is not None and step.kind == "shape":
+        return ["N", "C"]
+    return ["N", "C", "OH", "OW"]
+
+
+def _graph_op(g: _Graph, layer, ins: list[str], name: str) -> str:
+    """The ONNX nodes of an unweighted layer of the graph."""
+    x = ins[0]
+    if isinstance(layer, QMaxPool2d):
+        k = layer.kernel_size
+        s = layer.stride or k
+        p = layer.padding
+        return g.node("MaxPool", [x], name, kernel_shape=[k, k], strides=[s, s], pads=[p] * 4)
+    if isinstance(layer, QFlatten):
+        return g.node("Flatten", [x], name, axis=1)
+    if isinstance(layer, QReLU):  # max(q, Z): a clip at the zero point
+        return g.clip(x, int(layer.q_in.zero_point), layer.q_in.quant_max, name)
+    if isinstance(layer, QReLU6):  # clamp(q, Z, Z + round(6 / S))
+        return g.clip(x, int(layer.q_in.zero_point), relu6_limit(layer.q_in), name)
+    if isinstance(layer, QInput):  # the input is already quantized with its q_in
+        return x
+    if isinstance(layer, QAdd):
+        a_s, a_z = g.qparams(f"{name}_a", layer.q_in)
+        b_s, b_z = g.qparams(f"{name}_b", layer.q_in_b)
+        y_s, y_z = g.qparams(f"{name}_y", layer.q_out)
+        y = g.contrib_node("QLinearAdd", [ins[0], a_s, a_z, ins[1], b_s, b_z, y_s, y_z], name)
+        low = int(layer.q_out.zero_point) if layer.relu else layer.q_out.quant_min
+        return g.clip(y, max(low, layer.q_out.quant_min), layer.q_out.quant_max, name)
+    if isinstance(layer, QCat):
+        y_s, y_z = g.qparams(f"{name}_y", layer.q_out)
+        inputs = [y_s, y_z]
+        for i, (x_i, q) in enumerate(zip(ins, layer.q_ins)):
+            inputs += [x_i, *g.qparams(f"{name}_x{i}", q)]
+        y = g.contrib_node("QLinearConcat", inputs, name, axis=layer.dim)
+        return g.clip(y, layer.q_out.quant_min, layer.q_out.quant_max, name)
+    if isinstance(layer, QAvgPool2d):
+        s, z = g.qparams(name, layer.q_in)
+        size = layer.output_size
+        if size is not None:
+            if size not in (1, (1, 1), [1, 1]):
+                raise TypeError(f"{name}: adaptive average pooling to {size} has no ONNX "
+                                "operator; only output_size 1 (QLinearGlobalAveragePool)")
+            return g.contrib_node("QLinearGlobalAveragePool", [x, s, z, s, z], name,
+                                  channels_last=0)
+        k, st, p = (v if isinstance(v, (tuple, list)) else (v, v)
+                    for v in (layer.kernel_size, layer.stride or layer.kernel_size,
+                              layer.padding))
+        return g.contrib_node("QLinearAveragePool", [x, s, z, s, z], name, kernel_shape=list(k),
+                              strides=list(st), pads=[p[0], p[1], p[0], p[1]],
+                              ceil_mode=int(layer.ceil_mode),
+                              count_include_pad=int(layer.count_include_pad))
+    raise TypeError(f"{name} ({type(layer).__name__}) has no ONNX export")
