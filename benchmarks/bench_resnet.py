@@ -2,8 +2,10 @@
 
 Calibrates on the embedded training digits and prints
 1. accuracy on the embedded 1,000-digit split (95% Wilson interval) and the official 10,000-image
-   test set (when ../shared/data/mnist exists): float, PTQ int8 and int4, and agreement with
-   PyTorch's qnnpack integers;
+   test set (when ../shared/data/mnist exists): float, PTQ int8 and int4, QAT int4 (3 epochs);
+   agreement of the int8 logit integers with PyTorch's qnnpack kernels, with ONNX Runtime (the
+   exported graph: QLinearConv, QLinearAdd, QLinearGlobalAveragePool) and with quantlab's NumPy
+   engine;
 2. seconds to run the official images (or the embedded split) through the float model and
    quantlab's integer model. Target (issue 13): integer inference <= 2x the float model's time.
 """
@@ -11,41 +13,27 @@ Calibrates on the embedded training digits and prints
 from __future__ import annotations
 
 import time
-import warnings
 
 import torch
-from common import test_sets
+from common import CHUNK, best_of, setup
 
 from quantlab import quantize_model
-from quantlab.data import mnist_loaders
-from quantlab.reference import DEPRECATION_MESSAGES, torch_ao_available, torch_quantized_model
-from quantlab.training import evaluate, pretrained, wilson_interval
-
-CHUNK = 256  # both models run the images in the same batches of 256
-
-
-def best_of(fn, x, repeats=5):
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for chunk in x.split(CHUNK):
-                fn(chunk)
-            times.append(time.perf_counter() - start)
-    return min(times)
+from quantlab.reference import torch_ao_available, torch_quantized_model
+from quantlab.training import evaluate, pretrained, train, wilson_interval
 
 
 def main():
-    for message in DEPRECATION_MESSAGES:
-        warnings.filterwarnings("ignore", message=message)
-    torch.set_num_threads(2)
-    train_loader, test_loader = mnist_loaders("embedded")
-    sets = test_sets(test_loader)
+    train_loader, test_loader, sets = setup()
     resnet = pretrained("resnet")
     models = {"float ResNet": resnet}
     for bits in (8, 4):
         models[f"PTQ int{bits} per-channel"] = quantize_model(resnet, bits).calibrate(
             train_loader).freeze()
+    qat = quantize_model(resnet, 4, qat=True)
+    start = time.perf_counter()
+    train(qat, train_loader, epochs=3, progress=False)
+    models["QAT int4 per-channel"] = qat.freeze()
+    print(f"QAT int4: 3 epochs in {time.perf_counter() - start:.0f} s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print(f"{'model':26s}{'embedded % [95% interval]':>28s}" + "".join(
         f"{name + ' %':>14s}" for name in sets if name != "embedded"))
@@ -66,13 +54,36 @@ def main():
         print(f"\nint8 logit integers equal to PyTorch's qnnpack: {int((ours == theirs).sum())} of "
               f"{ours.numel()}; predictions equal: {int((ours.argmax(1) == theirs.argmax(1)).sum())}"
               f" of {len(images)}")
+    agreement_with_onnx(resnet, train_loader, images)
     print(f"\nspeed on {len(images)} images in batches of {CHUNK} (best of 5)")
     print(f"{'model':38s}{'seconds':>10s}{'x float':>10s}")
-    t_float = best_of(resnet, images)
+    t_float = best_of(resnet, images, 5)
     print(f"{'float ResNet':38s}{t_float:10.3f}{1.0:10.2f}")
-    t_int = best_of(qnet.quantize_inference, images)
+    t_int = best_of(qnet.quantize_inference, images, 5)
     print(f"{'quantlab int8 integer inference':38s}{t_int:10.3f}{t_int / t_float:10.2f}")
     print(f"target: integer <= 2x float: {'met' if t_int <= 2 * t_float else 'NOT met'}")
+
+
+def agreement_with_onnx(resnet, train_loader, images):
+    """int8 logit integers of ONNX Runtime and of the NumPy engine against quantlab's (the model
+    frozen with ONNX Runtime's conv multiplier formula, so that only the adds can differ)."""
+    import onnxruntime as ort
+
+    from quantlab.engine import Engine
+    from quantlab.export import to_onnx
+
+    qnet = quantize_model(resnet, 8, multiplier="onnxruntime").calibrate(train_loader).freeze()
+    model = to_onnx(qnet, input_dtype="uint8")
+    q_x = qnet.q_in.quantize_tensor(images)
+    ours = qnet.integer_inference(q_x).numpy()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    theirs = session.run(["y_q"], {"x_q": q_x.to(torch.uint8).numpy()})[0].astype("int32")
+    engine = Engine(model).run(q_x.to(torch.uint8).numpy())["y_q"].astype("int32")
+    for name, other in (("ONNX Runtime", theirs), ("the NumPy engine", engine)):
+        diff = abs(ours - other)
+        print(f"int8 logit integers equal to {name}: {int((diff == 0).sum())} of {diff.size} "
+              f"(max difference {int(diff.max())} LSB); predictions equal: "
+              f"{int((ours.argmax(1) == other.argmax(1)).sum())} of {len(ours)}")
 
 
 if __name__ == "__main__":

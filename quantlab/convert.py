@@ -53,14 +53,22 @@ class UnsupportedModelError(ValueError):
     """The model holds a node quantize_model cannot convert (the message names it)."""
 
 
-_RELU_FNS = {F.relu, torch.relu, torch.relu_}
-_RELU6_FNS = {F.relu6}
-_ADD_FNS = {operator.add, operator.iadd, torch.add}
-_CAT_FNS = {torch.cat, torch.concat}
-_FLATTEN_FNS = {torch.flatten}
-_DROPOUT_FNS = {F.dropout}
-_SHAPE_METHODS = {"view", "reshape", "size", "contiguous"}
-_SHAPE_FNS = {torch.reshape, operator.getitem, getattr}
+#: module classes by kind, in the order they are tried (a Hardtanh(0, 6) is a ReLU6 too)
+_MODULE_KINDS = ((nn.Conv2d, "conv"), (nn.BatchNorm2d, "bn"), (nn.Linear, "linear"),
+                 (nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.MaxPool2d, "maxpool"),
+                 (nn.AvgPool2d, "avgpool"), (nn.AdaptiveAvgPool2d, "adaptive"),
+                 (nn.Flatten, "flatten"), ((nn.Identity, nn.Dropout), "alias"))
+#: functions by kind
+_FUNCTION_KINDS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6",
+                   F.max_pool2d: "maxpool", F.avg_pool2d: "avgpool",
+                   F.adaptive_avg_pool2d: "adaptive", operator.add: "add", operator.iadd: "add",
+                   torch.add: "add", torch.cat: "cat", torch.concat: "cat",
+                   torch.flatten: "flatten", F.dropout: "alias", torch.reshape: "shape",
+                   operator.getitem: "shape", getattr: "shape"}
+#: tensor methods by kind
+_METHOD_KINDS = {"relu": "relu", "relu_": "relu", "add": "add", "add_": "add",
+                 "flatten": "flatten", "view": "shape", "reshape": "shape", "size": "shape",
+                 "contiguous": "shape"}
 
 
 def _encode(arg):
@@ -98,62 +106,19 @@ def _kind(node: torch.fx.Node, modules: dict) -> str | None:
     flatten, shape, alias; None if unsupported."""
     if node.op == "call_module":
         m = modules[node.target]
-        if isinstance(m, nn.Conv2d):
-            return "conv"
-        if isinstance(m, nn.BatchNorm2d):
-            return "bn"
-        if isinstance(m, nn.Linear):
-            return "linear"
-        if isinstance(m, nn.ReLU6) or (isinstance(m, nn.Hardtanh) and
-                                       (m.min_val, m.max_val) == (0.0, 6.0)):
+        if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0):
             return "relu6"
-        if isinstance(m, nn.ReLU):
-            return "relu"
-        if isinstance(m, nn.MaxPool2d):
-            return "maxpool"
-        if isinstance(m, nn.AvgPool2d):
-            return "avgpool"
-        if isinstance(m, nn.AdaptiveAvgPool2d):
-            return "adaptive"
-        if isinstance(m, nn.Flatten):
-            return "flatten"
-        if isinstance(m, (nn.Identity, nn.Dropout)):
-            return "alias"
-        return None
+        return next((kind for cls, kind in _MODULE_KINDS if isinstance(m, cls)), None)
     if node.op == "call_function":
-        t = node.target
-        if t in _RELU_FNS:
-            return "relu"
-        if t in _RELU6_FNS or (t is F.hardtanh and (_arg(node, 1, "min_val", -1.0),
-                                                     _arg(node, 2, "max_val", 1.0)) == (0, 6)):
+        if node.target is F.hardtanh and (_arg(node, 1, "min_val", -1.0),
+                                          _arg(node, 2, "max_val", 1.0)) == (0, 6):
             return "relu6"
-        if t is F.max_pool2d:
-            return "maxpool"
-        if t is F.avg_pool2d:
-            return "avgpool"
-        if t is F.adaptive_avg_pool2d:
-            return "adaptive"
-        if t in _ADD_FNS:
-            return "add"
-        if t in _CAT_FNS:
-            return "cat"
-        if t in _FLATTEN_FNS:
-            return "flatten"
-        if t in _DROPOUT_FNS:
-            return "alias"
-        if t in _SHAPE_FNS:
-            return "shape"
-        return None
+        try:
+            return _FUNCTION_KINDS.get(node.target)
+        except TypeError:  # an unhashable target
+            return None
     if node.op == "call_method":
-        if node.target in ("relu", "relu_"):
-            return "relu"
-        if node.target in ("add", "add_"):
-            return "add"
-        if node.target == "flatten":
-            return "flatten"
-        if node.target in _SHAPE_METHODS:
-            return "shape"
-        return None
+        return _METHOD_KINDS.get(node.target)
     return None
 
 
