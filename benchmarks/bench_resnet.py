@@ -2,7 +2,8 @@
 
 Calibrates on the embedded training digits and prints
 1. accuracy on the embedded 1,000-digit split (95% Wilson interval) and the official 10,000-image
-   test set (when ../shared/data/mnist exists): float, PTQ int8 and int4, QAT int4 (3 epochs);
+   test set (when ../shared/data/mnist exists): float, PTQ int8 and int4 (calibrated on 1,024
+   training digits, as notebook h), QAT int4 (``--qat-epochs``, 0 to skip);
    agreement of the int8 logit integers with PyTorch's qnnpack kernels, with ONNX Runtime (the
    exported graph: QLinearConv, QLinearAdd, QLinearGlobalAveragePool) and with quantlab's NumPy
    engine;
@@ -12,6 +13,7 @@ Calibrates on the embedded training digits and prints
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -23,17 +25,22 @@ from quantlab.training import evaluate, pretrained, train, wilson_interval
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--qat-epochs", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timing runs (the best counts)")
+    args = parser.parse_args()
     train_loader, test_loader, sets = setup()
     resnet = pretrained("resnet")
     models = {"float ResNet": resnet}
     for bits in (8, 4):
         models[f"PTQ int{bits} per-channel"] = quantize_model(resnet, bits).calibrate(
-            train_loader).freeze()
-    qat = quantize_model(resnet, 4, qat=True)
-    start = time.perf_counter()
-    train(qat, train_loader, epochs=3, progress=False)
-    models["QAT int4 per-channel"] = qat.freeze()
-    print(f"QAT int4: 3 epochs in {time.perf_counter() - start:.0f} s")
+            train_loader, num_batches=16).freeze()
+    if args.qat_epochs:
+        qat = quantize_model(resnet, 4, qat=True)
+        start = time.perf_counter()
+        train(qat, train_loader, epochs=args.qat_epochs, progress=False)
+        models["QAT int4 per-channel"] = qat.freeze()
+        print(f"QAT int4: {args.qat_epochs} epoch(s) in {time.perf_counter() - start:.0f} s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print(f"{'model':26s}{'embedded % [95% interval]':>28s}" + "".join(
         f"{name + ' %':>14s}" for name in sets if name != "embedded"))
@@ -55,11 +62,11 @@ def main():
               f"{ours.numel()}; predictions equal: {int((ours.argmax(1) == theirs.argmax(1)).sum())}"
               f" of {len(images)}")
     agreement_with_onnx(resnet, train_loader, images)
-    print(f"\nspeed on {len(images)} images in batches of {CHUNK} (best of 5)")
+    print(f"\nspeed on {len(images)} images in batches of {CHUNK} (best of {args.repeats})")
     print(f"{'model':38s}{'seconds':>10s}{'x float':>10s}")
-    t_float = best_of(resnet, images, 5)
+    t_float = best_of(resnet, images, args.repeats)
     print(f"{'float ResNet':38s}{t_float:10.3f}{1.0:10.2f}")
-    t_int = best_of(qnet.quantize_inference, images, 5)
+    t_int = best_of(qnet.quantize_inference, images, args.repeats)
     print(f"{'quantlab int8 integer inference':38s}{t_int:10.3f}{t_int / t_float:10.2f}")
     print(f"target: integer <= 2x float: {'met' if t_int <= 2 * t_float else 'NOT met'}")
 
@@ -72,7 +79,8 @@ def agreement_with_onnx(resnet, train_loader, images):
     from quantlab.engine import Engine
     from quantlab.export import to_onnx
 
-    qnet = quantize_model(resnet, 8, multiplier="onnxruntime").calibrate(train_loader).freeze()
+    qnet = quantize_model(resnet, 8, multiplier="onnxruntime").calibrate(
+        train_loader, num_batches=16).freeze()
     model = to_onnx(qnet, input_dtype="uint8")
     q_x = qnet.q_in.quantize_tensor(images)
     ours = qnet.integer_inference(q_x).numpy()

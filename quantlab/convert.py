@@ -168,12 +168,12 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
             "fixed graph of supported ops") from e
 
 
-def quantize_model(model: nn.Module, num_bits: int = 8, per_channel: bool = True,
+def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
                    qat: bool = False, fixed_point: bool = False,
                    averaging_constant: float | None = None, output_bits: int | None = 8,
                    multiplier: str = "qnnpack",
                    example_input: torch.Tensor | None = None) -> QuantizedNet:
-    """Build the quantized version of any supported model (a deep copy: ``model`` is untouched).
+    """Build the quantized version of any supported model (a deep copy: ``net`` is untouched).
 
     The model is traced with ``torch.fx``; a Conv2d's BatchNorm2d is folded into it and a
     following ReLU/ReLU6 fused (the output range is observed after it and the activation becomes
@@ -181,7 +181,8 @@ def quantize_model(model: nn.Module, num_bits: int = 8, per_channel: bool = True
     the supported ops; anything else raises :class:`UnsupportedModelError` naming the node.
 
     Args:
-        model: an ``nn.Module`` mapping one image tensor to one output tensor.
+        net: the float model, an ``nn.Module`` mapping one image tensor to one output tensor
+            (``Net``, ``NetBN``, ``ResNet`` or your own).
         num_bits: bits of weights and activations (2..16; 8 for PyTorch's engines).
         per_channel: symmetric per-channel int weights (True) or affine per-tensor (False).
         qat: return a trainable model for quantization-aware training: activation ranges follow a
@@ -201,8 +202,8 @@ def quantize_model(model: nn.Module, num_bits: int = 8, per_channel: bool = True
             and must agree (catches a reshape that mixes the batch dimension), and the model
             accepts only inputs of its shape (``input_shape``).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"net must be a torch.nn.Module; got {type(net).__name__}")
     num_bits = check_num_bits(num_bits, "num_bits")
     per_channel, qat = check_bool(per_channel, "per_channel"), check_bool(qat, "qat")
     fixed_point = check_bool(fixed_point, "fixed_point")
@@ -217,16 +218,19 @@ def quantize_model(model: nn.Module, num_bits: int = 8, per_channel: bool = True
         if example_input.dim() < 2:
             raise ValueError(f"example_input must be a batch (N, ...); got "
                              f"{tuple(example_input.shape)}")
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        check_tensor(p, f"model.{name}")  # meta tensors (no data) cannot be quantized
+    if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in net.modules()):
+        raise TypeError(f"net must hold at least one Conv2d or Linear layer to quantize; "
+                        f"{type(net).__name__} has none")
+    for name, p in list(net.named_parameters()) + list(net.named_buffers()):
+        check_tensor(p, f"net.{name}")  # meta tensors (no data) cannot be quantized
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise ValueError(f"model.{name} holds NaN or inf: a float model to quantize must be "
+            raise ValueError(f"net.{name} holds NaN or inf: a float model to quantize must be "
                              "finite")
     if averaging_constant is None and qat:
         averaging_constant = 0.01
     # quantlab's qparams and observers are float32: a float64/float16 model is converted
     # (float16 -> float32 is exact; float64 -> float32 rounds each weight once)
-    model = copy.deepcopy(model).float().eval()
+    model = copy.deepcopy(net).float().eval()
     gm = _trace(model)
     modules = dict(gm.named_modules())
     nodes = list(gm.graph.nodes)
