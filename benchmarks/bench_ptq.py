@@ -11,37 +11,16 @@ integer inference <= 3x the float model's time.
 
 from __future__ import annotations
 
-import time
-import warnings
-
 import torch
-from common import stacked, test_sets
+from common import CHUNK, best_of, setup, stacked
 
-from quantlab.data import mnist_loaders
 from quantlab.models import quantize_model
-from quantlab.reference import DEPRECATION_MESSAGES, torch_quantized_model
+from quantlab.reference import torch_quantized_model
 from quantlab.training import evaluate, pretrained
-
-CHUNK = 256  # every model runs the images in the same batches of 256
-
-
-def best_of(fn, x, repeats=3):
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for chunk in x.split(CHUNK):
-                fn(chunk)
-            times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main():
-    for message in DEPRECATION_MESSAGES:
-        warnings.filterwarnings("ignore", message=message)
-    torch.set_num_threads(2)
-    train_loader, test_loader = mnist_loaders("embedded")
-    sets = test_sets(test_loader)
+    train_loader, test_loader, sets = setup()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; calibration on the "
           f"4,000 embedded training digits\n")
     print(f"{'model':38s}" + "".join(f"{name + ' %':>14s}" for name in sets)

@@ -3,7 +3,9 @@
 Layers, lowest first (lower layers never import higher ones):
 ``_validate`` (argument checks) <- ``qparams`` (ranges, scale, zero point) <- ``quantize``
 (quantize / dequantize / fake_quantize) <- ``observer`` (QParam) <- ``fixed_point`` (integer
-requantization) <- ``modules`` (QConv2d, QLinear, ...) <- ``models`` (Net, NetBN, quantize_model).
+requantization) <- ``modules`` (QConv2d, QLinear, ...) <- ``ops`` (add, average pool, cat, ReLU6)
+<- ``graph`` (QuantizedNet) <- ``convert`` (quantize_model: torch.fx) <- ``models`` (Net, NetBN,
+ResNet).
 ``data``, ``training``, ``plots``, ``reference`` and ``export`` sit beside them and are imported
 on demand; ``engine`` and ``npz`` need only NumPy (and onnx to read .onnx files); ``check``
 (the exercise checker, ``quantlab.check.run("a")``) sits on top.
@@ -21,8 +23,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "Net": "models",
     "NetBN": "models",
-    "QuantizedNet": "models",
-    "quantize_model": "models",
+    "ResNet": "models",
+    "QuantizedNet": "graph",
+    "quantize_model": "convert",
+    "UnsupportedModelError": "convert",
     "QParam": "observer",
     "calc_min_max": "qparams",
     "calc_scale_zero_point": "qparams",

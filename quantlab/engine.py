@@ -6,9 +6,13 @@
 with NumPy: ``engine(x)`` returns the graph's first output (the dequantized logits),
 ``engine.run(x)`` every output by name (``y_q`` holds the logit integers). It implements the
 operators that file uses: QuantizeLinear, QLinearConv, MaxPool, Flatten, Reshape, Clip, Identity,
-DequantizeLinear. ``import quantlab.engine`` needs only numpy (quantlab's package ``__init__`` is
-lazy; onnx is imported to read an ``.onnx`` file), so a deployed model runs where torch is not
-installed, and an ``.npz`` model where onnx is not either.
+DequantizeLinear, and for graph models ONNX Runtime's com.microsoft QLinearAdd,
+QLinearGlobalAveragePool, QLinearAveragePool and QLinearConcat, each computed as quantlab computes
+it (qnnpack's integers: the fixed-point add, the integer window sum times ``f32(S_x/(S_y n))``, the
+concatenation's ``rne(f32(S_x (q - Z_x)) * f32(1/S_y))``), not as ONNX Runtime rounds them.
+``import quantlab.engine`` needs only numpy (quantlab's package ``__init__`` is lazy; onnx is
+imported to read an ``.onnx`` file), so a deployed model runs where torch is not installed, and an
+``.npz`` model where onnx is not either.
 
 QLinearConv, as TFLite's reference ``integer_ops/conv.h`` (``acc`` exact, then requantize):
 
@@ -249,7 +253,8 @@ class Engine:
     """
 
     OPS = ("QuantizeLinear", "QLinearConv", "MaxPool", "Flatten", "Reshape", "Clip", "Identity",
-           "DequantizeLinear")
+           "DequantizeLinear", "QLinearAdd", "QLinearGlobalAveragePool", "QLinearAveragePool",
+           "QLinearConcat")
 
     def __init__(self, model, multiplier: str | None = None, requantization: str | None = None,
                  chunk_size: int = 256):
@@ -358,3 +363,64 @@ class Engine:
         x = _nchw(x)
         shape = [x.shape[i] if s == 0 else int(s) for i, s in enumerate(shape)]
         return _nhwc(x.reshape(shape))
+
+    # -- the com.microsoft operators of graph models, with quantlab's (qnnpack's) integers ---------
+    def _QLinearAdd(self, node, a, s_a, z_a, b, s_b, z_b, s_y, z_y):
+        """``Z_y + RoundingDivideByPOT(m_a (q_a - Z_a) + m_b (q_b - Z_b), shift)`` (qnnpack's q8vadd;
+        quantlab.ops.quantized_add): both multipliers on one shift, the larger in [2**21, 2**22)."""
+        m_a, m_b = np.float32(s_a) / np.float32(s_y), np.float32(s_b) / np.float32(s_y)
+        shift = 21 - (math.frexp(float(max(m_a, m_b)))[1] - 1)
+        scale = np.float32(2.0**shift)
+        qm_a, qm_b = int(np.rint(m_a * scale)), int(np.rint(m_b * scale))
+        acc = (a.astype(np.int64) - int(z_a)) * qm_a + (b.astype(np.int64) - int(z_b)) * qm_b
+        y = (acc + ((1 << (shift - 1)) - (acc < 0))) >> shift     # round half away from zero
+        lo, hi = _range(z_y.dtype)
+        return np.clip(y + int(z_y), lo, hi).astype(z_y.dtype)
+
+    @staticmethod
+    def _average(sums: np.ndarray, counts, s_x, s_y, z_y) -> np.ndarray:
+        """``Z_y + rne(f32(sum) * f32(S_x / f32(S_y * n)))`` (quantlab.ops.avg_pool_requantize)."""
+        m = np.float32(s_x) / (np.float32(s_y) * np.asarray(counts, dtype=np.float32))
+        y = np.rint(sums.astype(np.float32) * m) + np.float32(z_y)
+        lo, hi = _range(z_y.dtype)
+        return np.clip(y, lo, hi).astype(z_y.dtype)
+
+    def _QLinearGlobalAveragePool(self, node, x, s_x, z_x, s_y, z_y):
+        if node.attrs.get("channels_last", 0) or x.ndim != 4:
+            raise ValueError(f"{node.name}: QLinearGlobalAveragePool needs NCHW input")
+        sums = (x.astype(np.int64) - int(z_x)).sum(axis=(1, 2), keepdims=True)  # NHWC inside
+        return self._average(sums, x.shape[1] * x.shape[2], s_x, s_y, z_y)
+
+    def _QLinearAveragePool(self, node, x, s_x, z_x, s_y, z_y):
+        a = node.attrs
+        if a.get("ceil_mode", 0) or a.get("channels_last", 0) or \
+                a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise ValueError(f"{node.name}: QLinearAveragePool with ceil_mode, channels_last or "
+                             "auto_pad is not supported")
+        kernel = tuple(a["kernel_shape"])
+        strides, pads = tuple(a.get("strides", kernel)), tuple(a.get("pads", (0, 0, 0, 0)))
+        xi = x.astype(np.int64) - int(z_x)            # padding is real 0: 0 after subtracting Z
+        ones = np.ones((1,) + x.shape[1:3] + (1,), np.int64)
+        if any(pads):
+            widths = ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0))
+            xi, ones = np.pad(xi, widths), np.pad(ones, widths)
+        sums = _windows(xi, kernel, strides, (1, 1)).sum(axis=(4, 5))
+        if a.get("count_include_pad", 0):
+            counts = kernel[0] * kernel[1]
+        else:
+            counts = _windows(ones, kernel, strides, (1, 1)).sum(axis=(4, 5))
+        return self._average(sums, counts, s_x, s_y, z_y)
+
+    def _QLinearConcat(self, node, s_y, z_y, *inputs):
+        """Each input onto the output grid: ``Z_y + rne(f32(S_x (q_x - Z_x)) * f32(1/S_y))``
+        (quantlab.ops.requantize_to, as PyTorch's quantized cat), then concatenated."""
+        axis = node.attrs["axis"]
+        inv = np.float32(1.0) / np.float32(s_y)
+        lo, hi = _range(z_y.dtype)
+        parts = []
+        for x, s_x, z_x in zip(inputs[0::3], inputs[1::3], inputs[2::3]):
+            r = (x.astype(np.int64) - int(z_x)).astype(np.float32) * np.float32(s_x)
+            parts.append(np.clip(np.rint(r * inv) + np.float32(z_y), lo, hi).astype(z_y.dtype))
+        if parts[0].ndim == 4:  # NHWC inside: the ONNX (NCHW) axis moves
+            axis = {0: 0, 1: 3, 2: 1, 3: 2}[axis % 4]
+        return np.concatenate(parts, axis=axis)

@@ -29,6 +29,20 @@ What each node holds, in quantlab's names:
   Runtime's fused requantization. The 1x1 conv is exactly ``q_w @ q_x + q_b`` with the same
   requantization as the conv layers.
 
+Graph models (residual adds, pooling, concatenation, any model of ``quantize_model``) use four
+operators of ONNX Runtime's ``com.microsoft`` domain, which the standard has no QOperator for:
+
+- ``QLinearAdd`` for ``QAdd`` (+ a ``Clip`` at ``Z_y`` for a fused ReLU). ONNX Runtime adds in
+  float; quantlab uses qnnpack's fixed-point multipliers: measured equal except on exact .5 ties of
+  power-of-two scale ratios (1 LSB; ``tests/test_ops.py``).
+- ``QLinearGlobalAveragePool`` for ``AdaptiveAvgPool2d(1)`` (measured bit-exact) and
+  ``QLinearAveragePool`` for ``AvgPool2d`` (1 LSB on some outputs: it rounds its own way);
+  other adaptive output sizes are refused.
+- ``QLinearConcat`` for ``QCat`` (it divides by ``S_y`` where quantlab, like PyTorch, multiplies by
+  ``f32(1/S_y)``: 1 LSB on near-ties).
+
+ReLU6 is a ``Clip`` at ``[Z, Z + round(6/S)]``. Shape steps other than flatten are refused.
+
 Fixed-point (TFLite-style) requantization has no ONNX operator: such models are refused unless
 ``allow_fixed_point=True``, which exports the same graph with a note in its metadata
 (``quantlab.requantization = fixed_point``): ONNX Runtime then requantizes in float (0.1-0.4% of
@@ -47,7 +61,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from .models import QuantizedNet
+from .graph import QuantizedNet, _refs
 from .modules import (
     MULTIPLIER_FORMULAS,
     QConv2d,
@@ -56,9 +70,11 @@ from .modules import (
     QLinear,
     QMaxPool2d,
     QReLU,
+    relu6_limit,
     requantization_multiplier,
 )
 from .npz import write
+from .ops import QAdd, QAvgPool2d, QCat, QInput, QReLU6
 
 #: metadata keys that tell quantlab.engine how quantlab requantized (ONNX has no field for it)
 META_MULTIPLIER = "quantlab.multiplier"
@@ -88,6 +104,15 @@ class _Graph:
 
     def __init__(self):
         self.nodes, self.inits, self.count = [], [], 0
+        self.contrib = False  # uses com.microsoft operators
+
+    def contrib_node(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        """A node of ONNX Runtime's com.microsoft domain (QLinearAdd, QLinearConcat, ...)."""
+        self.contrib = True
+        out = f"{name}_out"
+        self.nodes.append(helper.make_node(op, inputs, [out], name=name, domain="com.microsoft",
+                                           **attrs))
+        return out
 
     def const(self, name: str, value, dtype) -> str:
         name = f"{name}_{len(self.inits)}"
@@ -160,7 +185,10 @@ def _weighted(g: _Graph, layer, x: str, name: str, allow_fixed_point: bool,
               g.const(f"{name}_bias", layer.bias_int.numpy(), np.int32)]
     y = g.node("QLinearConv", inputs, name, **attrs)
     low = int(layer.q_out.zero_point) if layer.relu else layer.q_out.quant_min
-    y = g.clip(y, max(low, layer.q_out.quant_min), layer.q_out.quant_max, name)
+    high = layer.q_out.quant_max
+    if layer.relu and layer.relu6:  # ReLU6: also the clip at Z_y + round(6 / S_y)
+        high = min(high, relu6_limit(layer.q_out))
+    y = g.clip(y, max(low, layer.q_out.quant_min), high, name)
     if isinstance(layer, QLinear):
         y = g.node("Flatten", [y], f"{name}_flatten", axis=1)
     return y
@@ -190,7 +218,9 @@ def to_onnx(model, path: str | os.PathLike | None = None, *, input_dtype: str = 
     """Write a frozen QuantizedNet / QConv2d / QConvBNReLU / QLinear as an ONNX QOperator graph.
 
     Args:
-        model: the frozen model or layer (``calibrate``, then ``freeze()``).
+        model: the frozen model or layer (``calibrate``, then ``freeze()``): any model of
+            ``quantize_model`` (graphs with adds, pooling and concatenation use ONNX Runtime's
+            ``com.microsoft`` operators, see the module docstring).
         path: where to write the ``.onnx`` file (None: only return the model).
         input_dtype: ``"float32"``: input ``x`` of float images, quantized by a QuantizeLinear
             node; ``"uint8"``: input ``x_q`` of the input integers (``q_in.quantize_tensor(x)``).
@@ -212,49 +242,70 @@ def to_onnx(model, path: str | os.PathLike | None = None, *, input_dtype: str = 
         raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}; got {input_dtype!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
         raise ValueError(f"opset must be an int >= 13; got {opset!r}")
-    layers = _layers(model, "to_onnx")
-    first, last = layers[0], layers[-1]
+    if isinstance(model, QuantizedNet):
+        if not model.frozen:
+            raise RuntimeError("model is not frozen: qnet.calibrate(train_loader); qnet.freeze()")
+        net = model
+    elif isinstance(model, (QConv2d, QConvBNReLU, QLinear)):
+        had_name = "qname" in model.__dict__
+        net = QuantizedNet([model], model.num_bits, model.q_w.axis is not None,
+                           model.fixed_point, False)
+        if not had_name:  # a one-layer graph for the export only: the layer keeps its own name
+            del model.qname
+    else:
+        raise TypeError(f"model must be a frozen QuantizedNet, QConv2d, QConvBNReLU or QLinear; "
+                        f"got {type(model).__name__}")
+    first = next(net.layers[s.index] for s in net.steps if s.kind == "layer")
+    if not isinstance(first, (QConv2d, QConvBNReLU, QLinear, QInput)):
+        raise TypeError("the first layer must be a QConv2d, QConvBNReLU, QLinear or QInput")
+    if not first.frozen:
+        raise RuntimeError("model is not frozen: calibrate, then freeze() before to_onnx")
     g = _Graph()
-    ndim = 2 if isinstance(first, QLinear) else 4
-    channels = first.fc.in_features if isinstance(first, QLinear) else first.conv.in_channels
-    shape = ["N", channels] + (["H", "W"] if ndim == 4 else [])
+    shape = _input_shape(net, first)
+    q_in = net.q_in
     if input_dtype == "float32":
         x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
-        xs, xz = g.qparams("input", first.q_in)
+        xs, xz = g.qparams("input", q_in)
         x = g.node("QuantizeLinear", ["x", xs, xz], "quantize_input")
-        x = g.clip(x, first.q_in.quant_min, first.q_in.quant_max, "quantize_input")
+        x = g.clip(x, q_in.quant_min, q_in.quant_max, "quantize_input")
     else:
         x_in = helper.make_tensor_value_info("x_q", TensorProto.UINT8, shape)
         x = "x_q"
+    values = {net.input_name: x}
     formulas, fixed = set(), set()
-    for i, layer in enumerate(layers):
-        name = f"{type(layer).__name__.lower()}_{i}"
+    for step in net.steps:
+        ins = [values[n] for n in _refs(step.args)]
+        if step.kind == "alias":
+            values[step.name] = ins[0]
+            continue
+        if step.kind == "shape":
+            if step.fn is torch.flatten and tuple(step.args[1:]) in ((1,), (1, -1)):
+                values[step.name] = g.node("Flatten", ins[:1], step.name, axis=1)
+                continue
+            raise TypeError(f"graph step {step.name} ({getattr(step.fn, '__name__', step.fn)}) has "
+                            "no ONNX export: only flatten(x, 1) of the shape functions is exported")
+        layer = net.layers[step.index]
+        name = f"{type(layer).__name__.lower()}_{step.index}"
         if isinstance(layer, (QConv2d, QConvBNReLU, QLinear)):
-            x = _weighted(g, layer, x, name, allow_fixed_point, weight_dtype)
+            values[step.name] = _weighted(g, layer, ins[0], name, allow_fixed_point, weight_dtype)
             formulas.add(multiplier_formula(layer))
             fixed.add(bool(layer.fixed_point))
-        elif isinstance(layer, QMaxPool2d):
-            k = layer.kernel_size
-            s = layer.stride or k
-            p = layer.padding
-            x = g.node("MaxPool", [x], name, kernel_shape=[k, k], strides=[s, s], pads=[p] * 4)
-        elif isinstance(layer, QFlatten):
-            x = g.node("Flatten", [x], name, axis=1)
-        elif isinstance(layer, QReLU):  # max(q, Z): a clip at the zero point
-            x = g.clip(x, int(layer.q_in.zero_point), layer.q_in.quant_max, name)
         else:
-            raise TypeError(f"layer {i} ({type(layer).__name__}) has no ONNX export")
-    out_q = last.output_qparam
+            values[step.name] = _graph_op(g, layer, ins, name)
+    x = values[net.output_name]
+    out_q = net.q_out
     g.nodes.append(helper.make_node("Identity", [x], ["y_q"], name="output_integers"))
     ys, yz = g.qparams("output", out_q)
     g.nodes.append(helper.make_node("DequantizeLinear", ["y_q", ys, yz], ["y"], name="dequantize"))
-    out_shape = ["N", "C"] + (["OH", "OW"] if isinstance(last, (QConv2d, QConvBNReLU)) else [])
+    out_shape = _output_shape(net)
     graph = helper.make_graph(
         g.nodes, "quantlab_" + type(model).__name__, [x_in],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape),
          helper.make_tensor_value_info("y_q", TensorProto.UINT8, out_shape)], g.inits)
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                                   producer_name="quantlab")
+    opsets = [helper.make_opsetid("", opset)]
+    if g.contrib:
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="quantlab")
     onnx_model.ir_version = min(onnx_model.ir_version, 8 if opset <= 17 else 10)
     formula = "qnnpack" if "qnnpack" in formulas else "onnxruntime"
     if len(formulas) > 1:
@@ -371,3 +422,76 @@ def to_npz(model, path: str | os.PathLike, *, input_dtype: str = "float32") -> d
                   layers=np.array(kinds))
     write(path, arrays)
     return arrays
+
+
+def _input_shape(net: QuantizedNet, first) -> list:
+    if getattr(net, "input_shape", None) is not None:
+        return ["N", *net.input_shape]
+    if isinstance(first, QLinear):
+        return ["N", first.fc.in_features]
+    if isinstance(first, (QConv2d, QConvBNReLU)):
+        return ["N", first.conv.in_channels, "H", "W"]
+    return ["N", "C", "H", "W"]
+
+
+def _output_shape(net: QuantizedNet) -> list:
+    """The output's symbolic shape: (N, C) after a linear layer or a flatten, else (N, C, OH, OW)."""
+    names = {s.name: s for s in net.steps}
+    step = names.get(net.output_name)
+    while step is not None and step.kind == "alias":
+        step = names.get(_refs(step.args)[0])
+    if step is not None and step.kind == "layer" and isinstance(net.layers[step.index],
+                                                                (QLinear, QFlatten)):
+        return ["N", "C"]
+    if step is not None and step.kind == "shape":
+        return ["N", "C"]
+    return ["N", "C", "OH", "OW"]
+
+
+def _graph_op(g: _Graph, layer, ins: list[str], name: str) -> str:
+    """The ONNX nodes of an unweighted layer of the graph."""
+    x = ins[0]
+    if isinstance(layer, QMaxPool2d):
+        k = layer.kernel_size
+        s = layer.stride or k
+        p = layer.padding
+        return g.node("MaxPool", [x], name, kernel_shape=[k, k], strides=[s, s], pads=[p] * 4)
+    if isinstance(layer, QFlatten):
+        return g.node("Flatten", [x], name, axis=1)
+    if isinstance(layer, QReLU):  # max(q, Z): a clip at the zero point
+        return g.clip(x, int(layer.q_in.zero_point), layer.q_in.quant_max, name)
+    if isinstance(layer, QReLU6):  # clamp(q, Z, Z + round(6 / S))
+        return g.clip(x, int(layer.q_in.zero_point), relu6_limit(layer.q_in), name)
+    if isinstance(layer, QInput):  # the input is already quantized with its q_in
+        return x
+    if isinstance(layer, QAdd):
+        a_s, a_z = g.qparams(f"{name}_a", layer.q_in)
+        b_s, b_z = g.qparams(f"{name}_b", layer.q_in_b)
+        y_s, y_z = g.qparams(f"{name}_y", layer.q_out)
+        y = g.contrib_node("QLinearAdd", [ins[0], a_s, a_z, ins[1], b_s, b_z, y_s, y_z], name)
+        low = int(layer.q_out.zero_point) if layer.relu else layer.q_out.quant_min
+        return g.clip(y, max(low, layer.q_out.quant_min), layer.q_out.quant_max, name)
+    if isinstance(layer, QCat):
+        y_s, y_z = g.qparams(f"{name}_y", layer.q_out)
+        inputs = [y_s, y_z]
+        for i, (x_i, q) in enumerate(zip(ins, layer.q_ins)):
+            inputs += [x_i, *g.qparams(f"{name}_x{i}", q)]
+        y = g.contrib_node("QLinearConcat", inputs, name, axis=layer.dim)
+        return g.clip(y, layer.q_out.quant_min, layer.q_out.quant_max, name)
+    if isinstance(layer, QAvgPool2d):
+        s, z = g.qparams(name, layer.q_in)
+        size = layer.output_size
+        if size is not None:
+            if size not in (1, (1, 1), [1, 1]):
+                raise TypeError(f"{name}: adaptive average pooling to {size} has no ONNX "
+                                "operator; only output_size 1 (QLinearGlobalAveragePool)")
+            return g.contrib_node("QLinearGlobalAveragePool", [x, s, z, s, z], name,
+                                  channels_last=0)
+        k, st, p = (v if isinstance(v, (tuple, list)) else (v, v)
+                    for v in (layer.kernel_size, layer.stride or layer.kernel_size,
+                              layer.padding))
+        return g.contrib_node("QLinearAveragePool", [x, s, z, s, z], name, kernel_shape=list(k),
+                              strides=list(st), pads=[p[0], p[1], p[0], p[1]],
+                              ceil_mode=int(layer.ceil_mode),
+                              count_include_pad=int(layer.count_include_pad))
+    raise TypeError(f"{name} ({type(layer).__name__}) has no ONNX export")

@@ -94,6 +94,13 @@ def check_integer_input(q: torch.Tensor, qparam: QParam, name: str = "q_x") -> t
     return q
 
 
+def relu6_limit(qparam: QParam) -> int:
+    """The integer of real 6 on ``qparam``'s grid, clamped to its range:
+    ``min(Z + rne(f32(6 * f32(1 / S))), quant_max)`` (as PyTorch's quantized relu6)."""
+    six = torch.round(torch.tensor(6.0) * (1.0 / qparam.scale.to(torch.float32)))
+    return min(int(qparam.zero_point) + int(six), qparam.quant_max)
+
+
 def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
     """(C,) -> (1, C, 1, ...) for a tensor of ``ndim`` dims with channels on axis 1."""
     return v.reshape([1, -1] + [1] * (ndim - 2)) if v.dim() == 1 else v
@@ -342,9 +349,7 @@ class _QWeighted(QModule):
         w_q = self.q_w.fake_quantize(w)
         q_in = self.input_qparam() if self.simulate_integer else None
         if q_in is None or not q_in.observed or self.q_out is None:
-            y = self._op(x, w_q, b)
-            if self.relu:
-                y = F.relu(y)
+            y = self._activation(self._op(x, w_q, b))
             return self.q_out(y) if self.q_out is not None else y
         bias_scale = self.q_w.scale * q_in.scale                  # f32(S_w * S_x), per channel
         if b is None:
@@ -352,9 +357,7 @@ class _QWeighted(QModule):
         q_b = torch.clamp(torch.round(b.detach().to(torch.float32) * (1.0 / bias_scale)),
                           INT32_MIN, INT32_MAX)
         b_q = b + (q_b * bias_scale - b).detach()                 # int32 bias, straight through
-        y = self._op(x, w_q, b_q)
-        if self.relu:
-            y = F.relu(y)
+        y = self._activation(self._op(x, w_q, b_q))
         y = self.q_out(y)                     # observes the range; straight-through gradient
         with torch.no_grad():
             exact = self.q_out.dequantize_tensor(self._simulate(x, w, q_in, q_b, bias_scale))
@@ -379,6 +382,16 @@ class _QWeighted(QModule):
             qm = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
             shift = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
         return self._requantize(acc, q_b.expand(w.shape[0]), multiplier, qm, shift)
+
+    #: a fused ReLU6 (set by quantlab.convert): with ``relu``, the output is also clamped at 6,
+    #: in integers at ``Z_y + round(6 / S_y)`` (see :func:`relu6_limit`)
+    relu6 = False
+
+    def _activation(self, y: torch.Tensor) -> torch.Tensor:
+        """The fused activation on float values: ReLU, or ReLU6 when ``relu6`` is set."""
+        if self.relu:
+            y = torch.clamp(y, 0.0, 6.0) if self.relu6 else F.relu(y)
+        return y
 
     # -- freeze ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -550,10 +563,14 @@ class _QWeighted(QModule):
         return self.add_zero_point_and_clamp(y)
 
     def add_zero_point_and_clamp(self, y: torch.Tensor) -> torch.Tensor:
-        """``clamp(y + Z_y)`` as int32; a fused ReLU is the clamp at ``Z_y``."""
+        """``clamp(y + Z_y)`` as int32; a fused ReLU is the clamp at ``Z_y``, a fused ReLU6 also
+        the clamp at ``Z_y + round(6 / S_y)``."""
         y = y + float(self.q_out.zero_point)
         low = float(self.q_out.zero_point) if self.relu else self.q_out.quant_min
-        return torch.clamp(y, max(low, self.q_out.quant_min), self.q_out.quant_max).to(torch.int32)
+        high = self.q_out.quant_max
+        if self.relu and self.relu6:
+            high = min(high, relu6_limit(self.q_out))
+        return torch.clamp(y, max(low, self.q_out.quant_min), high).to(torch.int32)
 
     def quantize_inference(self, q_x: torch.Tensor, pool: tuple[int, int] | None = None):
         """int32 input -> int32 output, integer arithmetic only.
@@ -707,9 +724,7 @@ class QConvBNReLU(_QWeighted):
         y = self._op(x_in, self.q_w.fake_quantize(w), None) / factor.reshape(1, -1, 1, 1)
         if self.conv.bias is not None:
             y = y + self.conv.bias.reshape(1, -1, 1, 1)
-        y = bn(y)
-        if self.relu:
-            y = F.relu(y)
+        y = self._activation(bn(y))
         return self.q_out(y) if self.q_out is not None else y
 
 

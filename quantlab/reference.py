@@ -20,7 +20,18 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .modules import QConv2d, QConvBNReLU, QLinear, QMaxPool2d, QModule, check_integer_input
+from .graph import _refs, _subst
+from .modules import (
+    QConv2d,
+    QConvBNReLU,
+    QFlatten,
+    QLinear,
+    QMaxPool2d,
+    QModule,
+    QReLU,
+    check_integer_input,
+)
+from .ops import QAdd, QAvgPool2d, QCat, QInput, QReLU6
 
 #: the deprecation warnings of torch.ao's quantized tensors and workflow (torch 2.14)
 DEPRECATION_MESSAGES = (".*quantized tensor creation functions.*",
@@ -89,6 +100,16 @@ def _qweight(layer) -> torch.Tensor:
         return torch._make_per_tensor_quantized_tensor(w, float(q_w.scale), int(q_w.zero_point))
     return torch._make_per_channel_quantized_tensor(
         w, q_w.scale.double(), q_w.zero_point.long(), q_w.axis)
+
+
+def _relu6(x: torch.Tensor) -> torch.Tensor:
+    """PyTorch's quantized ReLU6 on a contiguous tensor: measured on torch 2.14.1, ``F.relu6`` of a
+    channels-last quint8 tensor (what qnnpack's conv returns) gives its values in NHWC order read
+    as NCHW, i.e. scrambled (tests/test_convert.py shows it)."""
+    return F.relu6(x.contiguous())
+
+
+_GRAPH_LAYERS = (QAdd, QCat, QMaxPool2d, QAvgPool2d, QReLU, QReLU6, QFlatten, QInput)
 
 
 def torch_quantized_layer(layer: QModule, engine: str = "qnnpack"):
@@ -165,50 +186,87 @@ def float_bias_inference(layer: QModule, q_x: torch.Tensor) -> torch.Tensor:
 
 
 class TorchQuantizedNet(torch.nn.Module):
-    """PyTorch's int8 model with a QuantizedNet's integers and qparams (see torch_quantized_model)."""
+    """PyTorch's int8 model with a QuantizedNet's integers and qparams (see torch_quantized_model).
+
+    Walks the quantized graph with PyTorch's quantized ops: ``nnq.Conv2d`` / ``Linear`` (fused
+    ReLU variants), ``F.relu6``, ``torch.ops.quantized.add`` / ``add_relu``,
+    ``torch.ops.quantized.cat``, ``F.max_pool2d``, ``F.avg_pool2d``, ``F.adaptive_avg_pool2d`` and
+    ``F.relu`` on quint8 tensors; shape ops run unchanged on the quantized tensors.
+    """
 
     def __init__(self, qnet, engine: str):
         super().__init__()
         self.engine, self.qnet = engine, qnet
-        self.mods = torch.nn.ModuleList()
-        self.kinds = []
-        for layer in qnet.layers:
+        self.mods = torch.nn.ModuleDict()
+        for step in qnet.steps:
+            if step.kind != "layer":
+                continue
+            layer = qnet.layers[step.index]
             if isinstance(layer, (QConv2d, QConvBNReLU, QLinear)):
-                self.mods.append(torch_quantized_layer(layer, engine))
-                self.kinds.append(("layer", layer.q_out))
-            elif isinstance(layer, QMaxPool2d):
-                self.mods.append(torch.nn.Identity())
-                self.kinds.append(("pool", layer.kernel_size, layer.stride, layer.padding))
-            else:
-                self.mods.append(torch.nn.Identity())
-                self.kinds.append("flatten")
+                self.mods[str(step.index)] = torch_quantized_layer(layer, engine)
+            elif not isinstance(layer, _GRAPH_LAYERS):
+                raise TypeError(f"no PyTorch equivalent for {type(layer).__name__}")
+
+    def _layer(self, index: int, layer, args):
+        if isinstance(layer, (QConv2d, QConvBNReLU, QLinear)):
+            y = self.mods[str(index)](args[0])
+            if layer.relu6:
+                y = _relu6(y)
+            return narrow(y, layer.q_out)
+        if isinstance(layer, QAdd):
+            add = torch.ops.quantized.add_relu if layer.relu else torch.ops.quantized.add
+            y = add(args[0], args[1], float(layer.q_out.scale), int(layer.q_out.zero_point))
+            return narrow(y, layer.q_out)
+        if isinstance(layer, QCat):
+            y = torch.ops.quantized.cat(list(args), layer.dim, float(layer.q_out.scale),
+                                        int(layer.q_out.zero_point))
+            return narrow(y, layer.q_out)
+        x = args[0]
+        if isinstance(layer, QMaxPool2d):
+            return F.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding)
+        if isinstance(layer, QAvgPool2d):
+            if layer.output_size is not None:
+                return F.adaptive_avg_pool2d(x, layer.output_size)
+            return F.avg_pool2d(x, layer.kernel_size, layer.stride, layer.padding,
+                                layer.ceil_mode, layer.count_include_pad)
+        if isinstance(layer, QReLU):
+            return F.relu(x)
+        if isinstance(layer, QReLU6):
+            return _relu6(x)
+        if isinstance(layer, QFlatten):
+            return torch.flatten(x, 1)
+        return x  # QInput
 
     @torch.no_grad()
     def integer_inference(self, q_x: torch.Tensor) -> torch.Tensor:
-        """Input integers (quint8 values) -> logit integers, with PyTorch's kernels."""
+        """Input integers (quint8 values) -> output integers, with PyTorch's kernels."""
         q_in = self.qnet.q_in
         with quantized_engine(self.engine):
-            x = torch._make_per_tensor_quantized_tensor(q_x.to(torch.uint8), float(q_in.scale),
-                                                        int(q_in.zero_point))
-            for mod, kind in zip(self.mods, self.kinds):
-                if kind[0] == "layer":
-                    x = narrow(mod(x), kind[1])
-                elif kind == "flatten":
-                    x = torch.flatten(x, 1)
+            values = {self.qnet.input_name: torch._make_per_tensor_quantized_tensor(
+                q_x.to(torch.uint8), float(q_in.scale), int(q_in.zero_point))}
+            for step in self.qnet.steps:
+                names = _refs(step.args)
+                if step.kind == "alias":
+                    values[step.name] = values[names[0]]
+                    continue
+                args = _subst(step.args, values)
+                if step.kind == "shape":
+                    values[step.name] = step.fn(*args, **_subst(step.kwargs, values))
                 else:
-                    x = F.max_pool2d(x, kind[1], kind[2], kind[3])
-            return x.int_repr().to(torch.int32)
+                    values[step.name] = self._layer(step.index, self.qnet.layers[step.index], args)
+            return values[self.qnet.output_name].int_repr().to(torch.int32)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Float images -> dequantized logits (quantized with the same q_in as quantlab)."""
+        """Float images -> dequantized outputs (quantized with the same q_in as quantlab)."""
         q = self.integer_inference(self.qnet.q_in.quantize_tensor(x))
         return self.qnet.q_out.dequantize_tensor(q)
 
 
 def torch_quantized_model(qnet, engine: str = "qnnpack") -> TorchQuantizedNet:
-    """PyTorch's native int8 version of a frozen QuantizedNet, with the same integers."""
-    if not hasattr(qnet, "layers") or not hasattr(qnet, "frozen"):
+    """PyTorch's native int8 version of a frozen QuantizedNet (any converted model), with the
+    same integer weights and qparams."""
+    if not hasattr(qnet, "steps") or not hasattr(qnet, "frozen"):
         raise TypeError(f"qnet must be a QuantizedNet (quantize_model); got {type(qnet).__name__}")
     if not qnet.frozen:
         raise RuntimeError("qnet must be frozen (calibrate, then freeze()) before conversion")

@@ -33,6 +33,8 @@ from .observer import QParam
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
 #: quantlab's recipe for the shipped checkpoints (make weights): Adam, cosine schedule, shifts
 RECIPE = {"epochs": 26, "lr": 3e-3, "batch_size": 64, "max_shift": 2, "seed": 0}
+#: the recipe of each shipped checkpoint (the ResNet converges in fewer epochs)
+RECIPES = {"net": RECIPE, "netbn": RECIPE, "resnet": {**RECIPE, "epochs": 12}}
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -328,11 +330,15 @@ def pretrained(name: str = "net") -> nn.Module:
     """The trained float model shipped inside the package, verified by checksum, in eval mode.
 
     Args:
-        name: ``"net"`` (:class:`~quantlab.models.Net`) or ``"netbn"`` (``NetBN``).
+        name: ``"net"`` (:class:`~quantlab.models.Net`), ``"netbn"`` (``NetBN``) or
+            ``"resnet"`` (``ResNet``).
     """
     if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"name must be one of {sorted(MODELS)}; got {name!r}")
-    info = _checksums()[name]
+    info = _checksums().get(name)
+    if info is None:
+        raise FileNotFoundError(f"no checkpoint of {name!r} is shipped in {WEIGHTS_DIR}: train it "
+                                f"with `python scripts/train_pretrained.py {name}`")
     model = MODELS[name]()
     load_checkpoint(model, WEIGHTS_DIR / f"{name}.pt", sha256=info["sha256"])
     return model.eval()

@@ -116,7 +116,7 @@ def test_readme_names_are_parsed_like_the_table():
     assert table == {"x_lesson": ["quant_range", "QuantizedNet.calibrate", "QuantizedNet.freeze",
                                   "quantize_model", "modules.QConv2d", "modules.QLinear"]}
     assert build_book.resolve("quant_range") == "quantlab.qparams.quant_range"
-    assert build_book.resolve("QuantizedNet.freeze") == "quantlab.models.QuantizedNet.freeze"
+    assert build_book.resolve("QuantizedNet.freeze") == "quantlab.graph.QuantizedNet.freeze"
     assert build_book.resolve("modules.QLinear") == "quantlab.modules.QLinear"
     assert build_book.resolve("no_such_function") is None
 

@@ -57,7 +57,7 @@ CASES = {
         (lambda: training.random_shift(IMAGES[0], 2, torch.Generator()), V, "x"),
     ],
     "pretrained": [
-        (lambda: training.pretrained("resnet"), V, "name"),
+        (lambda: training.pretrained("resnet50"), V, "name"),
         (lambda: training.pretrained(None), V, "name"),
         (lambda: training.pretrained(["net"]), V, "name"),
         (lambda: training.pretrained_info(3), V, "name"),

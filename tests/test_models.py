@@ -104,8 +104,8 @@ def test_errors(loaders):
         qnet.calibrate([("not", "images")])
     with pytest.raises(RuntimeError, match="observed nothing"):
         qnet.freeze()
-    with pytest.raises(TypeError, match="Net or NetBN"):
-        quantize_model(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        quantize_model([torch.nn.Linear(2, 2)])
     qnet.calibrate(train, num_batches=1).freeze()
     with pytest.raises(TypeError, match="integer tensor"):
         qnet.integer_inference(torch.zeros(1, 1, 28, 28))

@@ -101,7 +101,8 @@ def test_notebook_ends_with_summary_and_exercises(path):
     assert headings[-3:] == ["Summary", "Exercises", "References"], headings
 
 
-LAYERS = ["qparams", "quantize", "observer", "fixed_point", "modules", "models"]
+LAYERS = ["qparams", "quantize", "observer", "fixed_point", "modules", "ops", "graph", "convert",
+          "models"]
 
 
 def test_lower_layers_never_import_higher_ones():
