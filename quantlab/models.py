@@ -224,7 +224,8 @@ class QuantizedNet(nn.Module):
 def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
                    qat: bool = False, fixed_point: bool = False,
                    averaging_constant: float | None = None,
-                   output_bits: int | None = 8) -> QuantizedNet:
+                   output_bits: int | None = 8, observer=None,
+                   weight_observer=None) -> QuantizedNet:
     """Build the quantized version of a ``Net`` or ``NetBN`` (a deep copy: ``net`` is untouched).
 
     Conv layers get their ReLU fused (the output range is observed after it); ``NetBN``'s BN is
@@ -242,8 +243,22 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
             for ``num_bits``). Below 8 bits ``num_bits`` applies to the input, every weight and
             every hidden activation, but 10 logits on 2 bits (4 levels) would mostly tie at the
             top level, so the output keeps its own width.
+        observer: the range estimator of the hidden activations (the conv outputs): None
+            (min/max, or the moving average for QAT), a name in ``quantlab.observers.OBSERVERS``
+            or an ``Observer`` (copied for each QParam). The input keeps min/max (the pixel
+            range, known exactly; entropy would clip the white strokes) and so do the logits
+            (clipping the top logit creates ties for the argmax). Notebook ``da_calibration``.
+        weight_observer: ``None``/``"minmax"`` or ``"mse"`` (clipping per channel with
+            ``per_channel=True``).
     """
     import copy
+
+    from .observers import OBSERVERS, make_observer
+
+    if weight_observer not in (None, "minmax", "mse"):
+        raise ValueError(f"weight_observer must be None, 'minmax' or 'mse'; got {weight_observer!r}")
+    if isinstance(observer, str) and observer not in OBSERVERS:
+        raise ValueError(f"observer must be one of {sorted(OBSERVERS)}; got {observer!r}")
 
     if not isinstance(net, (Net, NetBN)):
         raise TypeError(f"net must be a quantlab.models.Net or NetBN; got {type(net).__name__}")
@@ -264,6 +279,11 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
     layers = [conv1, QMaxPool2d(2, 2, num_bits=num_bits), conv2,
               QMaxPool2d(2, 2, num_bits=num_bits), QFlatten(num_bits), fc]
     qnet = QuantizedNet(layers, num_bits, per_channel, fixed_point, qat)
+    for layer in (conv1, conv2, fc):
+        if observer is not None and layer is not fc:  # hidden activations only
+            layer.q_out.observer = make_observer(copy.deepcopy(observer), None, averaging_constant)
+        if weight_observer is not None:
+            layer.q_w.observer = make_observer(weight_observer, layer.q_w.axis)
     if qat:
         # fine-tuning a trained model: BN statistics frozen, i.e. training folds BN exactly as
         # inference does (the last phase of the standard recipe; 2-bit NetBN measured 95% this

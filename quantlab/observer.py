@@ -1,5 +1,9 @@
 """``QParam``: observes ranges and holds the scale and zero point of one tensor.
 
+Which range it quantizes is its observer's choice (``quantlab.observers``: min/max by default,
+moving average, percentile, MSE, entropy, histogram); the QParam derives scale and zero point
+from that range with ``calc_scale_zero_point``.
+
 The quantized modules hold one per quantized tensor, as ``q_in``, ``q_w`` and ``q_out``.
 It is an ``nn.Module`` whose buffers (``min_val``, ``max_val``, ``scale``, ``zero_point``) travel
 with the model's ``state_dict``, so a frozen model can be saved and loaded.
@@ -11,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .qparams import calc_min_max, calc_scale_zero_point, check_axis, quant_range
+from .observers import make_observer
+from .qparams import calc_scale_zero_point, check_axis, quant_range
 from .quantize import dequantize, fake_quantize, quantize
 
 _BUFFERS = ("min_val", "max_val", "scale", "zero_point")
@@ -26,11 +31,17 @@ class QParam(nn.Module):
         symmetric: symmetric range (zero point 0 when signed) instead of affine min/max.
         axis: None for one scale per tensor; the channel axis for one scale per channel.
         averaging_constant: None keeps the all-time min/max (calibration); a value ``c`` in (0, 1]
-            keeps a moving average ``range <- range + c * (batch_range - range)`` (QAT).
+            keeps a moving average ``range <- range + c * (batch_range - range)`` (QAT); ``c == 1``
+            follows the latest tensor only (weights), whatever the observer.
+        observer: the range estimator: None (min/max, or the moving average when
+            ``averaging_constant`` is given), a name in ``quantlab.observers.OBSERVERS``
+            ("minmax", "moving_average", "percentile", "mse", "entropy", "histogram") or an
+            ``Observer`` instance. Its state (e.g. a histogram) is not part of the state_dict.
     """
 
     def __init__(self, num_bits: int = 8, signed: bool = False, symmetric: bool = False,
-                 axis: int | None = None, averaging_constant: float | None = None):
+                 axis: int | None = None, averaging_constant: float | None = None,
+                 observer=None):
         super().__init__()
         self.quant_min, self.quant_max = quant_range(num_bits, signed)
         if not isinstance(symmetric, bool):
@@ -42,6 +53,7 @@ class QParam(nn.Module):
                              f"{averaging_constant!r}")
         self.num_bits, self.signed, self.symmetric, self.axis = num_bits, signed, symmetric, axis
         self.averaging_constant = averaging_constant
+        self.observer = make_observer(observer, axis, averaging_constant)
         #: when False, update() leaves the range alone (a frozen observer)
         self.observing = True
         for name in _BUFFERS:
@@ -59,20 +71,17 @@ class QParam(nn.Module):
                                "calibrate()), or load a state_dict")
 
     def update(self, x: torch.Tensor) -> QParam:
-        """Observe a batch: merge its range into ``min_val``/``max_val`` and recompute qparams."""
+        """Observe a batch with the observer and recompute the range, scale and zero point."""
         if not self.observing and self.observed:
             return self
-        axis = check_axis(self.axis, x.dim()) if isinstance(x, torch.Tensor) else self.axis
-        if self.min_val.numel() == 0 or self.averaging_constant == 1.0:
-            new_min, new_max = calc_min_max(x, axis=axis)
-        elif self.averaging_constant is None:
-            new_min, new_max = calc_min_max(x, self.min_val, self.max_val, axis=axis)
-        else:
-            cur_min, cur_max = calc_min_max(x, axis=axis)
-            c = self.averaging_constant
-            new_min = self.min_val + c * (cur_min - self.min_val)
-            new_max = self.max_val + c * (cur_max - self.max_val)
-        self.set_range(new_min, new_max)
+        if isinstance(x, torch.Tensor):
+            check_axis(self.axis, x.dim())
+        if self.averaging_constant == 1.0:
+            self.observer.reset()
+        elif not self.observer.observed and self.min_val.numel() > 0:
+            self.observer.load_range(self.min_val, self.max_val)  # resume a loaded range
+        self.observer.observe(x)
+        self.set_range(*self.observer.calculate_range(self.num_bits, self.signed, self.symmetric))
         return self
 
     def set_range(self, min_val, max_val) -> QParam:
