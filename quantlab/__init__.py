@@ -2,8 +2,9 @@
 
 Layers, lowest first (lower layers never import higher ones):
 ``qparams`` (ranges, scale, zero point) <- ``quantize`` (quantize / dequantize / fake_quantize)
-<- ``observers`` (range estimators) <- ``observer`` (QParam) <- ``fixed_point`` (integer requantization) <- ``modules``
-(QConv2d, QLinear, ...) <- ``models`` (Net, NetBN, quantize_model).
+<- ``observers`` (range estimators) <- ``observer`` (QParam) <- ``fixed_point`` (integer
+requantization) <- ``modules`` (QConv2d, QLinear, ...) <- ``models`` (Net, NetBN, quantize_model)
+<- ``ptq`` (cross-layer equalization, bias correction, AdaRound).
 ``data``, ``training`` and ``plots`` sit beside them and are imported on demand; ``check`` (the
 exercise checker, ``quantlab.check.run("a")``) sits on top.
 """

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 import torch
-
 from torch.utils.data import DataLoader, TensorDataset
 
 import quantlab
 import quantlab.training
 from quantlab import QParam, fake_quantize
+from quantlab.data import embedded_split
 from quantlab.observers import (
     OBSERVERS,
     EntropyObserver,
@@ -19,7 +19,6 @@ from quantlab.observers import (
     l2_param_search,
     make_observer,
 )
-from quantlab.data import embedded_split
 from quantlab.qparams import calc_scale_zero_point
 
 

@@ -80,7 +80,7 @@ def test_notebook_ends_with_summary_and_exercises(path):
     assert headings[-2:] == ["Summary", "Exercises"], headings
 
 
-LAYERS = ["qparams", "quantize", "observer", "fixed_point", "modules", "models"]
+LAYERS = ["qparams", "quantize", "observers", "observer", "fixed_point", "modules", "models", "ptq"]
 
 
 def test_lower_layers_never_import_higher_ones():

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 import quantlab
 from quantlab import ptq
