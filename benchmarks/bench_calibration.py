@@ -83,10 +83,10 @@ def main():
           f"{args.iterations} iterations/layer; seconds per recipe (calibrate + methods + freeze, "
           f"not the evaluation) on a shared machine (inflated by other jobs)\n", flush=True)
     for name in args.models:
-        print(f"{name}: " + "".join(f"{b:>9d}b" for b in args.bits) + "    seconds per width")
+        print(f"{name}: recipe, then per width: accuracy % (seconds); AdaRound+bc: mean of the seeds")
         for recipe in args.recipes:
             seeds = range(args.seeds) if recipe == "adaround+bc" else [0]
-            cells, times, extra = [], [], []
+            print(f"  {recipe:14s}", end="", flush=True)
             for bits in args.bits:
                 accs, secs = [], []
                 for seed in seeds:
@@ -96,14 +96,10 @@ def main():
                     accs.append(100 * sum(
                         int((qnet.quantize_inference(x).argmax(1) == y).sum())
                         for x, y in sets[where]) / len(sets[where].dataset))
-                cells.append(sum(accs) / len(accs))
-                times.append(sum(secs) / len(secs))
-                if len(accs) > 1:
-                    extra.append(f"{bits}b seeds " + "/".join(f"{a:.2f}" for a in accs))
-            print(f"  {recipe:14s}" + "".join(f"{c:10.2f}" for c in cells) + "    "
-                  + " ".join(f"{s:.0f}" for s in times), flush=True)
-            if extra:
-                print("                " + "; ".join(extra), flush=True)
+                each = "" if len(accs) == 1 else " [" + "/".join(f"{a:.2f}" for a in accs) + "]"
+                print(f"  {bits}b {sum(accs) / len(accs):6.2f}{each} ({sum(secs) / len(secs):.0f} s)",
+                      end="", flush=True)
+            print(flush=True)
         print(flush=True)
 
 
