@@ -155,29 +155,35 @@ def _weighted_steps(qnet):
 
 @torch.no_grad()
 def bias_correction(qnet: QuantizedNet, data, max_images: int | None = 2000) -> dict:
-    """Empirical bias correction (Nagel et al. 2019), in place, layer by layer.
+    """Empirical bias correction (Nagel et al. 2019) of the weights' quantization error, in place.
 
-    For each weighted layer, on calibration images:
-    ``delta_c = mean_{n,h,w} [ W x_f + b ]_c - mean_{n,h,w} [ Q(W) x_q + b ]_c`` (before the ReLU),
-    where ``x_f`` is the float model's input to the layer and ``x_q`` the quantized model's (after
-    the layers before it are corrected); ``b_c += delta_c``. For ``QConvBNReLU`` the shift goes
-    into BN's beta (the folded bias moves by exactly ``delta``).
+    For each weighted layer in order, on calibration images:
+    ``delta_c = mean_{n,h,w} [ W x_q ]_c - mean_{n,h,w} [ Q(W) x_q ]_c = mean [ (W - Q(W)) x_q ]_c``
+    (before the ReLU), where ``x_q`` is the quantized model's input to the layer (after the
+    layers before it are corrected), ``W`` the float weight (the one before AdaRound, when
+    AdaRound ran) and ``Q(W)`` the weight the integer model uses; ``b_c += delta_c``. The shift
+    that quantized *weights* add to each output channel's mean is removed; the activations'
+    own quantization (clipping included) is left alone. For ``QConvBNReLU`` the shift goes into
+    BN's beta (the folded bias moves by exactly ``delta``).
 
     Args:
         qnet: a calibrated, not frozen QuantizedNet. data: images or a loader (training data).
+        max_images: use at most this many images (None: all).
     Returns:
         ``{layer index: delta}``.
     """
     _check_qnet(qnet)
     qnet.eval()
-    x_f = x_q = _images(data, max_images)
+    x_q = _images(data, max_images)
     deltas, start = {}, 0
     for i, layer in _weighted_steps(qnet):
-        x_f, x_q = _advance(qnet.layers[start:i], x_f, x_q)
+        x_q = _advance_quantized(qnet.layers[start:i], x_q)
         start = i
         w, b = layer.float_weight_bias()
-        y_f = layer._op(x_f, w, b)
-        y_q = layer._op(_quant_input(layer, x_q), layer.q_w.fake_quantize(w), b)
+        w_float = getattr(layer, "weight_before_adaround", w)
+        x_in = _quant_input(layer, x_q)
+        y_f = layer._op(x_in, w_float, None)
+        y_q = layer._op(x_in, layer.q_w.fake_quantize(w), None)
         dims = [d for d in range(y_f.dim()) if d != 1]
         delta = (y_f - y_q).mean(dims)
         bias_param = layer.bn.bias if isinstance(layer, QConvBNReLU) else \
@@ -185,6 +191,16 @@ def bias_correction(qnet: QuantizedNet, data, max_images: int | None = 2000) -> 
         bias_param.add_(delta)
         deltas[i] = delta
     return deltas
+
+
+def _advance_quantized(layers, x_q, chunk=500):
+    """Run fake-quantized activations through ``layers`` (eval mode, nothing observed)."""
+    outs = []
+    for c in x_q.split(chunk):
+        for layer in layers:
+            c = layer(c)
+        outs.append(c)
+    return torch.cat(outs) if outs else x_q
 
 
 # -- AdaRound ----------------------------------------------------------------------------------
@@ -200,6 +216,8 @@ def _pin_weight(layer, w: torch.Tensor):
     QParam stops observing, so freeze() quantizes ``w`` with the scales AdaRound used."""
     w_old, b_old = layer.float_weight_bias()
     b_old = None if b_old is None else b_old.detach().clone()
+    if not hasattr(layer, "weight_before_adaround"):  # bias correction measures against it
+        layer.weight_before_adaround = w_old.detach().clone()
     with torch.no_grad():
         if isinstance(layer, QConvBNReLU):
             # an identity BN: mean 0, var + eps = 1 exactly in float32 (eps = 2**-20, var =
