@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validate import check_int
 from .models import Net, NetBN, QuantizedNet
 from .modules import QConvBNReLU, QModule, _QWeighted, fold_bn
 
@@ -296,7 +297,7 @@ def adaround_layer(layer, x_q: torch.Tensor, x_f: torch.Tensor, iterations: int 
 
 
 def adaround(qnet: QuantizedNet, data, iterations: int = 1000, max_images: int | None = 2000,
-             seed: int = 0, **kwargs) -> dict:
+             seed: int = 0, layers=None, **kwargs) -> dict:
     """AdaRound every weighted layer of a calibrated ``qnet`` in order, in place.
 
     Layer ``k`` learns from ``x_q`` = the quantized model's input to it (with the layers before
@@ -307,18 +308,30 @@ def adaround(qnet: QuantizedNet, data, iterations: int = 1000, max_images: int |
         qnet: calibrated (activation ranges observed), not frozen.
         data: unlabeled calibration images (a tensor or a loader; never the test set).
         iterations: Adam steps per layer. seed: batch sampling.
+        layers: indices into ``qnet.layers`` of the weighted layers to round (None: all); the
+            others keep nearest rounding.
         kwargs: passed to :func:`adaround_layer` (batch_size, lr, reg, beta_range, warm_start).
     Returns:
         ``{layer index: statistics}`` (see :func:`adaround_layer`).
     """
     _check_qnet(qnet)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be an int >= 0; got {iterations!r}")
+    iterations = check_int(iterations, "iterations", 0)
+    seed = check_int(seed, "seed")
+    if max_images is not None:
+        max_images = check_int(max_images, "max_images", 1)
     qnet.eval()
     gen = torch.Generator().manual_seed(seed)
     x_f = x_q = _images(data, max_images)
     stats, start = {}, 0
-    for i, layer in _weighted_steps(qnet):
+    steps = _weighted_steps(qnet)
+    if layers is not None:
+        allowed = [i for i, _ in steps]
+        layers = [check_int(i, "layers[...]") for i in layers]
+        if not layers or any(i not in allowed for i in layers):
+            raise ValueError(f"layers must be a non-empty list of weighted-layer indices "
+                             f"{allowed}; got {layers}")
+        steps = [(i, m) for i, m in steps if i in layers]
+    for i, layer in steps:
         with torch.no_grad():
             x_f, x_q = _advance(qnet.layers[start:i], x_f, x_q)
         start = i
