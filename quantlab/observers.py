@@ -5,15 +5,15 @@ symmetric)``; the QParam (``quantlab.observer``) turns that range into a scale a
 ``calc_scale_zero_point``. Min/max keeps every outlier; the others clip the range, trading a
 larger error on the few clipped values for a finer grid (smaller rounding error) on all others.
 
-==================  =====================================================================
-``"minmax"``        running min and max (exactly today's QParam)
-``"moving_average"``  ``range <- range + c * (batch_range - range)`` (QAT; PyTorch's observer)
-``"percentile"``    the ``(100-p)/2`` and ``100-(100-p)/2`` percentiles of a histogram (ORT)
-``"mse"``           the clip ``alpha * [min, max]`` minimising the quantization MSE
-                    (per tensor over a histogram, per channel over the weights themselves)
-``"entropy"``       TensorRT's KL-divergence threshold over the histogram of ``|x|``
-``"histogram"``     PyTorch HistogramObserver's L2 search over start/end bins
-==================  =====================================================================
+======================  ========================================================================
+``"minmax"``            running min and max (exactly the QParam of notebook d)
+``"moving_average"``    ``range <- range + c * (batch_range - range)`` (QAT; PyTorch's observer)
+``"percentile"``        the ``(100-p)/2`` and ``100-(100-p)/2`` percentiles of a histogram (ORT)
+``"mse"``               the clip ``alpha * [min, max]`` minimising the quantization MSE
+                        (per tensor over a histogram, per channel over the weights themselves)
+``"entropy"``           TensorRT's KL-divergence threshold over the histogram of ``|x|``
+``"histogram"``         PyTorch HistogramObserver's L2 search over start/end bins
+======================  ========================================================================
 
 The histogram observers share ONNX Runtime's histogram: 2048 bins over ``[-T, T]``
 (``T = max |x|`` of the first batch), widened by whole bins on both sides when a later batch
