@@ -39,6 +39,7 @@ from .modules import (
     check_multiplier_formula,
 )
 from .observer import QParam
+from .observers import WEIGHT_OBSERVERS, Observer, check_observer, make_observer
 from .ops import QAdd, QAvgPool2d, QCat, QInput, QReLU6
 from .qparams import check_num_bits
 
@@ -171,7 +172,7 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
 def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
                    qat: bool = False, fixed_point: bool = False,
                    averaging_constant: float | None = None, output_bits: int | None = 8,
-                   multiplier: str = "qnnpack",
+                   multiplier: str = "qnnpack", observer=None, weight_observer=None,
                    example_input: torch.Tensor | None = None) -> QuantizedNet:
     """Build the quantized version of any supported model (a deep copy: ``net`` is untouched).
 
@@ -198,6 +199,14 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
         multiplier: ``"qnnpack"`` (default) or ``"onnxruntime"``: how ``freeze()`` computes the
             float32 requantization multiplier of the conv/linear layers, as PyTorch's qnnpack
             (``f32(f32(S_x*S_w) * f32(1/S_y))``) or as ONNX Runtime (``f32(f32(S_x*S_w) / S_y)``).
+        observer: the range estimator of the hidden activations (the outputs of the conv, linear,
+            add and cat layers, except the model's output): None (min/max, or the moving average
+            for QAT), a name in ``quantlab.observers.OBSERVERS`` or an ``Observer`` (copied for
+            each QParam). The input keeps min/max (the pixel range, known exactly; entropy would
+            clip the white strokes) and so do the logits (clipping the top logit creates ties for
+            the argmax). Notebook ``da_calibration``.
+        weight_observer: ``None``/``"minmax"`` or ``"mse"`` (clipping per channel with
+            ``per_channel=True``).
         example_input: an input batch; when given, the float and the traced graph are run on it
             and must agree (catches a reshape that mixes the batch dimension), and the model
             accepts only inputs of its shape (``input_shape``).
@@ -213,6 +222,11 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
         averaging_constant = check_real(averaging_constant, "averaging_constant", 0, 1,
                                         low_open=True)
     multiplier = check_multiplier_formula(multiplier)
+    observer = check_observer(observer, "observer")
+    weight_observer = check_observer(weight_observer, "weight_observer", WEIGHT_OBSERVERS)
+    if isinstance(weight_observer, Observer):
+        raise TypeError("weight_observer must be None or one of "
+                        f"{list(WEIGHT_OBSERVERS)}; got an Observer instance")
     if example_input is not None:
         check_tensor(example_input, "example_input")
         if example_input.dim() < 2:
@@ -403,6 +417,13 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
     # needs 28x28 images); None accepts any batch
     qnet.input_shape = tuple(example_input.shape[1:]) if example_input is not None else \
         getattr(model, "input_shape", None)
+    for layer in layers:
+        if observer is not None and isinstance(layer, (QConv2d, QConvBNReLU, QLinear, QAdd, QCat)) \
+                and layer.q_out is not None and layer.q_out is not qnet.q_out:  # hidden ones only
+            layer.q_out.observer = make_observer(copy.deepcopy(observer), None, averaging_constant)
+        if weight_observer is not None and hasattr(layer, "q_w"):
+            layer.q_w.observer = make_observer(weight_observer, layer.q_w.axis,
+                                               name="weight_observer", allowed=WEIGHT_OBSERVERS)
     for layer in layers:
         # QAT's forward pass computes exactly what the integer model will: int32 bias and
         # requantization rounding (the calibration of PTQ keeps the plain fake quantization)

@@ -41,6 +41,7 @@ Taught in notebooks ``d_post_training_quantize`` and ``e_conv_quantization_walkt
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 
 import torch
@@ -114,7 +115,8 @@ def _weight_view(zero_point: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def _copy_qparam(src: QParam) -> QParam:
     """A new QParam with the configuration and the observed values of ``src``."""
-    dst = QParam(src.num_bits, src.signed, src.symmetric, src.axis, src.averaging_constant)
+    dst = QParam(src.num_bits, src.signed, src.symmetric, src.axis, src.averaging_constant,
+                 observer=copy.deepcopy(src.observer))
     dst.load_state_dict(src.state_dict())
     return dst
 

@@ -1,6 +1,10 @@
 """``QParam``: observes ranges and holds the scale and zero point of one tensor.
 
 The quantized modules hold one per quantized tensor, as ``q_in``, ``q_w`` and ``q_out``.
+Which range it quantizes is its observer's choice (``quantlab.observers``: min/max by default,
+moving average, percentile, MSE, entropy, histogram); the QParam derives scale and zero point
+from that range with ``calc_scale_zero_point``.
+
 It is an ``nn.Module`` whose buffers (``min_val``, ``max_val``, ``scale``, ``zero_point``) travel
 with the model's ``state_dict``, so a frozen model can be saved and loaded.
 Taught in notebooks ``a_basic_quant`` (by hand) and ``d_post_training_quantize`` (in modules).
@@ -14,8 +18,8 @@ import torch
 from torch import nn
 
 from ._validate import check_bool, check_real
+from .observers import make_observer
 from .qparams import (
-    calc_min_max,
     calc_scale_zero_point,
     check_axis,
     check_float_tensor,
@@ -35,11 +39,17 @@ class QParam(nn.Module):
         symmetric: symmetric range (zero point 0 when signed) instead of affine min/max.
         axis: None for one scale per tensor; the channel axis for one scale per channel.
         averaging_constant: None keeps the all-time min/max (calibration); a value ``c`` in (0, 1]
-            keeps a moving average ``range <- range + c * (batch_range - range)`` (QAT).
+            keeps a moving average ``range <- range + c * (batch_range - range)`` (QAT); ``c == 1``
+            follows the latest tensor only (weights), whatever the observer.
+        observer: the range estimator: None (min/max, or the moving average when
+            ``averaging_constant`` is given), a name in ``quantlab.observers.OBSERVERS``
+            ("minmax", "moving_average", "percentile", "mse", "entropy", "histogram") or an
+            ``Observer`` instance. Its state (e.g. a histogram) is not part of the state_dict.
     """
 
     def __init__(self, num_bits: int = 8, signed: bool = False, symmetric: bool = False,
-                 axis: int | None = None, averaging_constant: float | None = None):
+                 axis: int | None = None, averaging_constant: float | None = None,
+                 observer=None):
         super().__init__()
         self.quant_min, self.quant_max = quant_range(num_bits, signed)
         symmetric = check_bool(symmetric, "symmetric")
@@ -50,6 +60,7 @@ class QParam(nn.Module):
                                             low_open=True)
         self.num_bits, self.signed, self.symmetric, self.axis = num_bits, signed, symmetric, axis
         self.averaging_constant = averaging_constant
+        self.observer = make_observer(observer, axis, averaging_constant)
         #: when False, update() leaves the range alone (a frozen observer)
         self.observing = True
         #: bumped whenever the qparams change: a frozen layer compares it with its freeze() time
@@ -82,25 +93,23 @@ class QParam(nn.Module):
                                "calibrate()), or load a state_dict")
 
     def update(self, x: torch.Tensor) -> QParam:
-        """Observe a batch: merge its range into ``min_val``/``max_val`` and recompute qparams.
+        """Observe a batch with the observer and recompute the range, scale and zero point.
 
+        Min/max and moving average continue from ``min_val``/``max_val`` (also after
+        ``set_range`` or ``load_state_dict``); the histogram observers from their own histogram.
         Observing after a layer's ``freeze()`` un-freezes that layer (with a warning): its integer
         weights, biases and multipliers no longer match these qparams until ``freeze()`` again.
         """
         if not self.observing and self.observed:
             return self
         check_float_tensor(x, "x")
-        axis = check_axis(self.axis, x.dim())
-        if self.min_val.numel() == 0 or self.averaging_constant == 1.0:
-            new_min, new_max = calc_min_max(x, axis=axis)
-        elif self.averaging_constant is None:
-            new_min, new_max = calc_min_max(x, self.min_val, self.max_val, axis=axis)
-        else:
-            cur_min, cur_max = calc_min_max(x, axis=axis)
-            c = self.averaging_constant
-            new_min = self.min_val + c * (cur_min - self.min_val)
-            new_max = self.max_val + c * (cur_max - self.max_val)
-        self.set_range(new_min, new_max)
+        check_axis(self.axis, x.dim())
+        if self.averaging_constant == 1.0:
+            self.observer.reset()
+        elif self.min_val.numel() > 0:
+            self.observer.load_range(self.min_val, self.max_val)  # min/max kinds only
+        self.observer.observe(x)
+        self.set_range(*self.observer.calculate_range(self.num_bits, self.signed, self.symmetric))
         return self
 
     def set_range(self, min_val, max_val) -> QParam:

@@ -1,0 +1,357 @@
+"""Advanced post-training quantization: cross-layer equalization, bias correction, AdaRound.
+
+* :func:`equalize` (Nagel et al. 2019, "Data-free quantization through weight equalization and
+  bias correction"): rescale conv1's output channels by ``1/s`` and conv2's matching input
+  channels by ``s`` so both have the same weight range; exact in float, since
+  ``relu(x / s) = relu(x) / s`` and max-pooling commute with ``s > 0``.
+* :func:`bias_correction` (same paper, empirical variant): add to each layer's bias the mean
+  per-channel shift ``E[y_float] - E[y_quant]`` measured on calibration data.
+* :func:`adaround` (Nagel et al. 2020, "Up or down? Adaptive rounding for post-training
+  quantization"): learn, layer by layer on unlabeled calibration data, whether each weight rounds
+  up or down; the result is ordinary integer weights.
+
+All three work on a calibrated ``QuantizedNet`` (bias correction, AdaRound) or on the float
+``Net`` (equalization, BN folding) and leave the integer path untouched: ``freeze()`` then gives
+weights, biases and multipliers that the existing integer inference and PyTorch's qnnpack
+kernels compute bit-exactly. Taught in notebook ``da_calibration``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._validate import check_int
+from .models import Net, NetBN, QuantizedNet
+from .modules import QConvBNReLU, QModule, _QWeighted, fold_bn
+
+#: the rectified sigmoid's stretch: h(V) = clamp(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)
+ZETA, GAMMA = 1.1, -0.1
+
+
+# -- float-model transforms ------------------------------------------------------------------
+
+@torch.no_grad()
+def fold_batchnorm(net: NetBN) -> Net:
+    """A ``Net`` whose convs hold ``NetBN``'s convs with their BN folded in (eval mode, running
+    statistics): ``w' = w gamma / sqrt(var + eps)``, ``b' = beta + (b - mean) gamma / sqrt(var +
+    eps)`` (:func:`quantlab.modules.fold_bn`, the same floats as ``QConvBNReLU``)."""
+    if not isinstance(net, NetBN):
+        raise TypeError(f"net must be a quantlab.models.NetBN; got {type(net).__name__}")
+    out = Net(net.conv1.in_channels)
+    for conv, bn, dst in ((net.conv1, net.bn1, out.conv1), (net.conv2, net.bn2, out.conv2)):
+        w, b = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight,
+                       bn.bias, bn.eps)
+        dst.weight.copy_(w)
+        dst.bias.copy_(b)
+    out.fc.load_state_dict(net.fc.state_dict())
+    return out.eval()
+
+
+def input_channel_ranges(conv: nn.Conv2d) -> torch.Tensor:
+    """``r2_i = max |W[o, i % (C_in/groups)]|`` over the output channels ``o`` of input channel
+    ``i``'s group: the weight range each input channel of a (grouped) conv meets."""
+    w = conv.weight.detach().abs()
+    g = conv.groups
+    c_out, c_in_g = w.shape[0], w.shape[1]
+    per_group = w.reshape(g, c_out // g, c_in_g, -1).amax(dim=(1, 3))  # (groups, C_in/groups)
+    return per_group.reshape(-1)
+
+
+@torch.no_grad()
+def equalize_pair(conv1: nn.Conv2d, conv2: nn.Conv2d) -> torch.Tensor:
+    """Cross-layer equalization of ``conv2(pool(relu(conv1(x))))`` in place.
+
+    ``r1_i = max |W1[i]|`` (conv1's output channel ``i``), ``r2_i`` = the range of conv2's
+    weights reading channel ``i`` (:func:`input_channel_ranges`, groups handled);
+    ``s_i = sqrt(r1_i / r2_i)``; ``W1[i] /= s_i``, ``b1[i] /= s_i``, ``W2[:, i] *= s_i``. Both
+    ranges become ``sqrt(r1_i r2_i)``. A channel with ``r1_i = 0`` or ``r2_i = 0`` keeps
+    ``s_i = 1``. Returns ``s`` of shape (C,).
+    """
+    if conv1.out_channels != conv2.in_channels or conv1.groups != 1:
+        raise ValueError("conv1 must be an ungrouped conv whose out_channels feed conv2")
+    r1 = conv1.weight.abs().flatten(1).amax(1)
+    r2 = input_channel_ranges(conv2)
+    ok = (r1 > 0) & (r2 > 0)
+    s = torch.where(ok, torch.sqrt(r1 / torch.where(ok, r2, 1.0)), torch.ones_like(r1))
+    conv1.weight.div_(s.reshape(-1, 1, 1, 1))
+    if conv1.bias is not None:
+        conv1.bias.div_(s)
+    g = conv2.groups
+    c_in_g = conv2.in_channels // g
+    w2 = conv2.weight.view(g, conv2.out_channels // g, c_in_g, *conv2.weight.shape[2:])
+    w2.mul_(s.reshape(g, 1, c_in_g, 1, 1))
+    return s
+
+
+def equalize(net: nn.Module) -> Net:
+    """A copy of ``Net`` (``NetBN`` is BN-folded first) with conv1 -> ReLU -> pool -> conv2
+    equalized (:func:`equalize_pair`); the float function is unchanged (up to rounding)."""
+    if isinstance(net, NetBN):
+        net = fold_batchnorm(net)
+    elif isinstance(net, Net):
+        net = copy.deepcopy(net)
+    else:
+        raise TypeError(f"net must be a quantlab.models.Net or NetBN; got {type(net).__name__}")
+    equalize_pair(net.conv1, net.conv2)
+    return net
+
+
+# -- layer inputs on calibration data ----------------------------------------------------------
+
+def _check_qnet(qnet):
+    if not isinstance(qnet, QuantizedNet):
+        raise TypeError(f"qnet must be a QuantizedNet (quantize_model); got {type(qnet).__name__}")
+    if not qnet.q_in.observed:
+        raise RuntimeError("qnet must be calibrated first: qnet.calibrate(train_loader)")
+    if qnet.frozen:
+        raise RuntimeError("qnet is frozen: apply bias correction / AdaRound before freeze()")
+
+
+def _images(data, max_images: int | None) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        x = data
+    else:
+        x = torch.cat([b[0] if isinstance(b, (tuple, list)) else b for b in data])
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+        raise TypeError("data must be a float (N, C, H, W) image tensor or a loader of them")
+    return x[:max_images] if max_images else x
+
+
+def _float_layer(layer, x):
+    """The float model's computation of a quantized layer (no fake quantization)."""
+    if isinstance(layer, _QWeighted):
+        w, b = layer.float_weight_bias()
+        y = layer._op(x, w, b)
+        return F.relu(y) if layer.relu else y
+    return layer(x)
+
+
+def _quant_input(layer, x):
+    """What the quantized layer computes with: its input, fake-quantized when it owns q_in."""
+    return layer.q_in.fake_quantize(x) if layer.qi else x
+
+
+def _advance(layers, x_f, x_q, chunk=500):
+    """Run float and fake-quantized activations through ``layers`` (eval, no observing)."""
+    outs_f, outs_q = [], []
+    for cf, cq in zip(x_f.split(chunk), x_q.split(chunk)):
+        for layer in layers:
+            cf, cq = _float_layer(layer, cf), layer(cq)
+        outs_f.append(cf)
+        outs_q.append(cq)
+    return torch.cat(outs_f), torch.cat(outs_q)
+
+
+def _weighted_steps(qnet):
+    """(index, layer) of the weighted layers, in order."""
+    return [(i, m) for i, m in enumerate(qnet.layers) if isinstance(m, _QWeighted)]
+
+
+# -- bias correction ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def bias_correction(qnet: QuantizedNet, data, max_images: int | None = 2000) -> dict:
+    """Empirical bias correction (Nagel et al. 2019) of the weights' quantization error, in place.
+
+    For each weighted layer in order, on calibration images:
+    ``delta_c = mean_{n,h,w} [ W x_q ]_c - mean_{n,h,w} [ Q(W) x_q ]_c = mean [ (W - Q(W)) x_q ]_c``
+    (before the ReLU), where ``x_q`` is the quantized model's input to the layer (after the
+    layers before it are corrected), ``W`` the float weight (the one before AdaRound, when
+    AdaRound ran) and ``Q(W)`` the weight the integer model uses; ``b_c += delta_c``. The shift
+    that quantized *weights* add to each output channel's mean is removed; the activations'
+    own quantization (clipping included) is left alone. For ``QConvBNReLU`` the shift goes into
+    BN's beta (the folded bias moves by exactly ``delta``).
+
+    Args:
+        qnet: a calibrated, not frozen QuantizedNet. data: images or a loader (training data).
+        max_images: use at most this many images (None: all).
+    Returns:
+        ``{layer index: delta}``.
+    """
+    _check_qnet(qnet)
+    qnet.eval()
+    x_q = _images(data, max_images)
+    deltas, start = {}, 0
+    for i, layer in _weighted_steps(qnet):
+        x_q = _advance_quantized(qnet.layers[start:i], x_q)
+        start = i
+        w, b = layer.float_weight_bias()
+        w_float = getattr(layer, "weight_before_adaround", w)
+        x_in = _quant_input(layer, x_q)
+        y_f = layer._op(x_in, w_float, None)
+        y_q = layer._op(x_in, layer.q_w.fake_quantize(w), None)
+        dims = [d for d in range(y_f.dim()) if d != 1]
+        delta = (y_f - y_q).mean(dims)
+        bias_param = layer.bn.bias if isinstance(layer, QConvBNReLU) else \
+            (layer.conv.bias if hasattr(layer, "conv") else layer.fc.bias)
+        bias_param.add_(delta)
+        deltas[i] = delta
+    return deltas
+
+
+def _advance_quantized(layers, x_q, chunk=500):
+    """Run fake-quantized activations through ``layers`` (eval mode, nothing observed)."""
+    outs = []
+    for c in x_q.split(chunk):
+        for layer in layers:
+            c = layer(c)
+        outs.append(c)
+    return torch.cat(outs) if outs else x_q
+
+
+# -- AdaRound ----------------------------------------------------------------------------------
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """``h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)``, zeta = 1.1, gamma = -0.1: reaches
+    exactly 0 and 1, so rounding decisions can become hard during training."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def _pin_weight(layer, w: torch.Tensor):
+    """Make ``layer.float_weight_bias()`` return exactly ``w`` (and its old bias); the weight
+    QParam stops observing, so freeze() quantizes ``w`` with the scales AdaRound used."""
+    w_old, b_old = layer.float_weight_bias()
+    b_old = None if b_old is None else b_old.detach().clone()
+    if not hasattr(layer, "weight_before_adaround"):  # bias correction measures against it
+        layer.weight_before_adaround = w_old.detach().clone()
+    with torch.no_grad():
+        if isinstance(layer, QConvBNReLU):
+            # an identity BN: mean 0, var + eps = 1 exactly in float32 (eps = 2**-20, var =
+            # 1 - 2**-20, both exact), gamma 1, beta 0 folds to w and b exactly
+            bn = layer.bn
+            bn.running_mean.zero_()
+            bn.eps = 2.0**-20
+            bn.running_var.fill_(1.0 - 2.0**-20)
+            bn.weight.fill_(1.0)
+            bn.bias.zero_()
+            if layer.conv.bias is None:
+                layer.conv.bias = nn.Parameter(torch.zeros(w.shape[0]))
+        param = layer.conv if hasattr(layer, "conv") else layer.fc
+        param.weight.copy_(w)
+        if b_old is not None:
+            param.bias.copy_(b_old)
+    layer.q_w.observing = False
+
+
+def adaround_layer(layer, x_q: torch.Tensor, x_f: torch.Tensor, iterations: int = 1000,
+                   batch_size: int = 64, lr: float = 1e-2, reg: float = 0.01,
+                   beta_range: tuple[float, float] = (20.0, 2.0), warm_start: float = 0.2,
+                   generator: torch.Generator | None = None) -> dict:
+    """AdaRound one weighted layer in place; returns its rounding statistics.
+
+    ``W~ = S (clamp(floor(W/S) + h(V) + Z, q_min, q_max) - Z)`` with ``V`` initialised so that
+    ``h(V) = W/S - floor(W/S)`` (W~ = W at the start). Adam minimises, on random batches,
+    ``|| f(W~ x_q + b) - f(W x_f + b) ||^2`` (summed over channels, averaged over the rest;
+    ``f`` the fused ReLU or identity) ``+ reg * sum(1 - |2 h(V) - 1|^beta)``; the regularizer
+    is off for the first ``warm_start`` of the iterations, then ``beta`` decays from 20 to 2 on a
+    cosine. Finally each weight rounds up where ``h(V) >= 0.5`` (``V >= 0``).
+    """
+    w, b = layer.float_weight_bias()
+    w, b = w.detach(), None if b is None else b.detach()
+    q_w = layer.q_w
+    shape = [-1] + [1] * (w.dim() - 1) if q_w.scale.dim() else []
+    scale, zp = q_w.scale.reshape(shape), q_w.zero_point.reshape(shape).to(torch.float32)
+    scaled = w * (1.0 / scale)
+    base = torch.floor(scaled)
+    rest = (scaled - base).clamp(1e-4, 1 - 1e-4)
+    v = torch.log((rest - GAMMA) / (ZETA - rest)).requires_grad_(True)  # h(v) = rest
+    opt = torch.optim.Adam([v], lr=lr)
+    lo, hi = q_w.quant_min, q_w.quant_max
+    n = x_q.shape[0]
+
+    def act(y):
+        return F.relu(y) if layer.relu else y
+
+    with torch.no_grad():  # the float layer's output on every calibration image, once
+        targets = torch.cat([act(layer._op(chunk, w, b)) for chunk in x_f.split(500)])
+    warm = int(warm_start * iterations)
+    for it in range(iterations):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
+        target = targets[idx]
+        w_soft = scale * (torch.clamp(base + rectified_sigmoid(v) + zp, lo, hi) - zp)
+        out = act(layer._op(x_q[idx], w_soft, b))
+        loss = (out - target).pow(2).sum(1).mean()
+        if it >= warm:
+            progress = (it - warm) / max(1, iterations - warm)
+            beta = beta_range[1] + 0.5 * (beta_range[0] - beta_range[1]) * (
+                1 + math.cos(math.pi * progress))
+            h = rectified_sigmoid(v)
+            loss = loss + reg * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        up = v >= 0
+        q = torch.clamp(base + up.to(torch.float32) + zp, lo, hi)
+        nearest = torch.clamp(torch.round(scaled) + zp, lo, hi)
+        _pin_weight(layer, scale * (q - zp))
+        soft = rectified_sigmoid(v)
+    return {"weight_int": q.to(torch.int32), "nearest_int": nearest.to(torch.int32),
+            "scaled": scaled, "changed": int((q != nearest).sum()), "total": q.numel(),
+            "undecided": int(((soft > 0.01) & (soft < 0.99)).sum())}
+
+
+def adaround(qnet: QuantizedNet, data, iterations: int = 1000, max_images: int | None = 2000,
+             seed: int = 0, layers=None, **kwargs) -> dict:
+    """AdaRound every weighted layer of a calibrated ``qnet`` in order, in place.
+
+    Layer ``k`` learns from ``x_q`` = the quantized model's input to it (with the layers before
+    it already rounded) and ``x_f`` = the float model's (asymmetric reconstruction, as the
+    paper). Afterwards ``qnet.freeze()`` produces exactly the learned integer weights.
+
+    Args:
+        qnet: calibrated (activation ranges observed), not frozen.
+        data: unlabeled calibration images (a tensor or a loader; never the test set).
+        iterations: Adam steps per layer. seed: batch sampling.
+        layers: indices into ``qnet.layers`` of the weighted layers to round (None: all); the
+            others keep nearest rounding.
+        kwargs: passed to :func:`adaround_layer` (batch_size, lr, reg, beta_range, warm_start).
+    Returns:
+        ``{layer index: statistics}`` (see :func:`adaround_layer`).
+    """
+    _check_qnet(qnet)
+    iterations = check_int(iterations, "iterations", 0)
+    seed = check_int(seed, "seed")
+    if max_images is not None:
+        max_images = check_int(max_images, "max_images", 1)
+    qnet.eval()
+    gen = torch.Generator().manual_seed(seed)
+    x_f = x_q = _images(data, max_images)
+    stats, start = {}, 0
+    steps = _weighted_steps(qnet)
+    if layers is not None:
+        allowed = [i for i, _ in steps]
+        layers = [check_int(i, "layers[...]") for i in layers]
+        if not layers or any(i not in allowed for i in layers):
+            raise ValueError(f"layers must be a non-empty list of weighted-layer indices "
+                             f"{allowed}; got {layers}")
+        steps = [(i, m) for i, m in steps if i in layers]
+    for i, layer in steps:
+        with torch.no_grad():
+            x_f, x_q = _advance(qnet.layers[start:i], x_f, x_q)
+        start = i
+        layer.q_w.update(layer.float_weight_bias()[0].detach())
+        stats[i] = adaround_layer(layer, _quant_input(layer, x_q).detach(), x_f.detach(),
+                                  iterations, generator=gen, **kwargs)
+    return stats
+
+
+def recalibrate(qnet: QuantizedNet, data, num_batches: int | None = None) -> QuantizedNet:
+    """Forget the activation ranges and observe them again (e.g. after AdaRound or bias
+    correction changed the weights); pinned weight qparams stay."""
+    from .observer import QParam
+
+    for layer in qnet.layers:
+        if isinstance(layer, QModule):
+            for name in ("q_in", "q_out"):
+                qp = getattr(layer, name, None)
+                if isinstance(qp, QParam):
+                    qp.observer.reset()
+                    for buf in ("min_val", "max_val", "scale", "zero_point"):
+                        setattr(qp, buf, torch.empty(0))
+    return qnet.calibrate(data, num_batches)

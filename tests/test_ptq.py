@@ -1,0 +1,178 @@
+import copy
+
+import pytest
+import torch
+
+import quantlab
+from quantlab import ptq
+from quantlab.data import embedded_split
+from quantlab.reference import ao_unavailable_reason, torch_ao_available, torch_quantized_model
+from quantlab.training import pretrained
+
+needs_ao = pytest.mark.skipif(not torch_ao_available(), reason=ao_unavailable_reason() or "ok")
+
+
+@pytest.fixture(scope="module")
+def data():
+    x_tr, y_tr, x_te, y_te = embedded_split()
+    return x_tr[:128], x_te[:200], y_te[:200]
+
+
+def test_equalize_keeps_the_function_and_equalizes_grouped_ranges(data):
+    calib, test, _ = data
+    net = pretrained("net").eval()
+    eq = ptq.equalize(net)
+    with torch.no_grad():
+        assert torch.allclose(net(test), eq(test), atol=1e-4, rtol=1e-4)
+    r1 = eq.conv1.weight.abs().flatten(1).amax(1)
+    r2 = ptq.input_channel_ranges(eq.conv2)
+    assert torch.allclose(r1, r2, rtol=1e-5)
+    before = net.conv1.weight.abs().flatten(1).amax(1)
+    assert (before.max() / before.min()) > (r1.max() / r1.min())  # ranges closer together
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_equalize_pair_with_groups_is_exact_in_float(groups):
+    torch.manual_seed(groups)
+    c1, c2 = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3, groups=groups)
+    with torch.no_grad():
+        c1.weight[2] *= 50  # a channel with a far larger range
+    x = torch.randn(2, 3, 9, 9)
+    want = c2(torch.relu(c1(x)))
+    s = ptq.equalize_pair(c1, c2)
+    assert torch.all(s > 0)
+    assert torch.allclose(c2(torch.relu(c1(x))), want, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(c1.weight.abs().flatten(1).amax(1), ptq.input_channel_ranges(c2), rtol=1e-5)
+
+
+def test_fold_batchnorm_gives_the_same_integers_as_qconvbnrelu(data):
+    calib, test, _ = data
+    netbn = pretrained("netbn")
+    a = quantlab.quantize_model(netbn, 4).calibrate([calib]).freeze()
+    b = quantlab.quantize_model(ptq.fold_batchnorm(netbn), 4).calibrate([calib]).freeze()
+    q = a.q_in.quantize_tensor(test)
+    assert torch.equal(a.integer_inference(q), b.integer_inference(q))
+
+
+@pytest.mark.parametrize("name", ["net", "netbn"])
+def test_bias_correction_removes_the_weights_mean_shift(data, name):
+    calib, _, _ = data
+    qnet = quantlab.quantize_model(pretrained(name), 3).calibrate([calib])
+    conv1 = qnet.layers[0]
+    w_float, b_old = (t.detach().clone() for t in conv1.float_weight_bias())
+    x_q = conv1.q_in.fake_quantize(calib)
+
+    def shift():  # mean over images and positions of float-weight output - integer-weight output
+        w, b = conv1.float_weight_bias()
+        with torch.no_grad():
+            return (conv1._op(x_q, w_float, b_old) - conv1._op(x_q, conv1.q_w.fake_quantize(w), b)
+                    ).mean((0, 2, 3))
+
+    before = shift()
+    deltas = ptq.bias_correction(qnet, calib)
+    assert torch.allclose(deltas[0], before, atol=1e-6)
+    assert before.abs().max() > 1e-3
+    assert shift().abs().max() < 1e-3 * before.abs().max()  # the mean shift is gone
+
+
+@pytest.fixture(scope="module", params=["net", "netbn"])
+def rounded(request, data):
+    """3-bit mse/mse models after AdaRound (10 steps) and bias correction, frozen: Net after
+    cross-layer equalization, NetBN as is (its QConvBNReLU layers)."""
+    calib, _, _ = data
+    net = pretrained(request.param)
+    if request.param == "net":
+        net = ptq.equalize(net)
+    qnet = quantlab.quantize_model(net, 3, weight_observer="mse", observer="mse").calibrate([calib])
+    stats = ptq.adaround(qnet, calib, iterations=10, batch_size=32)
+    ptq.bias_correction(qnet, calib)
+    return qnet.freeze(), stats
+
+
+def test_adaround_gives_integer_weights_next_to_the_float_ones(rounded):
+    qnet, stats = rounded
+    for i, st in stats.items():
+        layer = qnet.layers[i]
+        assert torch.equal(layer.weight_int, st["weight_int"])  # freeze keeps AdaRound's choice
+        floor = torch.floor(st["scaled"]).to(torch.int32)
+        lo, hi = layer.q_w.quant_min, layer.q_w.quant_max
+        inside = (floor >= lo) & (floor + 1 <= hi)
+        w = layer.weight_int[inside]
+        assert torch.all((w == floor[inside]) | (w == floor[inside] + 1))  # up or down only
+    assert sum(st["changed"] for st in stats.values()) > 0  # some differ from nearest rounding
+
+
+@needs_ao
+def test_adaround_cle_bias_corrected_models_are_bit_exact_with_qnnpack(rounded, data):
+    _, test, _ = data
+    qnet, _ = rounded
+    q = qnet.q_in.quantize_tensor(test)
+    assert torch.equal(qnet.integer_inference(q), torch_quantized_model(qnet, "qnnpack").integer_inference(q))
+
+
+def test_adaround_cle_bias_corrected_models_are_bit_exact_with_onnxruntime(rounded, data):
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from quantlab.export import to_onnx
+
+    _, test, _ = data
+    qnet = copy.deepcopy(rounded[0]).freeze(multiplier="onnxruntime")  # ORT's multiplier formula
+    q = qnet.q_in.quantize_tensor(test)
+    s = ort.InferenceSession(to_onnx(qnet, input_dtype="uint8").SerializeToString(),
+                             providers=["CPUExecutionProvider"])
+    theirs = s.run(["y_q"], {"x_q": q.numpy().astype(np.uint8)})[0]
+    assert np.array_equal(theirs.astype(np.int32), qnet.integer_inference(q).numpy())
+
+
+def test_adaround_lowers_the_layer_reconstruction_error(data):
+    calib, _, _ = data
+    qnet = quantlab.quantize_model(pretrained("net"), 2, weight_observer="mse").calibrate([calib])
+    fc = qnet.layers[5]
+    with torch.no_grad():
+        x_f, x_q = ptq._advance(qnet.layers[:5], calib, qnet.q_in.fake_quantize(calib))
+    w, b = fc.float_weight_bias()
+    with torch.no_grad():
+        target = fc._op(x_f, w, b)
+        nearest = (fc._op(x_q, fc.q_w.fake_quantize(w), b) - target).pow(2).mean()
+    ptq.adaround_layer(fc, x_q, x_f, iterations=100, batch_size=32,
+                       generator=torch.Generator().manual_seed(0))
+    w2, _ = fc.float_weight_bias()
+    with torch.no_grad():
+        learned = (fc._op(x_q, w2, b) - target).pow(2).mean()
+    assert learned < 0.9 * nearest
+
+
+def test_adaround_of_chosen_layers_leaves_the_others_nearest(data):
+    calib, _, _ = data
+    qnet = quantlab.quantize_model(pretrained("net"), 2).calibrate([calib])
+    stats = ptq.adaround(qnet, calib, iterations=5, layers=[5])
+    assert list(stats) == [5]
+    assert qnet.layers[5].q_w.observing is False and qnet.layers[0].q_w.observing is True
+    with pytest.raises(ValueError, match="layers"):
+        ptq.adaround(qnet, calib, iterations=1, layers=[1])
+
+
+def test_rectified_sigmoid_reaches_zero_and_one():
+    h = ptq.rectified_sigmoid(torch.tensor([-10.0, 0.0, 10.0]))
+    assert h[0] == 0.0 and h[2] == 1.0 and abs(float(h[1]) - 0.5) < 1e-6
+
+
+def test_ptq_errors(data):
+    calib, _, _ = data
+    with pytest.raises(TypeError, match="QuantizedNet"):
+        ptq.adaround(pretrained("net"), calib)
+    with pytest.raises(RuntimeError, match="calibrated"):
+        ptq.bias_correction(quantlab.quantize_model(pretrained("net"), 4), calib)
+    qnet = quantlab.quantize_model(pretrained("net"), 4).calibrate([calib])
+    with pytest.raises(ValueError, match="iterations"):
+        ptq.adaround(qnet, calib, iterations=-1)
+    with pytest.raises(TypeError, match="iterations"):
+        ptq.adaround(qnet, calib, iterations=1.5)
+    with pytest.raises(TypeError, match="NetBN"):
+        ptq.fold_batchnorm(pretrained("net"))
+    with pytest.raises(TypeError, match="data"):
+        ptq.adaround(qnet, [torch.zeros(3, dtype=torch.int32)])
+    qnet.freeze()
+    with pytest.raises(RuntimeError, match="frozen"):
+        ptq.adaround(qnet, calib)
