@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+DOCS_STAMP := $(VENV)/.installed-docs-stamp
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: all setup run test lint unit nbval notebooks exercises lab weights benchmark clean
+.PHONY: all setup run test lint unit nbval notebooks exercises lab weights benchmark book chromium clean
 
 all: run
 
@@ -17,12 +18,34 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The book's tools (Sphinx, myst-nb, the theme, offline MathJax, selenium): the `docs` extra.
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+## Headless Chromium, its driver and a CJK font for the book's browser test (Debian's packages).
+## Installs only what is missing, as root; elsewhere tests/test_book.py skips its browser checks.
+chromium:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && [ -e /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium chromium-driver fonts-wqy-zenhei (apt-get)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		{ apt-get install -y -q chromium chromium-driver fonts-wqy-zenhei >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver fonts-wqy-zenhei >/dev/null; }; } \
+		|| echo "chromium: apt-get failed; the book's browser test will skip"; \
+	else echo "chromium: not installed and not root (apt-get install chromium chromium-driver); the book's browser test will skip"; fi
+
+## The HTML book from the stored notebooks (no execution, no network): build/book/html/index.html
+book: $(DOCS_STAMP)
+	$(PY) scripts/build_book.py
+
 ## Execute every notebook in order into build/notebooks (the committed ones are not touched).
 run: $(STAMP)
 	$(PY) scripts/run_notebooks.py --out build/notebooks $(NOTEBOOKS)
 
-## Lint, unit tests (the exercise checker included) and nbval over every notebook and the exercise solutions.
-test: $(STAMP)
+## Lint, unit tests (the exercise checker and the book's browser test included) and nbval over every
+## notebook and the exercise solutions.
+test: $(DOCS_STAMP) chromium
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider notebooks exercises/solutions
@@ -33,7 +56,9 @@ lint: $(STAMP)
 ## Re-execute the notebooks in place, storing their outputs (commit the result).
 notebooks: $(STAMP)
 	cd notebooks && for nb in $(notdir $(NOTEBOOKS)); do \
-		../$(PY) -m jupyter nbconvert --to notebook --execute --inplace $$nb || exit 1; done
+		../$(PY) -m jupyter nbconvert --to notebook --execute --inplace \
+			--ExecutePreprocessor.store_widget_state=False $$nb || exit 1; done
+	$(PY) scripts/clean_notebooks.py $(NOTEBOOKS)
 
 ## Rebuild exercises/ (templates) and exercises/solutions/ from scripts/build_exercises.py, executed.
 exercises: $(STAMP)

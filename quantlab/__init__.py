@@ -1,40 +1,69 @@
 """quantlab: the reusable pieces of the quantization notebooks.
 
 Layers, lowest first (lower layers never import higher ones):
-``qparams`` (ranges, scale, zero point) <- ``quantize`` (quantize / dequantize / fake_quantize)
-<- ``observers`` (range estimators) <- ``observer`` (QParam) <- ``fixed_point`` (integer
-requantization) <- ``modules`` (QConv2d, QLinear, ...) <- ``models`` (Net, NetBN, quantize_model)
-<- ``ptq`` (cross-layer equalization, bias correction, AdaRound).
-``data``, ``training`` and ``plots`` sit beside them and are imported on demand; ``check`` (the
-exercise checker, ``quantlab.check.run("a")``) sits on top.
+``_validate`` (argument checks) <- ``qparams`` (ranges, scale, zero point) <- ``quantize``
+(quantize / dequantize / fake_quantize) <- ``observers`` (range estimators) <- ``observer``
+(QParam) <- ``fixed_point`` (integer requantization) <- ``modules`` (QConv2d, QLinear, ...) <-
+``models`` (Net, NetBN, quantize_model) <- ``ptq`` (cross-layer equalization, bias correction,
+AdaRound).
+``data``, ``training``, ``plots``, ``reference`` and ``export`` sit beside them and are imported
+on demand; ``engine`` needs only NumPy and onnx; ``check`` (the exercise checker,
+``quantlab.check.run("a")``) sits on top.
+
+The names below are imported lazily (PEP 562), so ``import quantlab.engine`` does not import
+torch: a deployed model runs where torch is not installed.
 """
 
-from .models import Net, NetBN, QuantizedNet, quantize_model
-from .observer import QParam
-from .qparams import calc_min_max, calc_scale_zero_point, quant_range
-from .quantize import dequantize, fake_quantize, quantize
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Net": "models",
+    "NetBN": "models",
+    "QuantizedNet": "models",
+    "quantize_model": "models",
+    "QParam": "observer",
+    "OBSERVERS": "observers",
+    "make_observer": "observers",
+    "calc_min_max": "qparams",
+    "calc_scale_zero_point": "qparams",
+    "quant_range": "qparams",
+    "dequantize": "quantize",
+    "fake_quantize": "quantize",
+    "quantize": "quantize",
+}
+
+__all__ = list(_LAZY)
 
 
 def __getattr__(name):
     # quantlab.check on first use (not imported eagerly: `python -m quantlab.check` runs it as main)
     if name == "check":
-        import importlib
-
         return importlib.import_module(".check", __name__)
+    if name in _LAZY:
+        # bind every name at once: importing the submodule quantlab.quantize sets the package
+        # attribute ``quantize`` to that module, which the function of the same name must replace
+        for attr, module in _LAZY.items():
+            globals()[attr] = getattr(importlib.import_module(f".{module}", __name__), attr)
+        return globals()[name]
     raise AttributeError(f"module 'quantlab' has no attribute {name!r}")
 
-__all__ = [
-    "Net",
-    "NetBN",
-    "QParam",
-    "QuantizedNet",
-    "quantize_model",
-    "calc_min_max",
-    "calc_scale_zero_point",
-    "dequantize",
-    "fake_quantize",
-    "quant_range",
-    "quantize",
-]
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
+
+
+class _Package(types.ModuleType):
+    """Keeps ``quantlab.quantize`` the function: importing the submodule of the same name would
+    otherwise rebind the package attribute to the module (it stays in ``sys.modules``)."""
+
+    def __setattr__(self, name, value):
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

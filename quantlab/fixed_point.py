@@ -19,7 +19,7 @@ import math
 
 import torch
 
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+from ._validate import INT32_MAX, INT32_MIN, as_real_tensor, check_real
 
 
 def quantize_multiplier(multiplier: float) -> tuple[int, int]:
@@ -27,16 +27,20 @@ def quantize_multiplier(multiplier: float) -> tuple[int, int]:
 
     As TFLite's ``QuantizeMultiplier``: ``M = q * 2**e`` with ``q`` in [0.5, 1) (``frexp``),
     ``M0 = round_half_away(q * 2**31)``, ``shift = -e``. ``M0 == 2**31`` after rounding is folded
-    back into the range. ``M == 0`` gives ``(0, 0)``. Multipliers below ``2**-62`` underflow to 0.
+    back into the range. ``M == 0`` gives ``(0, 0)``.
+
+    Underflow: a multiplier below ``2**-32`` (exactly: one whose ``frexp`` exponent is below -31
+    after rounding ``M0``, i.e. ``M < 2**-32 * (1 - 2**-32)``) would need a right shift above 31,
+    which ``rounding_divide_by_pot`` cannot do, so it flushes to ``(0, 0)`` as TFLite does. That is
+    harmless for int32 accumulators: ``|acc * M| < 2**31 * 2**-32 = 0.5`` rounds to 0 anyway.
+    Overflow: ``M >= 2**30`` raises.
 
     Args:
-        multiplier: a finite real >= 0.
+        multiplier: a finite real >= 0 and < 2**30.
     Returns:
         ``(M0, shift)``: python ints; ``shift`` > 0 is a right shift, < 0 a left shift.
     """
-    m = float(multiplier)
-    if not math.isfinite(m) or m < 0:
-        raise ValueError(f"multiplier must be finite and >= 0; got {multiplier!r}")
+    m = check_real(multiplier, "multiplier", 0.0)
     if m == 0.0:
         return 0, 0
     q, exponent = math.frexp(m)
@@ -51,13 +55,29 @@ def quantize_multiplier(multiplier: float) -> tuple[int, int]:
     return q_fixed, -exponent
 
 
-def _check_int32(x: torch.Tensor, name: str) -> torch.Tensor:
+def _check_int32(x, name: str) -> torch.Tensor:
+    x = as_real_tensor(x, name)
     if x.is_floating_point() or x.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor; got {x.dtype}")
+        raise TypeError(f"{name} must be an integer tensor or python int; got "
+                        f"{x.dtype}")
     x = x.to(torch.int64)
     if x.numel() and (int(x.min()) < INT32_MIN or int(x.max()) > INT32_MAX):
         raise ValueError(f"{name} must lie within int32 [{INT32_MIN}, {INT32_MAX}]")
     return x
+
+
+def _check_shift(shift, name: str, low: int) -> torch.Tensor:
+    """An integer shift (python int or integer tensor) in ``low..31``, as int64."""
+    t = as_real_tensor(shift, name)
+    if t.is_floating_point():
+        raise TypeError(f"{name} must be an int or an integer tensor in {low}..31; got "
+                        f"{shift!r}" if not isinstance(shift, torch.Tensor) else
+                        f"{name} must be an integer tensor in {low}..31; got dtype {t.dtype}")
+    t = t.to(torch.int64)
+    if bool(((t < low) | (t > 31)).any()):
+        raise ValueError(f"{name} must be in {low}..31; got values in [{int(t.min())}, "
+                         f"{int(t.max())}]")
+    return t
 
 
 def saturating_rounding_doubling_high_mul(a: torch.Tensor, b) -> torch.Tensor:
@@ -67,8 +87,8 @@ def saturating_rounding_doubling_high_mul(a: torch.Tensor, b) -> torch.Tensor:
     truncating toward zero (C++ division), so ties round upward; ``a == b == INT32_MIN``
     saturates to ``INT32_MAX``.
     """
-    a = _check_int32(torch.as_tensor(a), "a")
-    b = _check_int32(torch.as_tensor(b), "b")
+    a = _check_int32(a, "a")
+    b = _check_int32(b, "b")
     ab = a * b  # |ab| <= 2**62: exact in int64
     negative = (ab < 0).to(torch.int64)
     # ab + nudge, with nudge = 2**30 or 1 - 2**30 = 2**30 - (2**31 - 1)
@@ -83,10 +103,8 @@ def saturating_rounding_doubling_high_mul(a: torch.Tensor, b) -> torch.Tensor:
 
 def rounding_divide_by_pot(x: torch.Tensor, exponent) -> torch.Tensor:
     """gemmlowp's ``RoundingDivideByPOT``: ``x / 2**exponent`` rounded half away from zero."""
-    x = _check_int32(torch.as_tensor(x), "x")
-    exponent = torch.as_tensor(exponent, dtype=torch.int64)
-    if bool(((exponent < 0) | (exponent > 31)).any()):
-        raise ValueError("exponent must be in 0..31")
+    x = _check_int32(x, "x")
+    exponent = _check_shift(exponent, "exponent", 0)
     mask = (torch.ones_like(exponent) << exponent) - 1
     remainder = x & mask
     threshold = (mask >> 1) + (x < 0).to(torch.int64)
@@ -104,9 +122,12 @@ def multiply_by_quantized_multiplier(acc: torch.Tensor, quantized_multiplier,
     Returns:
         int64 tensor (values in int32 range).
     """
-    acc = _check_int32(torch.as_tensor(acc), "acc")
-    m0 = torch.as_tensor(quantized_multiplier, dtype=torch.int64)
-    shift = torch.as_tensor(shift, dtype=torch.int64)
+    acc = _check_int32(acc, "acc")
+    m0 = _check_int32(quantized_multiplier, "quantized_multiplier")
+    if bool((m0 < 0).any()):
+        raise ValueError("quantized_multiplier must lie in [0, 2**31) (a Q31 number from "
+                         "quantize_multiplier)")
+    shift = _check_shift(shift, "shift", -31)
     left = torch.clamp(-shift, min=0)
     right = torch.clamp(shift, min=0)
     shifted = torch.clamp(acc << left, INT32_MIN, INT32_MAX)

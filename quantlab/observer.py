@@ -1,10 +1,10 @@
 """``QParam``: observes ranges and holds the scale and zero point of one tensor.
 
+The quantized modules hold one per quantized tensor, as ``q_in``, ``q_w`` and ``q_out``.
 Which range it quantizes is its observer's choice (``quantlab.observers``: min/max by default,
 moving average, percentile, MSE, entropy, histogram); the QParam derives scale and zero point
 from that range with ``calc_scale_zero_point``.
 
-The quantized modules hold one per quantized tensor, as ``q_in``, ``q_w`` and ``q_out``.
 It is an ``nn.Module`` whose buffers (``min_val``, ``max_val``, ``scale``, ``zero_point``) travel
 with the model's ``state_dict``, so a frozen model can be saved and loaded.
 Taught in notebooks ``a_basic_quant`` (by hand) and ``d_post_training_quantize`` (in modules).
@@ -12,11 +12,19 @@ Taught in notebooks ``a_basic_quant`` (by hand) and ``d_post_training_quantize``
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
+from ._validate import check_bool, check_real
 from .observers import make_observer
-from .qparams import calc_scale_zero_point, check_axis, quant_range
+from .qparams import (
+    calc_scale_zero_point,
+    check_axis,
+    check_float_tensor,
+    quant_range,
+)
 from .quantize import dequantize, fake_quantize, quantize
 
 _BUFFERS = ("min_val", "max_val", "scale", "zero_point")
@@ -39,25 +47,42 @@ class QParam(nn.Module):
             ``Observer`` instance. Its state (e.g. a histogram) is not part of the state_dict.
     """
 
+    #: the state kept as buffers (a subclass may derive some of them, e.g. a learned scale)
+    _BUFFERS = _BUFFERS
+
     def __init__(self, num_bits: int = 8, signed: bool = False, symmetric: bool = False,
                  axis: int | None = None, averaging_constant: float | None = None,
                  observer=None):
         super().__init__()
         self.quant_min, self.quant_max = quant_range(num_bits, signed)
-        if not isinstance(symmetric, bool):
-            raise TypeError(f"symmetric must be True or False; got {symmetric!r}")
+        symmetric = check_bool(symmetric, "symmetric")
         if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
             raise TypeError(f"axis must be None or an int; got {axis!r}")
-        if averaging_constant is not None and not 0 < averaging_constant <= 1:
-            raise ValueError(f"averaging_constant must be None or in (0, 1]; got "
-                             f"{averaging_constant!r}")
+        if averaging_constant is not None:
+            averaging_constant = check_real(averaging_constant, "averaging_constant", 0, 1,
+                                            low_open=True)
         self.num_bits, self.signed, self.symmetric, self.axis = num_bits, signed, symmetric, axis
         self.averaging_constant = averaging_constant
         self.observer = make_observer(observer, axis, averaging_constant)
         #: when False, update() leaves the range alone (a frozen observer)
         self.observing = True
-        for name in _BUFFERS:
+        #: bumped whenever the qparams change: a frozen layer compares it with its freeze() time
+        self.version = 0
+        #: set by a layer's freeze(); the first change afterwards warns that the layer is stale
+        self.frozen_by = None
+        for name in self._BUFFERS:
             self.register_buffer(name, torch.empty(0))
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(torch.float64) / .half() must not change frozen qparams: keep the buffers' dtype
+        # (a float16 round trip would move the scale), move them to the new device only
+        saved = {name: getattr(self, name) for name in self._BUFFERS}
+        out = super()._apply(fn, *args, **kwargs)
+        for name, old in saved.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(device=new.device))
+        return out
 
     @property
     def observed(self) -> bool:
@@ -71,15 +96,21 @@ class QParam(nn.Module):
                                "calibrate()), or load a state_dict")
 
     def update(self, x: torch.Tensor) -> QParam:
-        """Observe a batch with the observer and recompute the range, scale and zero point."""
+        """Observe a batch with the observer and recompute the range, scale and zero point.
+
+        Min/max and moving average continue from ``min_val``/``max_val`` (also after
+        ``set_range`` or ``load_state_dict``); the histogram observers from their own histogram.
+        Observing after a layer's ``freeze()`` un-freezes that layer (with a warning): its integer
+        weights, biases and multipliers no longer match these qparams until ``freeze()`` again.
+        """
         if not self.observing and self.observed:
             return self
-        if isinstance(x, torch.Tensor):
-            check_axis(self.axis, x.dim())
+        check_float_tensor(x, "x")
+        check_axis(self.axis, x.dim())
         if self.averaging_constant == 1.0:
             self.observer.reset()
-        elif not self.observer.observed and self.min_val.numel() > 0:
-            self.observer.load_range(self.min_val, self.max_val)  # resume a loaded range
+        elif self.min_val.numel() > 0:
+            self.observer.load_range(self.min_val, self.max_val)  # min/max kinds only
         self.observer.observe(x)
         self.set_range(*self.observer.calculate_range(self.num_bits, self.signed, self.symmetric))
         return self
@@ -88,9 +119,20 @@ class QParam(nn.Module):
         """Set the range directly and recompute ``scale`` and ``zero_point``."""
         scale, zero_point = calc_scale_zero_point(min_val, max_val, self.num_bits, self.signed,
                                                   self.symmetric)
-        self.min_val = torch.as_tensor(min_val, dtype=torch.float32).clone()
-        self.max_val = torch.as_tensor(max_val, dtype=torch.float32).clone()
+        min_val = torch.as_tensor(min_val, dtype=torch.float32).clone()
+        max_val = torch.as_tensor(max_val, dtype=torch.float32).clone()
+        if self.observed and torch.equal(min_val, self.min_val) and torch.equal(max_val,
+                                                                               self.max_val):
+            return self  # nothing moved (e.g. the weights' range on an unchanged layer)
+        self.min_val, self.max_val = min_val, max_val
         self.scale, self.zero_point = scale, zero_point
+        self.version += 1
+        if self.frozen_by is not None:
+            warnings.warn(f"{self.frozen_by} was frozen, and its qparams just changed "
+                          "(calibrate(), a forward pass in training mode, or QAT observed new "
+                          "ranges): it is no longer frozen; call freeze() again before integer "
+                          "inference", UserWarning, stacklevel=3)
+            self.frozen_by = None
         return self
 
     def quantize_tensor(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +163,7 @@ class QParam(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # buffers change shape once observed (() or (C,)): take the stored ones as they are
-        for name in _BUFFERS:
+        for name in self._BUFFERS:
             key = prefix + name
             if key in state_dict:
                 value = state_dict[key]
@@ -135,9 +177,13 @@ class QParam(nn.Module):
                 setattr(self, name, value.clone())
             elif strict:
                 missing_keys.append(key)
+        if strict:  # torch passes strict=True here and decides later whether to raise
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix)
+                                   and k[len(prefix):] not in self._BUFFERS
+                                   and k[len(prefix):] not in self._parameters)
         if self.observed:
             want = self.scale.shape
-            for name in _BUFFERS:
+            for name in self._BUFFERS:
                 if getattr(self, name).shape != want:
                     error_msgs.append(f"{prefix}{name}: shape {tuple(getattr(self, name).shape)}"
                                       f" does not match scale's {tuple(want)}")

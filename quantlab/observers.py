@@ -27,6 +27,7 @@ import math
 import numpy as np
 import torch
 
+from ._validate import check_int, check_real
 from .qparams import calc_min_max, calc_scale_zero_point, check_float_tensor, quant_range
 
 
@@ -42,6 +43,8 @@ class Observer:
     per_channel_ok = False
 
     def __init__(self, axis: int | None = None):
+        if axis is not None:
+            axis = check_int(axis, "axis")
         if axis is not None and not self.per_channel_ok:
             raise ValueError(f"the {self.name!r} observer is per tensor only (axis=None); "
                              f"got axis={axis!r}; per channel use 'minmax', 'moving_average' or 'mse'")
@@ -91,10 +94,8 @@ class MovingAverageObserver(MinMaxObserver):
     name = "moving_average"
 
     def __init__(self, averaging_constant: float = 0.01, axis: int | None = None):
-        if isinstance(averaging_constant, bool) or not isinstance(averaging_constant, (int, float)) \
-                or not 0 < averaging_constant <= 1:
-            raise ValueError(f"averaging_constant must be in (0, 1]; got {averaging_constant!r}")
-        self.averaging_constant = float(averaging_constant)
+        self.averaging_constant = check_real(averaging_constant, "averaging_constant", 0, 1,
+                                             low_open=True)
         super().__init__(axis)
 
     def observe(self, x):
@@ -111,14 +112,19 @@ class MovingAverageObserver(MinMaxObserver):
         return f"MovingAverageObserver(averaging_constant={self.averaging_constant}, axis={self.axis})"
 
 
+def _check_bins(bins) -> int:
+    bins = check_int(bins, "bins", 16)
+    if bins % 2:
+        raise ValueError(f"bins must be an even int >= 16 (two halves around 0); got {bins}")
+    return bins
+
+
 class _HistogramBase(Observer):
     """ONNX Runtime's histogram (``HistogramCollector.collect_value``): ``hist`` counts of
     ``bins`` equal bins over ``[-T, T]``; a batch beyond ``T`` adds whole bins on both sides."""
 
     def __init__(self, bins: int = 2048):
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 16 or bins % 2:
-            raise ValueError(f"bins must be an even int >= 16; got {bins!r}")
-        self.bins = bins
+        self.bins = _check_bins(bins)
         super().__init__(None)
 
     def reset(self):
@@ -167,10 +173,7 @@ class PercentileObserver(_HistogramBase):
     name = "percentile"
 
     def __init__(self, percentile: float = 99.99, bins: int = 2048):
-        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) \
-                or not 50 < percentile <= 100:
-            raise ValueError(f"percentile must be in (50, 100]; got {percentile!r}")
-        self.percentile = float(percentile)
+        self.percentile = check_real(percentile, "percentile", 50, 100, low_open=True)
         super().__init__(bins)
 
     def calculate_range(self, num_bits, signed=False, symmetric=False):
@@ -209,13 +212,11 @@ class MSEObserver(_HistogramBase):
     name, per_channel_ok = "mse", True
 
     def __init__(self, axis: int | None = None, grid: int = 100, bins: int = 8192):
-        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
-            raise ValueError(f"grid must be an int >= 2; got {grid!r}")
-        self.grid = grid
+        self.grid = check_int(grid, "grid", 2)
         if axis is None:
             _HistogramBase.__init__(self, bins)
         else:
-            self.bins = bins
+            self.bins = _check_bins(bins)
             Observer.__init__(self, axis)
 
     def reset(self):
@@ -385,32 +386,55 @@ class HistogramObserver(_HistogramBase):
 
 OBSERVERS = {cls.name: cls for cls in (MinMaxObserver, MovingAverageObserver, PercentileObserver,
                                        MSEObserver, EntropyObserver, HistogramObserver)}
+#: what ``quantize_model(..., weight_observer=...)`` accepts (per-channel weights: min/max or MSE)
+WEIGHT_OBSERVERS = ("minmax", "mse")
 
 
 def make_observer(observer=None, axis: int | None = None,
-                  averaging_constant: float | None = None) -> Observer:
+                  averaging_constant: float | None = None, name: str = "observer",
+                  allowed=None) -> Observer:
     """An Observer from a name, an instance (returned as is) or None (min/max, or the moving
-    average when ``averaging_constant`` is given). Raises ValueError for an unknown name."""
+    average when ``averaging_constant`` is given).
+
+    A name outside ``allowed`` (default: every key of ``OBSERVERS``) raises ValueError naming
+    ``name`` (the caller's argument) and the accepted values; anything else that is not an
+    ``Observer`` raises TypeError.
+    """
+    allowed = sorted(OBSERVERS) if allowed is None else list(allowed)
     if observer is None:
         if averaging_constant is None:
             return MinMaxObserver(axis)
         return MovingAverageObserver(averaging_constant, axis)
     if isinstance(observer, Observer):
         if observer.axis != axis:
-            raise ValueError(f"observer {observer!r} has axis={observer.axis}, but this QParam "
+            raise ValueError(f"{name}={observer!r} has axis={observer.axis}, but this QParam "
                              f"needs axis={axis}")
         return observer
     if not isinstance(observer, str):
-        raise TypeError(f"observer must be None, a name in {sorted(OBSERVERS)} or an Observer; "
-                        f"got {type(observer).__name__}")
-    if observer not in OBSERVERS:
-        raise ValueError(f"observer must be one of {sorted(OBSERVERS)}; got {observer!r}")
+        raise TypeError(f"{name} must be None, one of {allowed} or an Observer; got "
+                        f"{type(observer).__name__}")
+    if observer not in allowed:
+        raise ValueError(f"{name} must be None or one of {allowed}; got {observer!r}")
     cls = OBSERVERS[observer]
     if axis is not None and not cls.per_channel_ok:
-        raise ValueError(f"the {observer!r} observer is per tensor only; per channel (axis="
-                         f"{axis}) use one of {sorted(k for k, c in OBSERVERS.items() if c.per_channel_ok)}")
+        ok = sorted(k for k, c in OBSERVERS.items() if c.per_channel_ok and k in allowed)
+        raise ValueError(f"{name}={observer!r} is per tensor only; per channel (axis={axis}) "
+                         f"{name} must be one of {ok}")
     if cls is MovingAverageObserver:
         return cls(0.01 if averaging_constant is None else averaging_constant, axis)
     if cls in (MinMaxObserver, MSEObserver):
         return cls(axis=axis)
     return cls()
+
+
+def check_observer(observer, name: str = "observer", allowed=None):
+    """Validate an observer argument early (None, an allowed name or an Observer) and return it."""
+    if observer is None or isinstance(observer, Observer):
+        return observer
+    allowed = sorted(OBSERVERS) if allowed is None else list(allowed)
+    if not isinstance(observer, str):
+        raise TypeError(f"{name} must be None, one of {allowed} or an Observer; got "
+                        f"{type(observer).__name__}")
+    if observer not in allowed:
+        raise ValueError(f"{name} must be None or one of {allowed}; got {observer!r}")
+    return observer

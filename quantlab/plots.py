@@ -5,7 +5,32 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import torch
 
+from ._validate import check_bool, check_float_tensor, check_int, check_int_tensor, check_real
 from .qparams import quant_range
+
+
+def _check_series(bits, series, name="series") -> list:
+    """``bits`` a non-empty sequence of ints; ``series`` a dict name -> one value per bit width."""
+    if isinstance(bits, (str, bytes)) or not hasattr(bits, "__iter__"):
+        raise TypeError(f"bits must be a sequence of bit widths; got {type(bits).__name__}")
+    bits = [check_int(b, "bits", 1) for b in bits]
+    if not bits:
+        raise ValueError("bits must not be empty")
+    if not isinstance(series, dict) or not series:
+        raise TypeError(f"{name} must be a non-empty dict of name -> values; got "
+                        f"{type(series).__name__}")
+    for key, values in series.items():
+        values = list(values) if hasattr(values, "__iter__") else None
+        if values is None or len(values) != len(bits):
+            raise ValueError(f"{name}[{key!r}] must hold one value per bit width ({len(bits)})")
+        for v in values:
+            check_real(v, f"{name}[{key!r}]")
+    return bits
+
+
+def _check_ax(ax):
+    if ax is not None and not hasattr(ax, "figure"):
+        raise TypeError(f"ax must be None or a matplotlib Axes; got {type(ax).__name__}")
 
 
 def hist_with_grid(x: torch.Tensor, scale: float, zero_point: int, num_bits: int = 8,
@@ -16,8 +41,12 @@ def hist_with_grid(x: torch.Tensor, scale: float, zero_point: int, num_bits: int
     Grid lines are drawn at every representable value when there are at most 64 levels, otherwise
     at every 16th; the clamp range is shaded.
     """
+    check_float_tensor(x, "x")
     quant_min, quant_max = quant_range(num_bits, signed)
-    scale, zero_point = float(scale), int(zero_point)
+    scale = check_real(scale, "scale", 0.0, low_open=True)
+    zero_point = check_int(zero_point, "zero_point", quant_min, quant_max)
+    bins = check_int(bins, "bins", 1)
+    _check_ax(ax)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 3.2))
     values = x.detach().flatten().float().numpy()
     ax.hist(values, bins=bins, color="tab:blue", alpha=0.7, label="values")
@@ -40,6 +69,8 @@ def hist_with_grid(x: torch.Tensor, scale: float, zero_point: int, num_bits: int
 
 def error_vs_bits(bits, series: dict, ylabel: str = "RMS error", title: str = "", ax=None):
     """Line plot of an error (log scale) against the bit width for several named series."""
+    bits = _check_series(bits, series)
+    _check_ax(ax)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.5))
     for name, values in series.items():
         ax.semilogy(list(bits), list(values), marker="o", label=name)
@@ -53,12 +84,18 @@ def error_vs_bits(bits, series: dict, ylabel: str = "RMS error", title: str = ""
 
 
 def accuracy_vs_bits(bits, series: dict, title: str = "", reference: float | None = None,
-                     ax=None):
+                     ax=None, connect: bool = True):
     """Accuracy (percent) against the bit width for several named series; ``reference`` (e.g.
-    the float model's accuracy) is drawn as a dashed line."""
+    the float model's accuracy) is drawn as a dashed line. ``connect=False`` draws markers only
+    (for bit widths with gaps: a line would suggest values that were not measured)."""
+    bits = _check_series(bits, series)
+    if reference is not None:
+        reference = check_real(reference, "reference", 0.0, 1.0)
+    _check_ax(ax)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.5))
     for name, values in series.items():
-        ax.plot(list(bits), [100 * v for v in values], marker="o", label=name)
+        ax.plot(list(bits), [100 * v for v in values], marker="o", label=name,
+                ls="-" if connect else "none")
     if reference is not None:
         ax.axhline(100 * reference, color="gray", ls="--", label=f"float {100 * reference:.2f}%")
     ax.set_xlabel("num_bits (weights and activations)")
@@ -71,33 +108,40 @@ def accuracy_vs_bits(bits, series: dict, title: str = "", reference: float | Non
     return fig
 
 
-def lsb_error_hist(err_lsb: torch.Tensor, title: str = "", half_lsb: bool = True, ax=None):
+def lsb_error_hist(err_lsb: torch.Tensor, title: str = "", half_lsb: bool = True, ax=None,
+                   label: str = "outputs per bin"):
     """Histogram of an error measured in LSBs (units of the output scale), log counts; dashed
-    lines at +-0.5 LSB, the output rounding alone (explained in a legend above the bars)."""
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.4))
+    lines at +-0.5 LSB, the output rounding alone (explained in a legend above the axes)."""
+    check_float_tensor(err_lsb, "err_lsb")
+    half_lsb = check_bool(half_lsb, "half_lsb")
+    _check_ax(ax)
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.6))
     counts, _, _ = ax.hist(err_lsb.flatten().numpy(), bins=81, color="tab:green", log=True,
-                           label="outputs")
+                           label=label)
     if half_lsb:
         for i, v in enumerate((-0.5, 0.5)):
             ax.axvline(v, color="black", ls="--", lw=1,
                        label="\u00b10.5 LSB: the output rounding alone" if i == 0 else None)
-    ax.set_ylim(0.5, counts.max() * 60)  # head room: the legend sits above the tallest bar
-    ax.legend(loc="upper center", fontsize=8, ncol=2, framealpha=1)
+    ax.set_ylim(0.5, counts.max() * 2)  # the y axis ends just above the tallest bar
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, ncol=2, framealpha=1)
     ax.set_xlabel("error (LSB of the output scale)")
-    ax.set_ylabel("count")
-    ax.set_title(title)
+    ax.set_ylabel("count (log scale)")
+    ax.set_title(title, pad=26)  # above the legend, which sits above the axes
     fig.tight_layout()
     return fig
 
 
-def flow_diagram(boxes: dict, arrows, title: str = "", figsize=(13, 4.2)):
+def flow_diagram(boxes: dict, arrows, title: str = "", figsize=(13, 4.2), legend=None,
+                 fontsize: float = 8):
     """Boxes with text joined by arrows: a data-flow picture (e.g. the dtypes of a quantized conv).
 
     Args:
         boxes: ``{name: (x, y, text)}`` or ``{name: (x, y, text, color)}``; ``x, y`` are the box
             centre in data units (the axes span the boxes), ``text`` may hold several lines.
         arrows: ``(source, target)`` or ``(source, target, label)`` tuples of box names; an arrow
-            leaves the side of the source that faces the target.
+            leaves the side of the source's box that faces the target.
+        legend: optional ``{color: meaning}``, drawn as coloured patches below the boxes.
+        fontsize: of the box texts.
     Returns:
         the Figure. Raises ValueError for an arrow naming an unknown box, TypeError for a box
         that is not a tuple of 3 or 4 items.
@@ -121,21 +165,26 @@ def flow_diagram(boxes: dict, arrows, title: str = "", figsize=(13, 4.2)):
     for name, spec in boxes.items():
         x, y, text = spec[:3]
         color = spec[3] if len(spec) == 4 else "whitesmoke"
-        artists[name] = ax.text(x, y, text, ha="center", va="center", fontsize=8, zorder=3,
-                                bbox=dict(boxstyle="round,pad=0.4", fc=color, ec="gray"))
+        artists[name] = ax.text(x, y, text, ha="center", va="center", fontsize=fontsize,
+                                zorder=3, bbox=dict(boxstyle="round,pad=0.55", fc=color, ec="gray"))
     for a in arrows:
         (x0, y0), (x1, y1) = boxes[a[0]][:2], boxes[a[1]][:2]
         if abs(x1 - x0) >= abs(y1 - y0):  # mostly horizontal: right side -> left side
             start, end = ((1, 0.5), (0, 0.5)) if x1 > x0 else ((0, 0.5), (1, 0.5))
         else:
             start, end = ((0.5, 0), (0.5, 1)) if y1 < y0 else ((0.5, 1), (0.5, 0))
-        ax.annotate("", xy=end, xycoords=artists[a[1]], xytext=start,
-                    textcoords=artists[a[0]],
+        # anchored on the boxes (the bbox patches), not the text inside them; drawn after them
+        ax.annotate("", xy=end, xycoords=artists[a[1]].get_bbox_patch(), xytext=start,
+                    textcoords=artists[a[0]].get_bbox_patch(), zorder=5,
                     arrowprops=dict(arrowstyle="-|>", color="dimgray", lw=1.2,
-                                    shrinkA=1, shrinkB=1))
+                                    shrinkA=0, shrinkB=0))
         if len(a) == 3:
             ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.06, a[2], ha="center", va="bottom",
                     fontsize=7, color="dimgray", zorder=4)
+    if legend:
+        handles = [plt.Rectangle((0, 0), 1, 1, fc=c, ec="gray") for c in legend]
+        ax.legend(handles, list(legend.values()), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                  ncol=len(legend), fontsize=fontsize, frameon=False)
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -145,7 +194,16 @@ def flow_diagram(boxes: dict, arrows, title: str = "", figsize=(13, 4.2)):
 def digit_grid(images: torch.Tensor, labels=None, predictions=None, ncols: int = 10,
                title: str = ""):
     """A grid of 28x28 digits, with labels (and predictions, red when wrong) above each."""
+    check_float_tensor(images, "images")
+    if images.dim() < 2 or images[0].numel() != 784:
+        raise ValueError(f"images must be (N, 1, 28, 28) or (N, 784); got {tuple(images.shape)}")
     n = images.shape[0]
+    for name, v in (("labels", labels), ("predictions", predictions)):
+        if v is not None and (check_int_tensor(v, name).shape != (n,)):
+            raise ValueError(f"{name} must have shape ({n},), one per image; got {tuple(v.shape)}")
+    if predictions is not None and labels is None:
+        raise ValueError("predictions need labels to compare with")
+    ncols = check_int(ncols, "ncols", 1)
     nrows = (n + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 0.9, nrows * 1.05), squeeze=False)
     for i, ax in enumerate(axes.flat):
@@ -168,6 +226,11 @@ def digit_grid(images: torch.Tensor, labels=None, predictions=None, ncols: int =
 
 def training_curves(history: dict, title: str = ""):
     """Loss and accuracy per epoch from :func:`quantlab.training.train`'s history."""
+    if not isinstance(history, dict) or "loss" not in history or "accuracy" not in history:
+        raise TypeError("history must be the dict train() returns, with 'loss' and 'accuracy'")
+    n = len(history["loss"])
+    if n == 0 or any(len(history[k]) != n for k in ("accuracy", "eval_accuracy") if k in history):
+        raise ValueError("history must hold one loss and one accuracy per epoch (at least one)")
     epochs = range(1, len(history["loss"]) + 1)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     ax1.plot(epochs, history["loss"], marker=".", label="training loss")
@@ -193,12 +256,21 @@ def training_curves(history: dict, title: str = ""):
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int = 10,
                      title: str = ""):
     """The confusion matrix (rows: true digit, columns: predicted), counts written in the cells."""
+    num_classes = check_int(num_classes, "num_classes", 1)
+    for name, v in (("pred", pred), ("labels", labels)):
+        check_int_tensor(v, name)
+        if v.dim() != 1 or int(v.min()) < 0 or int(v.max()) >= num_classes:
+            raise ValueError(f"{name} must be a 1-d tensor of classes in 0..{num_classes - 1}")
+    if pred.shape != labels.shape:
+        raise ValueError(f"pred and labels must have the same shape; got {tuple(pred.shape)} and "
+                         f"{tuple(labels.shape)}")
     cm = torch.bincount(labels * num_classes + pred, minlength=num_classes**2)
     cm = cm.reshape(num_classes, num_classes)
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     off = cm.clone().float()
     off.fill_diagonal_(float("nan"))
-    ax.imshow(off.numpy(), cmap="Reds")
+    im = ax.imshow(off.numpy(), cmap="Reds")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="misclassified digits (off-diagonal)")
     worst = max(1, int(torch.nan_to_num(off, nan=0.0).max()))
     for i in range(num_classes):
         for j in range(num_classes):

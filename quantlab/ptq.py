@@ -202,11 +202,12 @@ def _pin_weight(layer, w: torch.Tensor):
     b_old = None if b_old is None else b_old.detach().clone()
     with torch.no_grad():
         if isinstance(layer, QConvBNReLU):
-            # an identity BN: mean 0, var 1, eps 0, gamma 1, beta 0 folds to w and b exactly
+            # an identity BN: mean 0, var + eps = 1 exactly in float32 (eps = 2**-20, var =
+            # 1 - 2**-20, both exact), gamma 1, beta 0 folds to w and b exactly
             bn = layer.bn
             bn.running_mean.zero_()
-            bn.running_var.fill_(1.0)
-            bn.eps = 0.0
+            bn.eps = 2.0**-20
+            bn.running_var.fill_(1.0 - 2.0**-20)
             bn.weight.fill_(1.0)
             bn.bias.zero_()
             if layer.conv.bias is None:

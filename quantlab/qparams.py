@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import as_real_tensor, check_bool, check_float_tensor, check_int
+
+__all__ = ["EPS", "MIN_BITS", "MAX_BITS", "check_num_bits", "quant_range", "check_float_tensor",
+           "check_axis", "calc_min_max", "calc_scale_zero_point"]
+
 #: smallest scale we ever return (PyTorch observers use the same floor)
 EPS = torch.finfo(torch.float32).eps
 
 MIN_BITS, MAX_BITS = 2, 16
 
 
-def check_num_bits(num_bits) -> int:
-    """Return ``num_bits`` as an int, or raise if it is not an integer in 2..16."""
-    if isinstance(num_bits, bool) or not isinstance(num_bits, int):
-        raise TypeError(f"num_bits must be an int in {MIN_BITS}..{MAX_BITS}; got {num_bits!r}")
-    if not MIN_BITS <= num_bits <= MAX_BITS:
-        raise ValueError(f"num_bits must be in {MIN_BITS}..{MAX_BITS}; got {num_bits}")
-    return num_bits
+def check_num_bits(num_bits, name: str = "num_bits") -> int:
+    """Return ``num_bits`` as an int, or raise (naming ``name``) unless it is an int in 2..16."""
+    return check_int(num_bits, name, MIN_BITS, MAX_BITS)
 
 
 def quant_range(num_bits: int = 8, signed: bool = False) -> tuple[int, int]:
@@ -30,24 +31,9 @@ def quant_range(num_bits: int = 8, signed: bool = False) -> tuple[int, int]:
         ``(quant_min, quant_max)``: ``(0, 2**b - 1)`` unsigned, ``(-2**(b-1), 2**(b-1) - 1)`` signed.
     """
     b = check_num_bits(num_bits)
-    if not isinstance(signed, bool):
-        raise TypeError(f"signed must be True or False; got {signed!r}")
-    if signed:
+    if check_bool(signed, "signed"):
         return -(2 ** (b - 1)), 2 ** (b - 1) - 1
     return 0, 2**b - 1
-
-
-def check_float_tensor(x, name: str = "x") -> torch.Tensor:
-    """Raise unless ``x`` is a non-empty floating-point tensor of finite values."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of floats; got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} must hold only finite values (no NaN or inf)")
-    return x
 
 
 def check_axis(axis, ndim: int, name: str = "axis") -> int | None:
@@ -56,6 +42,8 @@ def check_axis(axis, ndim: int, name: str = "axis") -> int | None:
         return None
     if isinstance(axis, bool) or not isinstance(axis, int):
         raise TypeError(f"{name} must be None or an int; got {axis!r}")
+    if ndim == 0:
+        raise ValueError(f"{name}={axis} needs a tensor with at least 1 dimension; got a 0-d one")
     if not -ndim <= axis < ndim:
         raise ValueError(f"{name} must be None or in [{-ndim}, {ndim - 1}] for a {ndim}-d tensor; "
                          f"got {axis}")
@@ -87,9 +75,11 @@ def calc_min_max(x: torch.Tensor, min_val=None, max_val=None, axis: int | None =
         raise ValueError("min_val and max_val must both be None or both be given")
     if min_val is None:
         return cur_min, cur_max
-    min_val = torch.as_tensor(min_val, dtype=torch.float32)
-    max_val = torch.as_tensor(max_val, dtype=torch.float32)
+    min_val = as_real_tensor(min_val, "min_val").to(torch.float32)
+    max_val = as_real_tensor(max_val, "max_val").to(torch.float32)
     for name, v in (("min_val", min_val), ("max_val", max_val)):
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} must be finite")
         if v.shape != cur_min.shape:
             raise ValueError(f"{name} must have shape {tuple(cur_min.shape)} for axis={axis}; "
                              f"got {tuple(v.shape)}")
@@ -108,7 +98,9 @@ def calc_scale_zero_point(min_val, max_val, num_bits: int = 8, signed: bool = Fa
                 ``signed``, the middle ``2**(num_bits-1)`` when unsigned (as PyTorch).
 
     ``scale`` is floored at ``EPS`` so that ``min == max`` and all-zero channels give finite qparams;
-    rounding is half to even (``torch.round``), as every PyTorch engine.
+    rounding is half to even (``torch.round``), as every PyTorch engine. The arithmetic is float32,
+    as PyTorch's observers; a range too wide for float32 (``max - min`` above 3.4e38, e.g.
+    ``(-3e38, 3e38)``) is computed in float64 instead, so every finite range gives a finite scale.
 
     Args:
         min_val, max_val: floats or float tensors of the same shape: ``()`` or ``(C,)``.
@@ -116,10 +108,9 @@ def calc_scale_zero_point(min_val, max_val, num_bits: int = 8, signed: bool = Fa
         ``(scale, zero_point)``: float32 and int32 tensors of the same shape as ``min_val``.
     """
     quant_min, quant_max = quant_range(num_bits, signed)
-    if not isinstance(symmetric, bool):
-        raise TypeError(f"symmetric must be True or False; got {symmetric!r}")
-    min_val = torch.as_tensor(min_val, dtype=torch.float32)
-    max_val = torch.as_tensor(max_val, dtype=torch.float32)
+    symmetric = check_bool(symmetric, "symmetric")
+    min_val = as_real_tensor(min_val, "min_val").to(torch.float32)
+    max_val = as_real_tensor(max_val, "max_val").to(torch.float32)
     if min_val.shape != max_val.shape:
         raise ValueError(f"min_val and max_val must have the same shape; got {tuple(min_val.shape)}"
                          f" and {tuple(max_val.shape)}")
@@ -127,18 +118,23 @@ def calc_scale_zero_point(min_val, max_val, num_bits: int = 8, signed: bool = Fa
         raise ValueError(f"min_val must be a scalar or a 1-d per-channel tensor; got shape "
                          f"{tuple(min_val.shape)}")
     if not bool(torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
-        raise ValueError("min_val and max_val must be finite")
+        raise ValueError("min_val and max_val must be finite (as float32: |value| <= 3.4e38)")
     if bool((min_val > max_val).any()):
         raise ValueError("min_val must be <= max_val (element-wise); got min_val > max_val")
     min_neg = torch.clamp(min_val, max=0.0)
     max_pos = torch.clamp(max_val, min=0.0)
     if symmetric:
         amax = torch.maximum(-min_neg, max_pos)
-        scale = torch.clamp(amax / ((quant_max - quant_min) / 2), min=EPS)
+        scale = torch.clamp(amax / ((quant_max - quant_min) / 2), min=EPS)  # finite: levels >= 3
         mid = 0 if signed else (quant_min + quant_max + 1) // 2
         zero_point = torch.full_like(scale, mid, dtype=torch.int32)
     else:
-        scale = torch.clamp((max_pos - min_neg) / float(quant_max - quant_min), min=EPS)
+        span = max_pos - min_neg  # can overflow float32 for a finite range: then use float64
+        scale = span / float(quant_max - quant_min)
+        if not bool(torch.isfinite(span).all()):
+            wide = (max_pos.double() - min_neg.double()) / float(quant_max - quant_min)
+            scale = torch.where(torch.isfinite(span), scale, wide.to(torch.float32))
+        scale = torch.clamp(scale, min=EPS)
         zero_point = quant_min - torch.round(min_neg / scale)
         zero_point = torch.clamp(zero_point, quant_min, quant_max).to(torch.int32)
     return scale.to(torch.float32), zero_point

@@ -20,7 +20,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .modules import QConv2d, QConvBNReLU, QLinear, QMaxPool2d, QModule
+from .modules import QConv2d, QConvBNReLU, QLinear, QMaxPool2d, QModule, check_integer_input
 
 #: the deprecation warnings of torch.ao's quantized tensors and workflow (torch 2.14)
 DEPRECATION_MESSAGES = (".*quantized tensor creation functions.*",
@@ -69,7 +69,7 @@ def torch_ao_available() -> bool:
 def quantized_engine(engine: str):
     """Select ``torch.backends.quantized.engine`` for a block (ValueError if unsupported)."""
     supported = torch.backends.quantized.supported_engines
-    if engine not in supported:
+    if not isinstance(engine, str) or engine not in supported:
         raise ValueError(f"engine must be one of {supported} on this machine; got {engine!r}")
     old = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
@@ -96,7 +96,10 @@ def torch_quantized_layer(layer: QModule, engine: str = "qnnpack"):
     from torch.ao.nn import quantized as nnq
     from torch.ao.nn.intrinsic import quantized as nniq
 
-    if not getattr(layer, "frozen", False):
+    if not isinstance(layer, (QConv2d, QConvBNReLU, QLinear)):
+        raise TypeError(f"layer must be a QConv2d, QConvBNReLU or QLinear; got "
+                        f"{type(layer).__name__}")
+    if not layer.frozen:
         raise RuntimeError("layer must be frozen (freeze()) before it can be converted")
     if layer.num_bits > 8:
         raise ValueError(f"PyTorch's int8 kernels need num_bits <= 8; got {layer.num_bits}")
@@ -135,6 +138,8 @@ def narrow(x: torch.Tensor, qparam) -> torch.Tensor:
 def torch_integer_inference(layer: QModule, q_x: torch.Tensor, engine: str = "qnnpack"):
     """Run PyTorch's int8 kernel for ``layer`` on quantlab's input integers; int32 output."""
     mod = torch_quantized_layer(layer, engine)
+    check_integer_input(q_x, layer.q_in, "q_x")
+    layer._check_input_shape(q_x, "q_x")
     with quantized_engine(engine):
         x = torch._make_per_tensor_quantized_tensor(q_x.to(torch.uint8), float(layer.q_in.scale),
                                                     int(layer.q_in.zero_point))
@@ -203,6 +208,8 @@ class TorchQuantizedNet(torch.nn.Module):
 
 def torch_quantized_model(qnet, engine: str = "qnnpack") -> TorchQuantizedNet:
     """PyTorch's native int8 version of a frozen QuantizedNet, with the same integers."""
+    if not hasattr(qnet, "layers") or not hasattr(qnet, "frozen"):
+        raise TypeError(f"qnet must be a QuantizedNet (quantize_model); got {type(qnet).__name__}")
     if not qnet.frozen:
         raise RuntimeError("qnet must be frozen (calibrate, then freeze()) before conversion")
     return TorchQuantizedNet(qnet, engine)

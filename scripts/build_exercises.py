@@ -51,8 +51,8 @@ EPS = torch.finfo(torch.float32).eps  # the smallest scale we ever return (as Py
     exercises=[
         ex(1, "quant_range", "the integer range",
            r"""
-           With $b$ bits an unsigned integer covers $[0,\ 2^b-1]$ and a signed one $[-2^{b-1},\ 2^{b-1}-1]$.
-           Return `(quant_min, quant_max)` as Python ints.""",
+           With $n_{bits}$ = `num_bits` bits an unsigned integer covers $[0,\ 2^{n_{bits}}-1]$ and a signed one
+           $[-2^{n_{bits}-1},\ 2^{n_{bits}-1}-1]$. Return `(quant_min, quant_max)` as Python ints.""",
            '''
            def quant_range(num_bits=8, signed=False):
                """(quant_min, quant_max) of a num_bits integer, as Python ints."""''',
@@ -96,9 +96,13 @@ EPS = torch.finfo(torch.float32).eps  # the smallest scale we ever return (as Py
            return scale, zero_point'''),
         ex(4, "calc_scale_zero_point_symmetric", "symmetric scale and zero point",
            r"""
-           The range widened to include 0 as in a3, then $S = \dfrac{\max(|r_{min}|, |r_{max}|)}{(q_{max} - q_{min})/2}$
-           floored at `EPS`, and $Z = 0$ when `signed`, the middle $2^{b-1}$ when unsigned (as PyTorch).
-           The zero point is an int32 tensor of the scale's shape.""",
+           The range $[-\max(|r_{min}|, |r_{max}|),\ \max(|r_{min}|, |r_{max}|)]$ is symmetric around 0, so it always
+           contains 0 (no widening step as in a3 is needed):
+           $S = \dfrac{\max(|r_{min}|, |r_{max}|)}{(q_{max} - q_{min})/2}$, floored at `EPS`, and $Z = 0$ when `signed`,
+           the middle $2^{n_{bits}-1}$ when unsigned (as PyTorch). The zero point is an int32 tensor of the scale's shape.
+
+           Note where the largest $|x|$ lands: at $\pm(q_{max} - q_{min})/2 = \pm127.5$ for 8 signed bits, exactly a tie.
+           `quantize` (a5) rounds it half to even to $\pm128$; $-128$ is in range, $+128$ is clamped to $127$.""",
            '''
            def calc_scale_zero_point_symmetric(min_val, max_val, num_bits=8, signed=True):
                """Symmetric (scale, zero_point): float32 and int32 tensors of min_val's shape."""''',
@@ -113,10 +117,11 @@ EPS = torch.finfo(torch.float32).eps  # the smallest scale we ever return (as Py
            $$ q = \mathrm{clamp}\big(\mathrm{round}(x \cdot \tfrac{1}{S}) + Z,\ q_{min},\ q_{max}\big) $$
            rounded half to even. Like PyTorch, multiply by the float32 reciprocal $1/S$ instead of dividing by $S$:
            the two differ in the last bit of rare products, which moves a .5 tie to the other integer.
-           Return an int32 tensor.""",
+           `scale` and `zero_point` are tensors that broadcast against `x`: shape `()` per tensor (what the checks of a5
+           use), or one per channel reshaped as in a7. Return an int32 tensor.""",
            '''
            def quantize(x, scale, zero_point, num_bits=8, signed=False):
-               """Integers of x (int32) for a per-tensor scale and zero point."""''',
+               """Integers of x (int32); scale and zero_point broadcast against x (per tensor: shape ())."""''',
            '''
            quant_min, quant_max = quant_range(num_bits, signed)
            q = torch.round(x * (1.0 / scale)) + zero_point   # the float32 reciprocal, as PyTorch
@@ -135,7 +140,8 @@ EPS = torch.finfo(torch.float32).eps  # the smallest scale we ever return (as Py
            r"""
            One $(S_c, Z_c)$ per index $c$ of `axis`: $q = \mathrm{clamp}(\mathrm{round}(x \cdot \tfrac{1}{S_c}) + Z_c)$.
            `scale` and `zero_point` have shape `(x.shape[axis],)`; reshape them so they broadcast along `axis`
-           (e.g. `(1, C, 1)` for `axis=1` of a 3-d tensor), then reuse your `quantize`.""",
+           (e.g. `(1, C, 1)` for `axis=1` of a 3-d tensor), then reuse your `quantize` (a5), whose element-wise
+           operations broadcast the reshaped scale and zero point against `x`.""",
            '''
            def quantize_per_channel(x, scale, zero_point, axis, num_bits=8, signed=False):
                """Integers of x (int32) with one scale and zero point per index of `axis`."""''',
@@ -188,7 +194,8 @@ from quantlab import check''',
            return torch.clamp(q_b.double(), -2**31, 2**31 - 1).to(torch.int32)'''),
         ex(3, "requantize", "float-multiplier requantization",
            r"""
-           From the int32 accumulator (bias included) to the output integers, as qnnpack:
+           From the int32 accumulator (bias included: lesson e's $\mathrm{acc} + q_b$) to the output integers, as qnnpack
+           ($q_y$, $S_y$, $Z_y$ here are lesson e's output $q_a$, $S_a$, $Z_a$):
            $$ q_y = \mathrm{clamp}\big(\mathrm{round}(\mathrm{float32}(acc) \cdot M) + Z_y,\ q_{min},\ q_{max}\big), \qquad M = \frac{S_x S_w}{S_y} $$
            rounded half to even. `multiplier` is a float32 tensor of shape `()` or `(C,)` for the channels on axis 1
            of `acc` (`(N, C)` or `(N, C, H, W)`). Return int32.""",
@@ -228,7 +235,9 @@ LESSONS["e"] = dict(
          "exercise assembles a whole quantized conv from **your own** functions of notebooks a and d, imported "
          "with `import_ipynb` as the original series did; the checker compares it bit for bit with quantlab and "
          "with PyTorch's qnnpack kernel. (After editing a_exercises or d_exercises, restart this kernel: "
-         "imported notebooks are cached.)",
+         "imported notebooks are cached.)\n\n**Names.** The lesson calls the conv's output $a$; these exercises call it "
+         "$y$: $q_y, S_y, Z_y$ here are the lesson's $q_a, S_a, Z_a$, and `shift` is the lesson's right shift $n$. "
+         "`acc` in e4 is the lesson's $\\mathrm{acc} + q_b$ (bias included).",
     setup='''\
 # setup: torch, your own functions from notebooks a and d (imported with import_ipynb), the checker
 import math
@@ -246,8 +255,9 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1''',
     exercises=[
         ex(1, "quantize_multiplier", "a real multiplier as a Q31 integer and a shift",
            r"""
-           Write $M = q \cdot 2^{e}$ with $q \in [0.5, 1)$ (`math.frexp`), then
-           $$ M_0 = \lfloor q \cdot 2^{31} + 0.5 \rfloor \ (\text{half away from zero}), \qquad \text{shift} = -e, \qquad M \approx M_0 \cdot 2^{-31-\text{shift}} $$
+           As in lesson e, 1.7.1: write $M = f \cdot 2^{e}$ with the mantissa $f \in [0.5, 1)$ (`f, e = math.frexp(M)`), then
+           $$ M_0 = \lfloor f \cdot 2^{31} + 0.5 \rfloor \ (\text{half away from zero}), \qquad \text{shift} = -e, \qquad M \approx M_0 \cdot 2^{-31-\text{shift}} $$
+           (`shift` is the lesson's $n$; Python's `round` would round a tie half to even, which is not what TFLite does.)
            If rounding gives $M_0 = 2^{31}$, halve it and add 1 to $e$. $M = 0$ gives `(0, 0)`; a multiplier below
            $2^{-32}$ (shift > 31) is flushed to `(0, 0)` as TFLite does. A positive shift is a right shift.""",
            '''
@@ -256,8 +266,8 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1''',
            '''
            if multiplier == 0.0:
                return 0, 0
-           q, exponent = math.frexp(multiplier)      # multiplier = q * 2**exponent, q in [0.5, 1)
-           m0 = math.floor(q * 2**31 + 0.5)          # round half away from zero (q > 0)
+           f, exponent = math.frexp(multiplier)      # multiplier = f * 2**exponent, f in [0.5, 1)
+           m0 = math.floor(f * 2**31 + 0.5)          # round half away from zero (f > 0)
            if m0 == 2**31:                           # rounding reached 2**31: renormalise
                m0 //= 2
                exponent += 1
@@ -295,9 +305,15 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1''',
            return (x >> exponent) + (remainder > threshold).to(torch.int64)'''),
         ex(4, "requantize_fixed_point", "the whole fixed-point requantization",
            r"""
-           With $(M_0, \text{shift})$ = `quantize_multiplier(M)`:
+           Lesson e, 1.7, as one function. `multiplier` is one Python float $M$ for the whole tensor (not per channel),
+           `acc` an int64 tensor of int32 values that **already includes the bias** (the lesson's $\mathrm{acc} + q_b$).
+           With $(M_0, \text{shift})$ = `quantize_multiplier(M)` (e1), SRDHM = e2's
+           `saturating_rounding_doubling_high_mul` (gemmlowp's `SaturatingRoundingDoublingHighMul`) and RDBP = e3's
+           `rounding_divide_by_pot` (gemmlowp's `RoundingDivideByPOT`, "rounding divide by power of two"):
            $$ q_y = \mathrm{clamp}\Big(\mathrm{RDBP}\big(\mathrm{SRDHM}(acc \cdot 2^{\max(-\text{shift}, 0)},\ M_0),\ \max(\text{shift}, 0)\big) + Z_y,\ q_{min},\ q_{max}\Big) $$
-           (a left shift first when $M > 1$, saturated to int32). Use your e1-e3. Return int32.""",
+           A multiplier $M \ge 1$ gives a negative shift: then `acc` is first shifted **left** by $-\text{shift}$ bits and the
+           result clamped to $[-2^{31}, 2^{31}-1]$ (saturated to int32), as TFLite's `MultiplyByQuantizedMultiplier`; for
+           $M < 1$ (every conv in the lesson) there is only the right shift. Return int32.""",
            '''
            def requantize_fixed_point(acc, multiplier, zero_point, quant_min=0, quant_max=255):
                """Output integers (int32) from an int32 accumulator with integer-only arithmetic."""''',
@@ -309,11 +325,14 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1''',
            return torch.clamp(y + zero_point, quant_min, quant_max).to(torch.int32)'''),
         ex(5, "conv2d_accumulate", "the integer accumulator with zero points",
            r"""
-           $$ acc = \sum_{k=1}^{N} (q_x - Z_x)(q_w - Z_w) $$
-           over each output's window, as an int64 tensor `(N, C_out, H', W')`. `zero_point_w` is one value or one per
-           output channel. Subtract the zero points in int64 (never in uint8); zero padding is real 0, i.e. the
-           integer $Z_x$, so pad $(q_x - Z_x)$ with zeros. The sums must be exact: float32 is not beyond $2^{24}$, so use
-           `F.conv2d` on float64 (exact below $2^{53}$) or int64 arithmetic.""",
+           $$ acc = \sum_{k=1}^{K} (q_x - Z_x)(q_w - Z_w) $$
+           over each output's window of $K = C_{in} \cdot k_h \cdot k_w$ inputs (the lesson's $N$), as an int64 tensor of shape
+           `(batch, C_out, H_out, W_out)`. `zero_point_w` is one value or one per output channel. Subtract the zero points in
+           int64 (never in uint8). Two conv options the lesson did not need (its conv has stride 1, no padding):
+           `stride` is the step between windows, `padding` adds that many rows and columns of real 0 around the input; real 0
+           is the integer $Z_x$, so pad $(q_x - Z_x)$ with zeros (`F.conv2d(..., stride=stride, padding=padding)` does both).
+           The sums must be exact: float32 holds integers exactly only up to $2^{24}$, so use `F.conv2d` on float64
+           (exact below $2^{53}$) or int64 arithmetic.""",
            '''
            def conv2d_accumulate(q_x, zero_point_x, q_w, zero_point_w, stride=1, padding=0):
                """The exact integer accumulator of a conv (int64), zero points subtracted."""''',
@@ -330,8 +349,9 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1''',
            1. input: per-tensor affine uint8 from its own range (your `calc_min_max`, `calc_scale_zero_point`, `quantize`);
            2. weights: per-channel symmetric int8 (your `calc_min_max(weight, axis=0)`,
               `calc_scale_zero_point_symmetric`, `quantize_per_channel`);
-           3. $q_b$ = your `quantize_bias`, $acc$ = your `conv2d_accumulate` $+\ q_b$;
-           4. $q_y$ = your `requantize(acc, M, Z_y)` with $M = (S_x S_w) \cdot \tfrac{1}{S_y}$ in float32.""",
+           3. $q_b$ = your `quantize_bias` (shape `(C_out,)`), $acc$ = your `conv2d_accumulate` $+\ q_b$, with $q_b$
+              reshaped to `(1, C_out, 1, 1)` so that it broadcasts over the batch, rows and columns of `acc`;
+           4. $q_y$ = your `requantize(acc, M, Z_y)` with $M = (S_x S_w) \cdot \tfrac{1}{S_y}$ in float32 (one per channel).""",
            '''
            def quantized_conv2d(x, weight, bias, scale_y, zero_point_y, stride=1, padding=0):
                """Output integers (int32, 0..255) of an int8 conv with per-channel weights."""''',

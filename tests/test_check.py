@@ -42,7 +42,7 @@ MUTANTS = [
      "x = ab"),                                                             # no rounding nudge
     ("e", "rounding_divide_by_pot", "threshold = (mask >> 1) + (x < 0).to(torch.int64)",
      "threshold = (mask >> 1)"),                                            # wrong for negatives
-    ("e", "quantize_multiplier", "math.floor(q * 2**31 + 0.5)", "round(q * 2**31)"),  # half to even
+    ("e", "quantize_multiplier", "math.floor(f * 2**31 + 0.5)", "round(f * 2**31)"),  # half to even
     ("e", "conv2d_accumulate", "w = q_w.to(torch.int64) - zw", "w = q_w.to(torch.int64)"),  # Z_w
     ("e", "conv2d_accumulate", "F.conv2d(x.double(), w.double()", "F.conv2d(x.float(), w.float()"),
     ("e", "quantized_conv2d", "acc = acc + q_b.reshape(1, -1, 1, 1)",

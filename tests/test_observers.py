@@ -188,7 +188,7 @@ def test_observer_names_and_errors():
     with pytest.raises(ValueError, match="percentile"):
         PercentileObserver(40)
     net = quantlab.Net()
-    with pytest.raises(ValueError, match="observer must be one of"):
+    with pytest.raises(ValueError, match="observer must be None or one of"):
         quantlab.quantize_model(net, observer="max")
     with pytest.raises(ValueError, match="weight_observer"):
         quantlab.quantize_model(net, weight_observer="entropy")

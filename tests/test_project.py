@@ -33,7 +33,7 @@ def test_environment_yml_names_the_same_dependencies_as_pyproject():
             conda.add(CONDA_TO_PIP.get(m.group(1).lower(), m.group(1).lower()))
     conda -= {"python", "pip"}
     assert conda == runtime
-    assert "-e .[notebooks,test]" in env
+    assert "-e .[notebooks,test,docs]" in env
     assert "python=3.11" in env and "conda-forge" in env
 
 
@@ -71,13 +71,34 @@ def test_notebook_is_stored_executed_in_order_without_errors(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stored_small_without_widget_state_or_timestamps(path):
+    # `make notebooks` stores with store_widget_state=False and scripts/clean_notebooks.py
+    nb = json.loads(path.read_text())
+    assert "widgets" not in nb.get("metadata", {}), "widget state stored: run `make notebooks`"
+    stamped = [i for i, c in enumerate(nb["cells"]) if "execution" in c.get("metadata", {})]
+    assert not stamped, f"execution timestamps in cells {stamped}: run scripts/clean_notebooks.py"
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            assert "application/vnd.jupyter.widget-view+json" not in out.get("data", {})
+    size = path.stat().st_size
+    assert size < 250_000, f"{path.name} is {size / 1000:.0f} KB (limit 250 KB)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_links_its_neighbours_and_ends_with_summary_exercises_references(path):
+    nb = json.loads(path.read_text())
+    first = "".join(nb["cells"][0]["source"])
+    i = NOTEBOOKS.index(path)
+    for neighbour in NOTEBOOKS[max(0, i - 1):i] + NOTEBOOKS[i + 1:i + 2]:
+        assert f"({neighbour.name})" in first, f"no link to {neighbour.name} in the first cell"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_ends_with_summary_and_exercises(path):
     nb = json.loads(path.read_text())
     md = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
     headings = re.findall(r"^## (.+)$", md, flags=re.M)
-    if headings[-1] == "References":  # the issue-9 layout: Summary, Exercises, References
-        headings = headings[:-1]
-    assert headings[-2:] == ["Summary", "Exercises"], headings
+    assert headings[-3:] == ["Summary", "Exercises", "References"], headings
 
 
 LAYERS = ["qparams", "quantize", "observers", "observer", "fixed_point", "modules", "models", "ptq"]

@@ -6,10 +6,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from quantlab.data import embedded_split
 from quantlab.models import quantize_model
-from quantlab.reference import torch_quantized_model
+from quantlab.reference import ao_unavailable_reason, torch_ao_available, torch_quantized_model
 from quantlab.training import evaluate, pretrained, train
 
-HAS_QNNPACK = "qnnpack" in torch.backends.quantized.supported_engines
+# torch.ao's int8 kernels are deprecated: without them the qnnpack oracle tests skip
+# (test_export.py checks the same integers against ONNX Runtime)
+needs_qnnpack = pytest.mark.skipif(not torch_ao_available(), reason=ao_unavailable_reason())
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_observers_follow_a_moving_average_only_while_training(loaders):
     assert torch.equal(q_out.max_val, moved)
 
 
-@pytest.mark.skipif(not HAS_QNNPACK, reason="PyTorch's qnnpack engine unavailable")
+@needs_qnnpack
 def test_netbn_qat_folds_bn_and_freezes_bit_exact(loaders):
     train_loader, test_loader = loaders
     netbn = pretrained("netbn")
@@ -104,3 +106,48 @@ def test_batch_statistics_recipe_updates_running_stats(loaders):
     loss.backward()
     assert not torch.equal(before, bn.running_mean)
     assert qnet.layers[0].conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("name, num_bits, fixed_point",
+                         [("net", 2, False), ("net", 3, True), ("netbn", 4, False)])
+def test_qat_forward_computes_the_integer_models_values(loaders, name, num_bits, fixed_point):
+    # QAT's forward simulates the int32 bias and the requantization: after a few steps of
+    # training, the fake-quantized logits equal the frozen integer model's dequantized logits
+    train_loader, test_loader = loaders
+    qnet = quantize_model(pretrained(name), num_bits, qat=True, fixed_point=fixed_point)
+    batches = [b for _, b in zip(range(2), train_loader)]
+    train(qnet, batches, epochs=1, progress=False)
+    images = next(iter(test_loader))[0][:100]
+    qnet.eval()
+    with torch.no_grad():
+        fake = qnet(images)
+    plain = quantize_model(pretrained(name), num_bits, qat=True, fixed_point=fixed_point)
+    plain.load_state_dict(qnet.state_dict())
+    for layer in plain.layers:
+        layer.simulate_integer = False
+    with torch.no_grad():
+        unsimulated = plain.eval()(images)
+    qnet.freeze()
+    integer = qnet.quantize_inference(images)
+    assert torch.equal(fake, integer)
+    assert not torch.equal(unsimulated, integer)  # plain fake quantization is not exact
+
+
+def test_qat_bias_is_rounded_to_int32_grid_with_a_straight_through_gradient(loaders):
+    train_loader, _ = loaders
+    qnet = quantize_model(pretrained("net"), 4, qat=True)
+    images = next(iter(train_loader))[0]
+    qnet(images).sum().backward()
+    fc = qnet.layers[-1]
+    assert fc.fc.bias.grad is not None and fc.fc.bias.grad.abs().sum() > 0
+    # the forward uses the bias on the grid S_x * S_w: any bias within 0.3 of a step of the same
+    # grid point gives the same output
+    qnet.eval()
+    with torch.no_grad():
+        step = fc.q_w.scale * fc.input_qparam().scale
+        grid = torch.round(fc.fc.bias * (1.0 / step))
+        outputs = []
+        for offset in (-0.3, 0.0, 0.3):
+            fc.fc.bias.copy_((grid + offset) * step)
+            outputs.append(qnet(images))
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[1], outputs[2])

@@ -107,3 +107,19 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="not a state_dict"):
         training.load_checkpoint(Net(), tmp_path / "list.pt")
+
+
+@pytest.mark.parametrize("correct, total", [(979, 1000), (0, 10), (10, 10), (1, 3), (744, 1000)])
+def test_wilson_interval_matches_scipy(correct, total):
+    stats = pytest.importorskip("scipy.stats")
+    ref = stats.binomtest(correct, total).proportion_ci(confidence_level=0.95, method="wilson")
+    lo, hi = training.wilson_interval(correct, total)
+    assert lo == pytest.approx(float(ref.low), abs=1e-8) and hi == pytest.approx(float(ref.high), abs=1e-8)
+    assert lo <= correct / total <= hi
+
+
+def test_wilson_interval_rejects_bad_counts():
+    with pytest.raises(ValueError, match="correct <= total"):
+        training.wilson_interval(11, 10)
+    with pytest.raises(TypeError, match="ints"):
+        training.wilson_interval(0.9, 10)

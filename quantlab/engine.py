@@ -1,0 +1,326 @@
+"""A NumPy-only integer engine for exported quantlab models (no torch anywhere in its imports).
+
+``Engine("net.onnx")`` loads the ONNX file written by :func:`quantlab.export.to_onnx` and runs it
+with NumPy: ``engine(x)`` returns the graph's first output (the dequantized logits),
+``engine.run(x)`` every output by name (``y_q`` holds the logit integers). It implements the
+operators that file uses: QuantizeLinear, QLinearConv, MaxPool, Flatten, Reshape, Clip, Identity,
+DequantizeLinear. ``import quantlab.engine`` needs only numpy and onnx (quantlab's package
+``__init__`` is lazy), so a deployed model runs where torch is not installed.
+
+QLinearConv, as TFLite's reference ``integer_ops/conv.h`` (``acc`` exact, then requantize):
+
+    acc = sum (q_x - Z_x)(q_w - Z_w) + q_b                     one output channel
+    q_y = clamp(rne(f32(acc) * M) + Z_y)                        float requantization, or
+    q_y = clamp(MultiplyByQuantizedMultiplier(acc, M0, shift) + Z_y)    fixed point (Q31)
+
+with ``M`` computed from the scales as the file's metadata says (``quantlab.multiplier``: qnnpack's
+``f32(f32(S_x*S_w) * f32(1/S_y))`` or ONNX Runtime's ``f32(f32(S_x*S_w) / S_y)``, the latter for
+files without the note). The products are summed as an im2col matrix product on BLAS: in float32
+when ``max_c sum_k |q_w - Z_w| * max|q_x - Z_x| < 2**24`` (every partial sum is then an integer that
+float32 holds exactly, in any summation order, with or without FMA), else in float64 (exact below
+2**53: any 8-bit layer with fewer than 1.3e11 products per output). The bias is added in float64,
+exactly, unless the bound plus ``max|q_b|`` stays below 2**24. The fixed-point path converts the
+exact sum to int64 and follows gemmlowp in int64 NumPy arithmetic.
+
+A MaxPool right after a QLinearConv is applied to the accumulators before requantizing: the
+requantization is non-decreasing per channel, so the integers are the same, at a quarter of the
+requantization work. Activations are kept NHWC inside (contiguous channels for the matrix
+products) and converted where the ONNX semantics need NCHW (Flatten, Reshape, graph outputs).
+Taught in notebook ``g_deploy``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+META_MULTIPLIER = "quantlab.multiplier"
+META_REQUANTIZATION = "quantlab.requantization"
+MULTIPLIERS = ("qnnpack", "onnxruntime")
+REQUANTIZATIONS = ("float", "fixed_point")
+FLOAT32_EXACT, FLOAT64_EXACT = 2**24, 2**53
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+# -- fixed point (gemmlowp / TFLite), NumPy int64 -----------------------------------------------
+
+def quantize_multiplier(multiplier: float) -> tuple[int, int]:
+    """``M ~= M0 * 2**(-31 - shift)``, M0 in [2**30, 2**31) (as quantlab.fixed_point)."""
+    if multiplier <= 0:
+        return 0, 0
+    q, exponent = math.frexp(float(multiplier))
+    q_fixed = int(math.floor(q * 2**31 + 0.5))
+    if q_fixed == 2**31:
+        q_fixed //= 2
+        exponent += 1
+    if exponent < -31:
+        return 0, 0
+    return q_fixed, -exponent
+
+
+def multiply_by_quantized_multiplier(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray):
+    """TFLite's ``MultiplyByQuantizedMultiplier`` on int64 arrays holding int32 values
+    (M0 > 0, so the INT32_MIN * INT32_MIN saturation case cannot occur)."""
+    left, right = np.maximum(-shift, 0), np.maximum(shift, 0)
+    a = np.clip(acc << left, INT32_MIN, INT32_MAX)
+    ab = a * m0                                          # |ab| < 2**62: exact in int64
+    x = ab + np.where(ab >= 0, 1 << 30, 1 - (1 << 30))   # the rounding nudge
+    high = np.where(x >= 0, x >> 31, -((-x) >> 31))       # / 2**31, truncating toward zero
+    mask = (np.int64(1) << right) - 1                    # rounding_divide_by_pot(high, right)
+    threshold = (mask >> 1) + (high < 0)
+    return (high >> right) + ((high & mask) > threshold)
+
+
+def requantization_multiplier(s_x, s_w, s_y, multiplier: str) -> np.ndarray:
+    """float32 ``M`` per output channel, by qnnpack's or ONNX Runtime's formula."""
+    s_x, s_w, s_y = (np.asarray(v, dtype=np.float32) for v in (s_x, s_w, s_y))
+    if multiplier == "qnnpack":
+        return (s_w * s_x) * (np.float32(1.0) / s_y)
+    return (s_x * s_w) / s_y
+
+
+def _range(dtype) -> tuple[int, int]:
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
+def _nchw(a: np.ndarray) -> np.ndarray:
+    return a.transpose(0, 3, 1, 2) if a.ndim == 4 else a
+
+
+def _nhwc(a: np.ndarray) -> np.ndarray:
+    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
+
+
+def _windows(x: np.ndarray, kernel, strides, dilations) -> np.ndarray:
+    """(N, H, W, C) -> (N, OH, OW, C, kh, kw) view of the sliding windows."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    win = np.lib.stride_tricks.sliding_window_view(x, (span_h, span_w), axis=(1, 2))
+    return win[:, ::sh, ::sw, :, ::dh, ::dw]
+
+
+def _max_pool(x: np.ndarray, kernel, strides, pads, fill) -> np.ndarray:
+    """MaxPool of an (N, H, W, C) array; padding counts as ``fill`` (the dtype's minimum)."""
+    if any(pads):
+        x = np.pad(x, ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)),
+                   constant_values=fill)
+    (kh, kw), (sh, sw) = kernel, strides
+    n, h, w, c = x.shape
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    if (kh, kw) == (sh, sw):  # non-overlapping windows: a reshape, no copy
+        x = x[:, :oh * kh, :ow * kw]
+        return x.reshape(n, oh, kh, ow, kw, c).max(axis=(2, 4))
+    return _windows(x, kernel, strides, (1, 1)).max(axis=(4, 5))
+
+
+class _Conv:
+    """A QLinearConv node prepared once: integer weights minus Z_w, multipliers, bounds."""
+
+    def __init__(self, node, consts, multiplier, requantization):
+        a = {at.name: onnx.helper.get_attribute_value(at) for at in node.attribute}
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise ValueError(f"{node.name}: auto_pad is not supported; use explicit pads")
+        ins = [consts.get(n) if n else None for n in node.input]
+        if any(v is None for v in ins[1:8]):
+            raise ValueError(f"{node.name}: QLinearConv's qparams and weights must be initializers")
+        _, s_x, z_x, w, s_w, z_w, s_y, z_y = ins[:8]
+        bias = ins[8] if len(ins) > 8 and ins[8] is not None else np.zeros(w.shape[0], np.int32)
+        self.group = int(a.get("group", 1))
+        self.kernel = tuple(a.get("kernel_shape", w.shape[2:]))
+        self.strides = tuple(a.get("strides", (1, 1)))
+        self.dilations = tuple(a.get("dilations", (1, 1)))
+        self.pads = tuple(a.get("pads", (0, 0, 0, 0)))
+        self.z_x, self.z_y, self.out_dtype = int(z_x), int(z_y), z_y.dtype
+        self.x_range = _range(z_x.dtype)
+        c_out, self.c_in_g = w.shape[0], w.shape[1]
+        wi = w.astype(np.int64) - z_w.astype(np.int64).reshape(-1, 1, 1, 1)
+        x_max = max(abs(self.x_range[0] - self.z_x), abs(self.x_range[1] - self.z_x))
+        # |acc| <= bound for every input in the uint8/int8 range (the accumulator bound)
+        self.bound = int(np.abs(wi).reshape(c_out, -1).sum(1).max()) * x_max
+        if self.bound >= FLOAT64_EXACT:
+            raise ValueError(f"{node.name}: accumulator bound {self.bound} >= 2**53")
+        self.dtype = np.float32 if self.bound < FLOAT32_EXACT else np.float64
+        self.bias = bias.astype(np.int64)
+        self.bias_in_acc = self.bound + int(np.abs(self.bias).max()) < FLOAT32_EXACT
+        g, k = self.group, wi[0].size
+        # (G, K, C_out/G): one matrix per group, K = C_in/G * kh * kw in the window order
+        self.w = np.ascontiguousarray(wi.reshape(g, c_out // g, k).transpose(0, 2, 1)
+                                      ).astype(self.dtype)
+        m = requantization_multiplier(s_x, s_w, s_y, multiplier)
+        self.m = np.broadcast_to(m, (c_out,)).astype(np.float32)
+        self.fixed_point = requantization == "fixed_point"
+        if self.fixed_point:
+            pairs = [quantize_multiplier(float(v)) for v in self.m]
+            self.m0 = np.array([p[0] for p in pairs], np.int64)
+            self.shift = np.array([p[1] for p in pairs], np.int64)
+
+    def accumulate(self, x: np.ndarray) -> np.ndarray:
+        """(N, H, W, C_in) integers -> (N, OH, OW, C_out) exact ``sum (q_x - Z_x)(q_w - Z_w)``
+        (+ q_b when that stays exact in float32), held in float32 or float64."""
+        xi = x.astype(self.dtype)
+        xi -= self.z_x
+        p = self.pads
+        if any(p):  # padding is real 0, i.e. q_x = Z_x: 0 after subtracting Z_x
+            xi = np.pad(xi, ((0, 0), (p[0], p[2]), (p[1], p[3]), (0, 0)))
+        win = _windows(xi, self.kernel, self.strides, self.dilations)
+        n, oh, ow = win.shape[:3]
+        g, k, c_g = self.w.shape
+        if g == 1:
+            acc = win.reshape(n * oh * ow, k) @ self.w[0]
+        else:
+            cols = win.reshape(n * oh * ow, g, k).transpose(1, 0, 2)        # (G, M, K)
+            acc = np.matmul(cols, self.w).transpose(1, 0, 2)                 # (M, G, C_out/G)
+        acc = acc.reshape(n, oh, ow, g * c_g)
+        if self.bias_in_acc:
+            acc += self.bias.astype(self.dtype)
+        return acc
+
+    def requantize(self, acc: np.ndarray) -> np.ndarray:
+        """Exact accumulators -> output integers: + q_b, * M (or M0, shift), rne, + Z_y, clamp."""
+        if not self.bias_in_acc:
+            acc = acc.astype(np.float64) + self.bias
+        if self.fixed_point:
+            a = np.clip(acc.astype(np.int64), INT32_MIN, INT32_MAX)
+            y = multiply_by_quantized_multiplier(a, self.m0, self.shift).astype(np.float32)
+        else:
+            y = np.rint(acc.astype(np.float32, copy=False) * self.m)
+        y += self.z_y
+        lo, hi = _range(self.out_dtype)
+        return np.clip(y, lo, hi).astype(self.out_dtype)
+
+
+class Engine:
+    """Integer inference of an exported model with NumPy.
+
+    Args:
+        model: path of an ``.onnx`` file from :func:`quantlab.export.to_onnx`, or its ModelProto.
+        multiplier: ``"qnnpack"`` or ``"onnxruntime"``; None: the file's ``quantlab.multiplier``
+            note, else ONNX Runtime's formula (what the ONNX standard runtime computes).
+        requantization: ``"float"`` or ``"fixed_point"``; None: the file's note, else float.
+        chunk_size: images per chunk (small chunks stay in the CPU caches).
+    """
+
+    OPS = ("QuantizeLinear", "QLinearConv", "MaxPool", "Flatten", "Reshape", "Clip", "Identity",
+           "DequantizeLinear")
+
+    def __init__(self, model, multiplier: str | None = None, requantization: str | None = None,
+                 chunk_size: int = 256):
+        if isinstance(model, (str, os.PathLike)):
+            model = onnx.load(os.fspath(model))
+        if not isinstance(model, onnx.ModelProto):
+            raise TypeError(f"model must be a path or an onnx.ModelProto; got {type(model).__name__}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+        meta = {p.key: p.value for p in model.metadata_props}
+        self.multiplier = multiplier or meta.get(META_MULTIPLIER, "onnxruntime")
+        self.requantization = requantization or meta.get(META_REQUANTIZATION, "float")
+        if self.multiplier not in MULTIPLIERS:
+            raise ValueError(f"multiplier must be one of {MULTIPLIERS}; got {self.multiplier!r}")
+        if self.requantization not in REQUANTIZATIONS:
+            raise ValueError(f"requantization must be one of {REQUANTIZATIONS}; got "
+                             f"{self.requantization!r}")
+        self.chunk_size = chunk_size
+        graph = model.graph
+        self.consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.inputs = [i.name for i in graph.input if i.name not in self.consts]
+        if len(self.inputs) != 1:
+            raise ValueError(f"the graph must have one input; it has {self.inputs}")
+        self.outputs = [o.name for o in graph.output]
+        self.nodes = list(graph.node)
+        consumers: dict[str, int] = {}
+        for node in self.nodes:
+            if node.op_type not in self.OPS:
+                raise ValueError(f"operator {node.op_type} ({node.name}) is not supported by the "
+                                 f"NumPy engine; supported: {self.OPS}")
+            for name in node.input:
+                consumers[name] = consumers.get(name, 0) + 1
+        self.convs = {n.output[0]: _Conv(n, self.consts, self.multiplier, self.requantization)
+                      for n in self.nodes if n.op_type == "QLinearConv"}
+        # a MaxPool that alone reads a conv's output pools that conv's accumulators
+        self.fused = {}
+        for node in self.nodes:
+            src = node.input[0] if node.input else None
+            if node.op_type == "MaxPool" and src in self.convs and consumers[src] == 1 \
+                    and src not in self.outputs:
+                self.fused[src] = node.output[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.run(x)[self.outputs[0]]
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the graph on a batch (NCHW images or their integers); ``{output name: array}``."""
+        x = np.asarray(x)
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise ValueError(f"x must be a non-empty batch; got shape {x.shape}")
+        parts = [self._run_chunk(x[i:i + self.chunk_size])
+                 for i in range(0, x.shape[0], self.chunk_size)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in self.outputs}
+
+    def _run_chunk(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        env = dict(self.consts)
+        env[self.inputs[0]] = _nhwc(x)
+        for node in self.nodes:
+            out = node.output[0]
+            if node.op_type == "MaxPool" and node.input[0] in self.fused:
+                conv = self.convs[node.input[0]]
+                env[out] = conv.requantize(self._pool(node, env[node.input[0]], -np.inf))
+                continue
+            args = [env[n] if n else None for n in node.input]
+            if node.op_type == "QLinearConv":
+                acc = self.convs[out].accumulate(args[0])
+                env[out] = acc if out in self.fused else self.convs[out].requantize(acc)
+            else:
+                env[out] = getattr(self, "_" + node.op_type)(node, *args)
+        return {name: _nchw(env[name]) for name in self.outputs}
+
+    # -- the element-wise and shape operators (ONNX semantics) ---------------------------------
+    @staticmethod
+    def _attrs(node) -> dict:
+        return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    def _QuantizeLinear(self, node, x, scale, zero_point=None):
+        if np.ndim(scale) != 0:
+            raise ValueError(f"{node.name}: only per-tensor QuantizeLinear is supported")
+        zp = np.uint8(0) if zero_point is None else zero_point
+        lo, hi = _range(zp.dtype)  # ONNX: saturate(rne(x / scale) + zero_point), in float32
+        q = np.rint(x.astype(np.float32) / np.float32(scale)) + np.float32(zp)
+        return np.clip(q, lo, hi).astype(zp.dtype)
+
+    def _DequantizeLinear(self, node, q, scale, zero_point=None):
+        if np.ndim(scale) != 0:
+            raise ValueError(f"{node.name}: only per-tensor DequantizeLinear is supported")
+        zp = 0 if zero_point is None else int(zero_point)
+        return (q.astype(np.int32) - zp).astype(np.float32) * np.float32(scale)
+
+    def _Clip(self, node, x, low=None, high=None):
+        lo, hi = _range(x.dtype)
+        return np.clip(x, lo if low is None else low, hi if high is None else high)
+
+    def _Identity(self, node, x):
+        return x
+
+    def _pool(self, node, x, fill):
+        a = self._attrs(node)
+        if a.get("ceil_mode", 0) or any(d != 1 for d in a.get("dilations", (1, 1))):
+            raise ValueError(f"{node.name}: MaxPool with ceil_mode or dilations is not supported")
+        kernel = tuple(a["kernel_shape"])
+        return _max_pool(x, kernel, tuple(a.get("strides", kernel)),
+                         tuple(a.get("pads", (0, 0, 0, 0))), fill)
+
+    def _MaxPool(self, node, x):
+        return self._pool(node, x, _range(x.dtype)[0])
+
+    def _Flatten(self, node, x):
+        axis = self._attrs(node).get("axis", 1)
+        x = _nchw(x)
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+    def _Reshape(self, node, x, shape):
+        x = _nchw(x)
+        shape = [x.shape[i] if s == 0 else int(s) for i, s in enumerate(shape)]
+        return _nhwc(x.reshape(shape))

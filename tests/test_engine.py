@@ -1,0 +1,158 @@
+"""The NumPy engine: bit-exact with quantlab on every embedded test digit and on random layers,
+float and fixed-point requantization, both multiplier formulas; it runs with torch blocked."""
+
+import copy
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from test_export import _random_layer
+from torch import nn
+
+from quantlab.data import embedded_split
+from quantlab.engine import Engine, multiply_by_quantized_multiplier, quantize_multiplier
+from quantlab.export import to_onnx
+from quantlab.fixed_point import multiply_by_quantized_multiplier as torch_mbqm
+from quantlab.fixed_point import quantize_multiplier as torch_qm
+from quantlab.models import quantize_model
+from quantlab.training import pretrained
+
+
+@pytest.fixture(scope="module")
+def data():
+    x_tr, _, x_te, _ = embedded_split()
+    return x_tr, x_te
+
+
+@pytest.fixture(scope="module")
+def calibrated_nets(data):
+    x_tr, _ = data
+    return {(name, pc): quantize_model(pretrained(name), 8, per_channel=pc).calibrate([x_tr])
+            for name in ("net", "netbn") for pc in (False, True)}
+
+
+def variant(qnet, fixed_point: bool, multiplier: str):
+    qnet = copy.deepcopy(qnet)
+    for layer in qnet.layers:
+        if hasattr(layer, "fixed_point"):
+            layer.fixed_point = fixed_point
+    qnet.fixed_point = fixed_point
+    return qnet.freeze(multiplier=multiplier)
+
+
+@pytest.mark.parametrize("name", ["net", "netbn"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+@pytest.mark.parametrize("fixed_point", [False, True], ids=["float", "fixed_point"])
+@pytest.mark.parametrize("multiplier", ["qnnpack", "onnxruntime"])
+def test_engine_bit_exact_with_quantlab_on_every_test_digit(calibrated_nets, data, tmp_path, name,
+                                                             per_channel, fixed_point, multiplier):
+    _, x_te = data
+    qnet = variant(calibrated_nets[name, per_channel], fixed_point, multiplier)
+    path = tmp_path / "model.onnx"
+    to_onnx(qnet, path, allow_fixed_point=fixed_point)
+    out = Engine(path, chunk_size=300).run(x_te.numpy())  # chunks of uneven size too
+    ours = qnet.integer_inference(qnet.q_in.quantize_tensor(x_te))
+    assert out["y_q"].dtype == np.uint8
+    assert np.array_equal(out["y_q"], ours.numpy())
+    assert np.array_equal(out["y"], qnet.q_out.dequantize_tensor(ours).numpy())
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_engine_bit_exact_on_random_layers(per_channel):
+    rng, gen = random.Random(77 + per_channel), torch.Generator().manual_seed(5)
+    for i in range(60):
+        layer, x, cfg = _random_layer(rng, gen, per_channel)
+        if i % 2:  # every other layer requantizes in fixed point
+            layer.fixed_point = True
+            layer.freeze()
+        q_x = layer.q_in.quantize_tensor(x)
+        model = to_onnx(layer, input_dtype="uint8", allow_fixed_point=True)
+        got = Engine(model).run(q_x.numpy().astype(np.uint8))["y_q"]
+        assert np.array_equal(got, layer.quantize_inference(q_x).numpy()), cfg
+
+
+def test_engine_float64_accumulation_when_float32_is_not_exact():
+    fc = nn.Linear(1000, 3)
+    with torch.no_grad():
+        fc.weight.fill_(1.0)
+        fc.weight[0, 0] = -1.0
+    from quantlab.modules import QLinear
+
+    layer = QLinear(fc, True, True, 8, False)
+    layer(torch.rand(4, 1000))
+    layer.freeze()
+    engine = Engine(to_onnx(layer, input_dtype="uint8"))
+    conv = next(iter(engine.convs.values()))
+    assert conv.bound >= 2**24 and conv.dtype == np.float64
+    q_x = torch.full((2, 1000), 255, dtype=torch.int32)
+    q_x[1, ::3] = 0
+    assert np.array_equal(engine.run(q_x.numpy().astype(np.uint8))["y_q"],
+                          layer.quantize_inference(q_x).numpy())
+
+
+def test_numpy_fixed_point_equals_quantlab_fixed_point():
+    rng = np.random.default_rng(0)
+    acc = rng.integers(-(2**31), 2**31, 20_000, dtype=np.int64)
+    ms = rng.uniform(1e-6, 2.0, 20_000)
+    pairs = [quantize_multiplier(m) for m in ms]
+    assert pairs == [torch_qm(m) for m in ms]
+    m0, shift = (np.array(p, np.int64) for p in zip(*pairs))
+    ours = multiply_by_quantized_multiplier(acc, m0, shift)
+    ref = torch_mbqm(torch.from_numpy(acc), torch.from_numpy(m0), torch.from_numpy(shift))
+    assert np.array_equal(ours, ref.numpy())
+
+
+def test_engine_errors(tmp_path, calibrated_nets):
+    model = to_onnx(variant(calibrated_nets["net", True], False, "qnnpack"))
+    with pytest.raises(ValueError, match="multiplier must be one of"):
+        Engine(model, multiplier="tflite")
+    with pytest.raises(ValueError, match="requantization must be one of"):
+        Engine(model, requantization="int")
+    with pytest.raises(TypeError, match="path or an onnx.ModelProto"):
+        Engine(42)
+    with pytest.raises(ValueError, match="chunk_size"):
+        Engine(model, chunk_size=0)
+    model.graph.node[2].op_type = "AveragePool"
+    with pytest.raises(ValueError, match="AveragePool"):
+        Engine(model)
+
+
+BLOCKED_TORCH = textwrap.dedent("""
+    import sys, importlib.abc
+    class BlockTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError(f"torch is blocked in this test ({name})")
+    sys.meta_path.insert(0, BlockTorch())
+    import numpy as np
+    import quantlab.engine
+    assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
+    try:
+        import torch  # noqa: F401
+        raise SystemExit("the block did not work")
+    except ImportError:
+        pass
+    engine = quantlab.engine.Engine(sys.argv[1])
+    y_q = engine.run(np.load(sys.argv[2]))["y_q"]
+    assert np.array_equal(y_q, np.load(sys.argv[3])), "engine differs from quantlab"
+    print("ok without torch:", y_q.shape)
+""")
+
+
+def test_engine_runs_with_torch_blocked(calibrated_nets, data, tmp_path):
+    _, x_te = data
+    qnet = variant(calibrated_nets["netbn", True], True, "qnnpack")
+    to_onnx(qnet, tmp_path / "m.onnx", allow_fixed_point=True)
+    np.save(tmp_path / "x.npy", x_te[:200].numpy())
+    np.save(tmp_path / "y.npy", qnet.integer_inference(qnet.q_in.quantize_tensor(x_te[:200])).numpy())
+    script = tmp_path / "run.py"
+    script.write_text(BLOCKED_TORCH)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "m.onnx"),
+                          str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ok without torch: (200, 10)" in out.stdout
