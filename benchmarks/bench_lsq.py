@@ -39,6 +39,7 @@ TARGETS = {2: (97.8, 97.6), 3: (98.3, None), 4: (98.4, None)}
 def float_epoch_seconds(train_loader) -> float:
     """One epoch of float training, timed now (for the idle-machine estimate)."""
     model = Net()
+    train(model, [next(iter(train_loader))], epochs=1, progress=False)  # warm-up (imports)
     start = time.perf_counter()
     train(model, train_loader, epochs=1, progress=False)
     return time.perf_counter() - start

@@ -3,7 +3,8 @@
 Layers, lowest first (lower layers never import higher ones):
 ``_validate`` (argument checks) <- ``qparams`` (ranges, scale, zero point) <- ``quantize``
 (quantize / dequantize / fake_quantize) <- ``observers`` (range estimators) <- ``observer``
-(QParam) <- ``fixed_point`` (integer requantization) <- ``modules`` (QConv2d, QLinear, ...) <-
+(QParam) <- ``learned`` (LSQ/PACT: QParams whose step is trained) <- ``fixed_point`` (integer
+requantization) <- ``modules`` (QConv2d, QLinear, ...) <-
 ``models`` (Net, NetBN, quantize_model) <- ``ptq`` (cross-layer equalization, bias correction,
 AdaRound).
 ``data``, ``training``, ``plots``, ``reference`` and ``export`` sit beside them and are imported
@@ -26,6 +27,7 @@ _LAZY = {
     "QuantizedNet": "models",
     "quantize_model": "models",
     "QParam": "observer",
+    "LearnedQParam": "learned",
     "OBSERVERS": "observers",
     "make_observer": "observers",
     "calc_min_max": "qparams",

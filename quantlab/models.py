@@ -379,6 +379,8 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
               QMaxPool2d(2, 2, num_bits=num_bits), QFlatten(num_bits), fc]
     qnet = QuantizedNet(layers, num_bits, per_channel, fixed_point, qat)
     qnet.input_shape = (net.conv1.in_channels, 28, 28)  # the fc layer needs 28x28 images
+    if learn is not None:
+        qnet.default_lr = 3e-3  # the steps learn too: LSQ's recipe (benchmarks/bench_lsq.py)
     for layer in layers:
         # QAT's forward pass computes exactly what the integer model will: int32 bias and
         # requantization rounding (the calibration of PTQ keeps the plain fake quantization)
