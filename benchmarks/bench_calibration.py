@@ -22,6 +22,7 @@ Usage: python benchmarks/bench_calibration.py [--models net netbn] [--bits 8 6 5
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import warnings
 
@@ -73,7 +74,7 @@ def main():
     args = p.parse_args()
     for message in DEPRECATION_MESSAGES:
         warnings.filterwarnings("ignore", message=message)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     x_tr, y_tr, x_te, y_te = embedded_split()
     sets = test_sets(DataLoader(TensorDataset(x_te, y_te), batch_size=1000))
     where = "official" if "official" in sets else "embedded"

@@ -258,23 +258,28 @@ class MSEObserver(_HistogramBase):
         return f"MSEObserver(axis={self.axis}, grid={self.grid})"
 
 
-def kl_divergence_threshold(hist: np.ndarray, num_levels: int, candidates: int = 512) -> int:
+def kl_divergence_threshold(hist: np.ndarray, num_levels: int, start_bin: int = 128,
+                            stride: int = 1) -> int:
     """TensorRT's entropy calibration: the number of bins ``i`` of a ``|x|`` histogram to keep.
 
-    For each ``i`` from ``num_levels`` to ``len(hist)``: ``P`` = the first ``i`` bins with every
-    outlier count added to bin ``i-1``; ``Q`` = the first ``i`` bins merged into ``num_levels``
-    equal groups, each group's count spread evenly over its non-empty bins. Return the ``i`` with
-    the smallest ``KL(P || Q) = sum P log(P / Q)`` (the last one among ties). As NVIDIA's
-    pytorch-quantization, the zero bin takes the count of bin 1 first (after a ReLU, zeros would
-    dominate every distribution). At most ``candidates`` values of ``i`` are tried (a stride).
+    For each ``i`` from ``start_bin`` (at least 1) to ``len(hist)`` in steps of ``stride``:
+    ``P`` = the first ``i`` bins with every outlier count added to bin ``i-1``; ``Q`` = the first
+    ``i`` bins merged into ``num_levels`` equal groups (bin ``j`` in group ``floor(j L / i)``),
+    each group's count spread evenly over its non-empty bins (empty bins stay 0). Return the
+    ``i`` with the smallest ``KL(P || Q) = sum P log(P / Q)`` (the largest ``i`` among ties).
+    As NVIDIA's pytorch-quantization (``_compute_amax_entropy``: 2048 bins, ``start_bin=128``,
+    ``stride=1``), the zero bin first takes the count of bin 1 (after a ReLU the exact zeros
+    would dominate every distribution).
     """
     h = np.asarray(hist, dtype=np.float64).copy()
+    num_levels = check_int(num_levels, "num_levels", 1)
+    start_bin = check_int(start_bin, "start_bin", 1)
+    stride = check_int(stride, "stride", 1)
     if len(h) > 1:
         h[0] = h[1]
     best_i, best_kl = len(h), math.inf
     suffix = np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])
-    stride = max(1, (len(h) - num_levels) // candidates)
-    for i in range(len(h), num_levels - 1, -stride):
+    for i in range(len(h), min(start_bin, len(h)) - 1, -stride):
         p = h[:i].copy()
         p[-1] += suffix[i]
         group = np.minimum((np.arange(i) * num_levels) // i, num_levels - 1)
@@ -295,21 +300,24 @@ def kl_divergence_threshold(hist: np.ndarray, num_levels: int, candidates: int =
 class EntropyObserver(_HistogramBase):
     """TensorRT's KL-divergence calibration: the threshold ``t`` whose clipped, ``2**b``-level
     (one-sided data) or ``2**(b-1)``-level (signed data) requantized histogram of ``|x|`` has the
-    smallest KL divergence from the clipped original (:func:`kl_divergence_threshold`); the
-    range is ``[max(min, -t), min(max, t)]``. ONNX Runtime's ``EntropyCalibrater`` differs (its
-    histogram is signed, its Q is integer-truncated and not zero where P is): see the tests."""
+    smallest KL divergence from the clipped original (:func:`kl_divergence_threshold`, bins 128
+    to 2048 of ``|x|``); the range is ``[max(min, -t), min(max, t)]``. ``bins=4096`` over
+    ``[-T, T]`` gives NVIDIA's 2048 bins over ``[0, max |x|]`` for one batch. ONNX Runtime's
+    ``EntropyCalibrater`` differs (its histogram is signed and keeps the zero spike, its Q is
+    integer-truncated and smoothed): see the tests. The criterion compares shapes, not errors:
+    with many levels it can clip far into the tail (notebook ``da_calibration``)."""
 
     name = "entropy"
 
-    def __init__(self, bins: int = 8192):
-        super().__init__(bins)  # finer than ORT's 2048: >= 16 bins per level at 8 bits
+    def __init__(self, bins: int = 4096, start_bin: int = 128):
+        super().__init__(bins)
+        self.start_bin = check_int(start_bin, "start_bin", 1)
 
     def calculate_range(self, num_bits, signed=False, symmetric=False):
         h, edges = self.abs_histogram()
         one_sided = bool(self.min_val >= 0) or bool(self.max_val <= 0)
         levels = 2 ** num_bits if one_sided else 2 ** (num_bits - 1)
-        levels = min(levels, len(h))
-        return self.clip(edges[kl_divergence_threshold(h, levels)])
+        return self.clip(edges[kl_divergence_threshold(h, levels, self.start_bin)])
 
 
 def l2_param_search(hist: torch.Tensor, min_val: float, max_val: float, dst_nbins: int):

@@ -248,11 +248,12 @@ def adaround_layer(layer, x_q: torch.Tensor, x_f: torch.Tensor, iterations: int 
     def act(y):
         return F.relu(y) if layer.relu else y
 
+    with torch.no_grad():  # the float layer's output on every calibration image, once
+        targets = torch.cat([act(layer._op(chunk, w, b)) for chunk in x_f.split(500)])
     warm = int(warm_start * iterations)
     for it in range(iterations):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
-        with torch.no_grad():
-            target = act(layer._op(x_f[idx], w, b))
+        target = targets[idx]
         w_soft = scale * (torch.clamp(base + rectified_sigmoid(v) + zp, lo, hi) - zp)
         out = act(layer._op(x_q[idx], w_soft, b))
         loss = (out - target).pow(2).sum(1).mean()

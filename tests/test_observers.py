@@ -121,7 +121,7 @@ def test_entropy_kl_search_clips_an_outlier_and_differs_from_ort_by_a_measured_a
 def test_kl_threshold_keeps_everything_when_nothing_is_lost():
     # as many non-empty bins as levels: Q equals P at full range, KL = 0 there
     h = np.ones(64)
-    assert kl_divergence_threshold(h, 64) == 64
+    assert kl_divergence_threshold(h, 64, start_bin=1) == 64
 
 
 def test_histogram_search_is_pytorchs():
