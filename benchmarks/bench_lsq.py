@@ -105,8 +105,8 @@ def main():
                           flush=True)
     print("\nsummary (official 10,000 images, integer model, seeds "
           f"{', '.join(map(str, args.seeds))})")
-    print(f"| model, width | method | mean % | worst % | best % | min agree % | idle s/run | "
-          f"target |\n|---|---|---|---|---|---|---|---|")
+    print("| model, width | method | mean % | worst % | best % | min agree % | idle s/run | "
+          "target |\n|---|---|---|---|---|---|---|---|")
     for (name, bits, method), rs in results.items():
         accs = [r["acc"] for r in rs]
         mean, worst = statistics.mean(accs), min(accs)
