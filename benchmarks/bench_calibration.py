@@ -10,8 +10,8 @@ apply to weights and activations; the logits keep 8 bits. Recipes:
   mse/mse           MSE activations and MSE per-channel weights
   cle               cross-layer equalization, then mse/mse
   bc                mse/mse + bias correction
-  adaround          mse/mse + AdaRound (``--iterations`` per layer)
-  adaround+bc       mse/mse + AdaRound + bias correction (``--seeds`` seeds, mean and each)
+  adaround          mse/mse + AdaRound (``--iterations`` per layer; ``--seeds`` seeds, mean and each)
+  adaround+bc       mse/mse + AdaRound + bias correction (as many seeds)
 
 Targets (issue 14, official set): 4 bits >= 98.35% (Net) / 98.45% (NetBN); 3 bits >= 98.2%;
 2 bits >= 97.3% (mean over 3 AdaRound seeds); <= 60 s per recipe on 2 cores.
@@ -84,9 +84,9 @@ def main():
           f"{args.iterations} iterations/layer; seconds per recipe (calibrate + methods + freeze, "
           f"not the evaluation) on a shared machine (inflated by other jobs)\n", flush=True)
     for name in args.models:
-        print(f"{name}: recipe, then per width: accuracy % (seconds); AdaRound+bc: mean of the seeds")
+        print(f"{name}: recipe, then per width: accuracy % (seconds); AdaRound: mean of the seeds [each]")
         for recipe in args.recipes:
-            seeds = range(args.seeds) if recipe == "adaround+bc" else [0]
+            seeds = range(args.seeds) if recipe.startswith("adaround") else [0]
             print(f"  {recipe:14s}", end="", flush=True)
             for bits in args.bits:
                 accs, secs = [], []

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validate import check_int
 from .models import Net, NetBN, QuantizedNet
 from .modules import QConvBNReLU, QModule, _QWeighted, fold_bn
 
@@ -155,29 +156,35 @@ def _weighted_steps(qnet):
 
 @torch.no_grad()
 def bias_correction(qnet: QuantizedNet, data, max_images: int | None = 2000) -> dict:
-    """Empirical bias correction (Nagel et al. 2019), in place, layer by layer.
+    """Empirical bias correction (Nagel et al. 2019) of the weights' quantization error, in place.
 
-    For each weighted layer, on calibration images:
-    ``delta_c = mean_{n,h,w} [ W x_f + b ]_c - mean_{n,h,w} [ Q(W) x_q + b ]_c`` (before the ReLU),
-    where ``x_f`` is the float model's input to the layer and ``x_q`` the quantized model's (after
-    the layers before it are corrected); ``b_c += delta_c``. For ``QConvBNReLU`` the shift goes
-    into BN's beta (the folded bias moves by exactly ``delta``).
+    For each weighted layer in order, on calibration images:
+    ``delta_c = mean_{n,h,w} [ W x_q ]_c - mean_{n,h,w} [ Q(W) x_q ]_c = mean [ (W - Q(W)) x_q ]_c``
+    (before the ReLU), where ``x_q`` is the quantized model's input to the layer (after the
+    layers before it are corrected), ``W`` the float weight (the one before AdaRound, when
+    AdaRound ran) and ``Q(W)`` the weight the integer model uses; ``b_c += delta_c``. The shift
+    that quantized *weights* add to each output channel's mean is removed; the activations'
+    own quantization (clipping included) is left alone. For ``QConvBNReLU`` the shift goes into
+    BN's beta (the folded bias moves by exactly ``delta``).
 
     Args:
         qnet: a calibrated, not frozen QuantizedNet. data: images or a loader (training data).
+        max_images: use at most this many images (None: all).
     Returns:
         ``{layer index: delta}``.
     """
     _check_qnet(qnet)
     qnet.eval()
-    x_f = x_q = _images(data, max_images)
+    x_q = _images(data, max_images)
     deltas, start = {}, 0
     for i, layer in _weighted_steps(qnet):
-        x_f, x_q = _advance(qnet.layers[start:i], x_f, x_q)
+        x_q = _advance_quantized(qnet.layers[start:i], x_q)
         start = i
         w, b = layer.float_weight_bias()
-        y_f = layer._op(x_f, w, b)
-        y_q = layer._op(_quant_input(layer, x_q), layer.q_w.fake_quantize(w), b)
+        w_float = getattr(layer, "weight_before_adaround", w)
+        x_in = _quant_input(layer, x_q)
+        y_f = layer._op(x_in, w_float, None)
+        y_q = layer._op(x_in, layer.q_w.fake_quantize(w), None)
         dims = [d for d in range(y_f.dim()) if d != 1]
         delta = (y_f - y_q).mean(dims)
         bias_param = layer.bn.bias if isinstance(layer, QConvBNReLU) else \
@@ -185,6 +192,16 @@ def bias_correction(qnet: QuantizedNet, data, max_images: int | None = 2000) -> 
         bias_param.add_(delta)
         deltas[i] = delta
     return deltas
+
+
+def _advance_quantized(layers, x_q, chunk=500):
+    """Run fake-quantized activations through ``layers`` (eval mode, nothing observed)."""
+    outs = []
+    for c in x_q.split(chunk):
+        for layer in layers:
+            c = layer(c)
+        outs.append(c)
+    return torch.cat(outs) if outs else x_q
 
 
 # -- AdaRound ----------------------------------------------------------------------------------
@@ -200,6 +217,8 @@ def _pin_weight(layer, w: torch.Tensor):
     QParam stops observing, so freeze() quantizes ``w`` with the scales AdaRound used."""
     w_old, b_old = layer.float_weight_bias()
     b_old = None if b_old is None else b_old.detach().clone()
+    if not hasattr(layer, "weight_before_adaround"):  # bias correction measures against it
+        layer.weight_before_adaround = w_old.detach().clone()
     with torch.no_grad():
         if isinstance(layer, QConvBNReLU):
             # an identity BN: mean 0, var + eps = 1 exactly in float32 (eps = 2**-20, var =
@@ -278,7 +297,7 @@ def adaround_layer(layer, x_q: torch.Tensor, x_f: torch.Tensor, iterations: int 
 
 
 def adaround(qnet: QuantizedNet, data, iterations: int = 1000, max_images: int | None = 2000,
-             seed: int = 0, **kwargs) -> dict:
+             seed: int = 0, layers=None, **kwargs) -> dict:
     """AdaRound every weighted layer of a calibrated ``qnet`` in order, in place.
 
     Layer ``k`` learns from ``x_q`` = the quantized model's input to it (with the layers before
@@ -289,18 +308,30 @@ def adaround(qnet: QuantizedNet, data, iterations: int = 1000, max_images: int |
         qnet: calibrated (activation ranges observed), not frozen.
         data: unlabeled calibration images (a tensor or a loader; never the test set).
         iterations: Adam steps per layer. seed: batch sampling.
+        layers: indices into ``qnet.layers`` of the weighted layers to round (None: all); the
+            others keep nearest rounding.
         kwargs: passed to :func:`adaround_layer` (batch_size, lr, reg, beta_range, warm_start).
     Returns:
         ``{layer index: statistics}`` (see :func:`adaround_layer`).
     """
     _check_qnet(qnet)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be an int >= 0; got {iterations!r}")
+    iterations = check_int(iterations, "iterations", 0)
+    seed = check_int(seed, "seed")
+    if max_images is not None:
+        max_images = check_int(max_images, "max_images", 1)
     qnet.eval()
     gen = torch.Generator().manual_seed(seed)
     x_f = x_q = _images(data, max_images)
     stats, start = {}, 0
-    for i, layer in _weighted_steps(qnet):
+    steps = _weighted_steps(qnet)
+    if layers is not None:
+        allowed = [i for i, _ in steps]
+        layers = [check_int(i, "layers[...]") for i in layers]
+        if not layers or any(i not in allowed for i in layers):
+            raise ValueError(f"layers must be a non-empty list of weighted-layer indices "
+                             f"{allowed}; got {layers}")
+        steps = [(i, m) for i, m in steps if i in layers]
+    for i, layer in steps:
         with torch.no_grad():
             x_f, x_q = _advance(qnet.layers[start:i], x_f, x_q)
         start = i

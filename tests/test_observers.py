@@ -176,25 +176,59 @@ def test_mse_per_channel_is_the_best_grid_point_for_every_channel():
     assert float(hi[0]) == 0.0 and bool((hi[2:] < flat[2:].amax(1)).any())  # some clipped
 
 
-def test_observer_names_and_errors():
+T, V = TypeError, ValueError
+NET = quantlab.Net()
+# (call, exception, what the message must name): main's style, every argument named
+ERRORS = [
+    (lambda: QParam(8, observer="kl"), V, "observer must be None or one of ['entropy', 'histogram', "
+     "'minmax', 'moving_average', 'mse', 'percentile']"),
+    (lambda: QParam(8, observer=3), T, "observer"),
+    (lambda: QParam(8, axis=0, observer="percentile"), V, "['minmax', 'moving_average', 'mse']"),
+    (lambda: QParam(8, axis=0, observer=PercentileObserver()), V, "axis"),
+    (lambda: make_observer(3), T, "observer"),
+    (lambda: quantlab.quantize_model(NET, observer="max"), V, "observer must be None or one of"),
+    (lambda: quantlab.quantize_model(NET, observer=["mse"]), T, "observer"),
+    (lambda: quantlab.quantize_model(NET, weight_observer="entropy"), V,
+     "weight_observer must be None or one of ['minmax', 'mse']"),
+    (lambda: quantlab.quantize_model(NET, weight_observer=MSEObserver(axis=0)), T, "weight_observer"),
+    (lambda: PercentileObserver(40), V, "percentile"),
+    (lambda: PercentileObserver("99"), T, "percentile"),
+    (lambda: MovingAverageObserver(0), V, "averaging_constant"),
+    (lambda: MovingAverageObserver(True), T, "averaging_constant"),
+    (lambda: MSEObserver(grid=1), V, "grid"),
+    (lambda: MSEObserver(grid=2.5), T, "grid"),
+    (lambda: EntropyObserver(bins=15), V, "bins"),
+    (lambda: EntropyObserver(bins=2049), V, "bins"),
+    (lambda: EntropyObserver(start_bin=0), V, "start_bin"),
+    (lambda: MinMaxObserver(axis="0"), T, "axis"),
+    (lambda: MinMaxObserver().observe(torch.tensor([float("nan")])), V, "x"),
+    (lambda: kl_divergence_threshold(np.ones(8), 0), V, "num_levels"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(ERRORS)))
+def test_bad_observer_arguments_raise_naming_them(i):
+    call, exc, text = ERRORS[i]
+    with pytest.raises(exc) as info:
+        call()
+    assert text in str(info.value), f"case {i}: {info.value!s} does not contain {text!r}"
+
+
+def test_observer_names_and_instances():
     assert set(OBSERVERS) == {"minmax", "moving_average", "percentile", "mse", "entropy",
                               "histogram"}
-    with pytest.raises(ValueError, match="'entropy'.*'minmax'"):
-        QParam(8, observer="kl")
-    with pytest.raises(ValueError, match="per tensor only"):
-        QParam(8, axis=0, observer="percentile")
-    with pytest.raises(TypeError, match="observer"):
-        make_observer(3)
-    with pytest.raises(ValueError, match="percentile"):
-        PercentileObserver(40)
-    net = quantlab.Net()
-    with pytest.raises(ValueError, match="observer must be None or one of"):
-        quantlab.quantize_model(net, observer="max")
-    with pytest.raises(ValueError, match="weight_observer"):
-        quantlab.quantize_model(net, weight_observer="entropy")
     inst = PercentileObserver(99.9)
     qp = QParam(8, observer=inst)
     assert qp.observer is inst
+
+
+def test_minmax_qparam_continues_from_a_set_range_as_before():
+    # main's QParam merged each batch into min_val/max_val, also after set_range: still so
+    qp = QParam(8, observer="minmax")
+    qp.update(torch.tensor([0.0, 1.0]))
+    qp.set_range(-2.0, 3.0)
+    qp.update(torch.tensor([0.5, 4.0]))
+    assert float(qp.min_val) == -2.0 and float(qp.max_val) == 4.0
 
 
 @pytest.mark.parametrize("name", sorted(OBSERVERS))
