@@ -45,10 +45,12 @@ run: $(STAMP)
 
 ## Lint, unit tests (the exercise checker and the book's browser test included) and nbval over every
 ## notebook and the exercise solutions.
+## One pytest run on two workers (pytest-xdist): each file (a notebook's cells, in order, in one kernel)
+## stays on one worker; the notebooks go first so the longest ones do not finish last.
+NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 test: $(DOCS_STAMP) chromium
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider notebooks exercises/solutions
+	$(PY) -m pytest -q -n 2 --dist loadfile -p no:cacheprovider $(NBVAL) notebooks exercises/solutions tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -15,7 +15,7 @@ import time
 import warnings
 
 import torch
-from common import test_sets
+from common import stacked, test_sets
 
 from quantlab.data import mnist_loaders
 from quantlab.models import quantize_model
@@ -65,7 +65,7 @@ def main():
         print(f"{label:38s}" + "".join(f"{100 * accs[s]:14.2f}" for s in sets) + deltas,
               flush=True)
 
-    images = torch.cat([x for x, _ in sets.get("official", test_loader)])
+    _, images, _ = stacked(sets)
     print(f"\nspeed on {len(images)} images in batches of {CHUNK} (best of 3)")
     print(f"{'model':38s}{'seconds':>10s}{'x float':>10s}")
     t_float = best_of(models["float Net"], images)

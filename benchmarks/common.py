@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+import torch
 from torch.utils.data import DataLoader
 
 from quantlab.data import official_test_set
@@ -23,3 +24,11 @@ def test_sets(embedded_loader) -> dict:
     else:
         print(f"(official MNIST test set not found at {OFFICIAL}: embedded split only)")
     return sets
+
+
+def stacked(sets: dict) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """``(name, images, labels)`` of the official set stacked into two tensors, or of the embedded
+    split when the official set is absent (``test_sets`` then printed why)."""
+    name = "official" if "official" in sets else "embedded"
+    images, labels = zip(*sets[name])
+    return name, torch.cat(images), torch.cat(labels)

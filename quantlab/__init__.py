@@ -8,8 +8,8 @@ requantization) <- ``modules`` (QConv2d, QLinear, ...) <-
 ``models`` (Net, NetBN, quantize_model) <- ``ptq`` (cross-layer equalization, bias correction,
 AdaRound).
 ``data``, ``training``, ``plots``, ``reference`` and ``export`` sit beside them and are imported
-on demand; ``engine`` needs only NumPy and onnx; ``check`` (the exercise checker,
-``quantlab.check.run("a")``) sits on top.
+on demand; ``engine`` and ``npz`` need only NumPy (and onnx to read .onnx files); ``check``
+(the exercise checker, ``quantlab.check.run("a")``) sits on top.
 
 The names below are imported lazily (PEP 562), so ``import quantlab.engine`` does not import
 torch: a deployed model runs where torch is not installed.

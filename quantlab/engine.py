@@ -1,11 +1,14 @@
 """A NumPy-only integer engine for exported quantlab models (no torch anywhere in its imports).
 
-``Engine("net.onnx")`` loads the ONNX file written by :func:`quantlab.export.to_onnx` and runs it
+``Engine("net.onnx")`` loads the ONNX file written by :func:`quantlab.export.to_onnx`, and
+``Engine("net.npz")`` the integers and qparams written by :func:`quantlab.export.to_npz` (format in
+:mod:`quantlab.npz`; rebuilt into the same graph, so both give the same integers), and runs it
 with NumPy: ``engine(x)`` returns the graph's first output (the dequantized logits),
 ``engine.run(x)`` every output by name (``y_q`` holds the logit integers). It implements the
 operators that file uses: QuantizeLinear, QLinearConv, MaxPool, Flatten, Reshape, Clip, Identity,
-DequantizeLinear. ``import quantlab.engine`` needs only numpy and onnx (quantlab's package
-``__init__`` is lazy), so a deployed model runs where torch is not installed.
+DequantizeLinear. ``import quantlab.engine`` needs only numpy (quantlab's package ``__init__`` is
+lazy; onnx is imported to read an ``.onnx`` file), so a deployed model runs where torch is not
+installed, and an ``.npz`` model where onnx is not either.
 
 QLinearConv, as TFLite's reference ``integer_ops/conv.h`` (``acc`` exact, then requantize):
 
@@ -33,15 +36,15 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
+
+from . import npz
 
 META_MULTIPLIER = "quantlab.multiplier"
 META_REQUANTIZATION = "quantlab.requantization"
-MULTIPLIERS = ("qnnpack", "onnxruntime")
-REQUANTIZATIONS = ("float", "fixed_point")
+MULTIPLIERS, REQUANTIZATIONS = npz.MULTIPLIERS, npz.REQUANTIZATIONS
 FLOAT32_EXACT, FLOAT64_EXACT = 2**24, 2**53
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -118,11 +121,49 @@ def _max_pool(x: np.ndarray, kernel, strides, pads, fill) -> np.ndarray:
     return _windows(x, kernel, strides, (1, 1)).max(axis=(4, 5))
 
 
+class Node(NamedTuple):
+    """One operator of the graph (an ONNX NodeProto's fields, attributes as a dict)."""
+    op_type: str
+    name: str
+    input: list
+    output: list
+    attrs: dict
+
+
+def _onnx_graph(model):
+    """(nodes, initializers, input names, output names, metadata) of an ONNX model or file."""
+    import onnx  # only here: an .npz model runs without onnx installed
+    from onnx import numpy_helper
+
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(os.fspath(model))
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError(f"model must be a path (.onnx or .npz) or an onnx.ModelProto; got "
+                        f"{type(model).__name__}")
+    g = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    nodes = [Node(n.op_type, n.name, list(n.input), list(n.output),
+                  {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute})
+             for n in g.node]
+    inputs = [i.name for i in g.input if i.name not in consts]
+    meta = {p.key: p.value for p in model.metadata_props}
+    return nodes, consts, inputs, [o.name for o in g.output], meta
+
+
+def _npz_graph(path):
+    """The same, from a checked ``.npz`` file (quantlab.npz)."""
+    arrays = npz.read(path)
+    nodes, consts, x_in, outputs = npz.graph(arrays)
+    meta = {META_MULTIPLIER: str(arrays["multiplier"]),
+            META_REQUANTIZATION: str(arrays["requantization"])}
+    return [Node(*n) for n in nodes], consts, [x_in], outputs, meta
+
+
 class _Conv:
     """A QLinearConv node prepared once: integer weights minus Z_w, multipliers, bounds."""
 
     def __init__(self, node, consts, multiplier, requantization):
-        a = {at.name: onnx.helper.get_attribute_value(at) for at in node.attribute}
+        a = node.attrs
         if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             raise ValueError(f"{node.name}: auto_pad is not supported; use explicit pads")
         ins = [consts.get(n) if n else None for n in node.input]
@@ -198,7 +239,9 @@ class Engine:
     """Integer inference of an exported model with NumPy.
 
     Args:
-        model: path of an ``.onnx`` file from :func:`quantlab.export.to_onnx`, or its ModelProto.
+        model: path of an ``.onnx`` file from :func:`quantlab.export.to_onnx` (or its
+            ModelProto), or of an ``.npz`` file from :func:`quantlab.export.to_npz` (the name
+            ends in ``.npz``; checked on load, ValueError naming the bad key).
         multiplier: ``"qnnpack"`` or ``"onnxruntime"``; None: the file's ``quantlab.multiplier``
             note, else ONNX Runtime's formula (what the ONNX standard runtime computes).
         requantization: ``"float"`` or ``"fixed_point"``; None: the file's note, else float.
@@ -210,13 +253,13 @@ class Engine:
 
     def __init__(self, model, multiplier: str | None = None, requantization: str | None = None,
                  chunk_size: int = 256):
-        if isinstance(model, (str, os.PathLike)):
-            model = onnx.load(os.fspath(model))
-        if not isinstance(model, onnx.ModelProto):
-            raise TypeError(f"model must be a path or an onnx.ModelProto; got {type(model).__name__}")
+        if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".npz"):
+            graph = _npz_graph(model)
+        else:
+            graph = _onnx_graph(model)
+        self.nodes, self.consts, self.inputs, self.outputs, meta = graph
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
-        meta = {p.key: p.value for p in model.metadata_props}
         self.multiplier = multiplier or meta.get(META_MULTIPLIER, "onnxruntime")
         self.requantization = requantization or meta.get(META_REQUANTIZATION, "float")
         if self.multiplier not in MULTIPLIERS:
@@ -225,13 +268,8 @@ class Engine:
             raise ValueError(f"requantization must be one of {REQUANTIZATIONS}; got "
                              f"{self.requantization!r}")
         self.chunk_size = chunk_size
-        graph = model.graph
-        self.consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        self.inputs = [i.name for i in graph.input if i.name not in self.consts]
         if len(self.inputs) != 1:
             raise ValueError(f"the graph must have one input; it has {self.inputs}")
-        self.outputs = [o.name for o in graph.output]
-        self.nodes = list(graph.node)
         consumers: dict[str, int] = {}
         for node in self.nodes:
             if node.op_type not in self.OPS:
@@ -279,10 +317,6 @@ class Engine:
         return {name: _nchw(env[name]) for name in self.outputs}
 
     # -- the element-wise and shape operators (ONNX semantics) ---------------------------------
-    @staticmethod
-    def _attrs(node) -> dict:
-        return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
     def _QuantizeLinear(self, node, x, scale, zero_point=None):
         if np.ndim(scale) != 0:
             raise ValueError(f"{node.name}: only per-tensor QuantizeLinear is supported")
@@ -305,7 +339,7 @@ class Engine:
         return x
 
     def _pool(self, node, x, fill):
-        a = self._attrs(node)
+        a = node.attrs
         if a.get("ceil_mode", 0) or any(d != 1 for d in a.get("dilations", (1, 1))):
             raise ValueError(f"{node.name}: MaxPool with ceil_mode or dilations is not supported")
         kernel = tuple(a["kernel_shape"])
@@ -316,7 +350,7 @@ class Engine:
         return self._pool(node, x, _range(x.dtype)[0])
 
     def _Flatten(self, node, x):
-        axis = self._attrs(node).get("axis", 1)
+        axis = node.attrs.get("axis", 1)
         x = _nchw(x)
         return x.reshape(int(np.prod(x.shape[:axis])), -1)
 

@@ -33,7 +33,9 @@ Fixed-point (TFLite-style) requantization has no ONNX operator: such models are 
 ``allow_fixed_point=True``, which exports the same graph with a note in its metadata
 (``quantlab.requantization = fixed_point``): ONNX Runtime then requantizes in float (0.1-0.4% of
 outputs 1 LSB off), while :mod:`quantlab.engine` reads the note and reproduces quantlab's integers.
-Taught in notebook ``g_deploy``.
+``to_npz(model, path)`` writes the same integers and qparams as a documented ``.npz`` file
+(:mod:`quantlab.npz`), which :mod:`quantlab.engine` runs with NumPy alone. Taught in notebook
+``g_deploy``.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from .modules import (
     QReLU,
     requantization_multiplier,
 )
+from .npz import write
 
 #: metadata keys that tell quantlab.engine how quantlab requantized (ONNX has no field for it)
 META_MULTIPLIER = "quantlab.multiplier"
@@ -163,6 +166,24 @@ def _weighted(g: _Graph, layer, x: str, name: str, allow_fixed_point: bool,
     return y
 
 
+def _layers(model, caller: str) -> list:
+    """The layers of a frozen QuantizedNet, or ``[model]`` for a single frozen weighted layer."""
+    if isinstance(model, QuantizedNet):
+        if not model.frozen:
+            raise RuntimeError("model is not frozen: qnet.calibrate(train_loader); qnet.freeze()")
+        layers = list(model.layers)
+    elif isinstance(model, (QConv2d, QConvBNReLU, QLinear)):
+        layers = [model]
+    else:
+        raise TypeError(f"model must be a frozen QuantizedNet, QConv2d, QConvBNReLU or QLinear; "
+                        f"got {type(model).__name__}")
+    if not isinstance(layers[0], (QConv2d, QConvBNReLU, QLinear)):
+        raise TypeError("the first layer must be a QConv2d, QConvBNReLU or QLinear")
+    if not layers[0].frozen:
+        raise RuntimeError(f"model is not frozen: calibrate, then freeze() before {caller}")
+    return layers
+
+
 def to_onnx(model, path: str | os.PathLike | None = None, *, input_dtype: str = "float32",
             weight_dtype: str = "uint8", opset: int = 13,
             allow_fixed_point: bool = False) -> onnx.ModelProto:
@@ -191,20 +212,8 @@ def to_onnx(model, path: str | os.PathLike | None = None, *, input_dtype: str = 
         raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}; got {input_dtype!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
         raise ValueError(f"opset must be an int >= 13; got {opset!r}")
-    if isinstance(model, QuantizedNet):
-        if not model.frozen:
-            raise RuntimeError("model is not frozen: qnet.calibrate(train_loader); qnet.freeze()")
-        layers = list(model.layers)
-    elif isinstance(model, (QConv2d, QConvBNReLU, QLinear)):
-        layers = [model]
-    else:
-        raise TypeError(f"model must be a frozen QuantizedNet, QConv2d, QConvBNReLU or QLinear; "
-                        f"got {type(model).__name__}")
+    layers = _layers(model, "to_onnx")
     first, last = layers[0], layers[-1]
-    if not isinstance(first, (QConv2d, QConvBNReLU, QLinear)):
-        raise TypeError("the first layer must be a QConv2d, QConvBNReLU or QLinear")
-    if not first.frozen:
-        raise RuntimeError("model is not frozen: calibrate, then freeze() before to_onnx")
     g = _Graph()
     ndim = 2 if isinstance(first, QLinear) else 4
     channels = first.fc.in_features if isinstance(first, QLinear) else first.conv.in_channels
@@ -262,3 +271,103 @@ def to_onnx(model, path: str | os.PathLike | None = None, *, input_dtype: str = 
     if path is not None:
         onnx.save(onnx_model, os.fspath(path))
     return onnx_model
+
+
+def _u8(qparam, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scale float32, zero point uint8) of an unsigned <= 8-bit activation QParam."""
+    if qparam.signed or qparam.quant_max > 255:
+        raise ValueError(f"{what}: the .npz format holds uint8 activations; this QParam has "
+                         f"range [{qparam.quant_min}, {qparam.quant_max}]")
+    return (np.array(float(qparam.scale), np.float32),
+            np.array(int(qparam.zero_point), np.uint8))
+
+
+def _npz_weighted(layer, name: str) -> dict:
+    if not layer.frozen:
+        raise RuntimeError(f"{name} is not frozen: calibrate and freeze() before to_npz")
+    if layer.num_bits > 8:
+        raise ValueError(f"{name}: the .npz format holds 8-bit integers; num_bits is "
+                         f"{layer.num_bits}")
+    bias = layer.bias_int.to(torch.int64).numpy()
+    if np.abs(bias).max(initial=0) > 2**31 - 1:
+        raise ValueError(f"{name}: a bias does not fit int32")
+    q_w, q_out = layer.q_w, layer.q_out
+    per_channel = q_w.axis is not None
+    x_scale, x_zp = _u8(layer.q_in, f"{name}'s input")
+    y_scale, y_zp = _u8(q_out, f"{name}'s output")
+    low = int(q_out.zero_point) if layer.relu else q_out.quant_min
+    out = {"weight": layer.weight_int.to(torch.int64).numpy().astype(np.int8),
+           "weight_scale": q_w.scale.numpy().astype(np.float32).reshape(-1 if per_channel else ()),
+           "weight_zero_point": q_w.zero_point.numpy().astype(np.int8).reshape(
+               -1 if per_channel else ()),
+           "bias": bias.astype(np.int32), "x_scale": x_scale, "x_zero_point": x_zp,
+           "y_scale": y_scale, "y_zero_point": y_zp,
+           "y_range": np.array([max(low, q_out.quant_min), q_out.quant_max], np.uint8)}
+    if not isinstance(layer, QLinear):
+        c = layer.conv
+        out.update(stride=np.array(c.stride, np.int64), padding=np.array(c.padding, np.int64),
+                   dilation=np.array(c.dilation, np.int64), groups=np.array(c.groups, np.int64))
+    return out
+
+
+def to_npz(model, path: str | os.PathLike, *, input_dtype: str = "float32") -> dict:
+    """Write a frozen QuantizedNet / QConv2d / QConvBNReLU / QLinear as integers and qparams.
+
+    The format (keys, dtypes, shapes, version) is documented in :mod:`quantlab.npz`: per layer
+    the int8 weights ``q_w``, int32 bias ``q_b``, the scales (float32) and zero points (uint8
+    activations, int8 weights), the output clamp and the conv/pool geometry, plus the multiplier
+    formula and the requantization (float or fixed point, which the ``.npz`` holds exactly, unlike
+    ONNX). ``quantlab.engine.Engine(path)`` runs it with NumPy alone, with the integers of
+    quantlab's ``integer_inference`` and of the ``.onnx`` export.
+
+    Args:
+        model: the frozen model or layer.
+        path: the file to write (its name must end in ``.npz``, as the engine dispatches on it).
+        input_dtype: ``"float32"`` (images, quantized with the input's qparams) or ``"uint8"``
+            (the input integers).
+    Returns:
+        the ``{key: array}`` written.
+    """
+    if input_dtype not in INPUT_DTYPES:
+        raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}; got {input_dtype!r}")
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).endswith(".npz"):
+        raise ValueError(f"path must be a file name ending in .npz; got {path!r}")
+    layers = _layers(model, "to_npz")
+    first = layers[0]
+    in_scale, in_zp = _u8(first.q_in, "the input")
+    out_scale, out_zp = _u8(layers[-1].output_qparam, "the output")
+    arrays = {"input_dtype": np.array(input_dtype), "input.scale": in_scale,
+              "input.zero_point": in_zp,
+              "input.range": np.array([first.q_in.quant_min, first.q_in.quant_max], np.uint8),
+              "output.scale": out_scale, "output.zero_point": out_zp}
+    kinds, formulas, fixed = [], set(), set()
+    for i, layer in enumerate(layers):
+        name = f"{type(layer).__name__.lower()}_{i}"
+        if isinstance(layer, (QConv2d, QConvBNReLU, QLinear)):
+            kinds.append("linear" if isinstance(layer, QLinear) else "conv")
+            values = _npz_weighted(layer, name)
+            formulas.add(multiplier_formula(layer))
+            fixed.add(bool(layer.fixed_point))
+        elif isinstance(layer, QMaxPool2d):
+            k, s, p = layer.kernel_size, layer.stride or layer.kernel_size, layer.padding
+            kinds.append("maxpool")
+            values = {"kernel": np.array([k, k], np.int64), "stride": np.array([s, s], np.int64),
+                      "padding": np.array([p, p], np.int64)}
+        elif isinstance(layer, QFlatten):
+            kinds.append("flatten")
+            values = {}
+        elif isinstance(layer, QReLU):
+            kinds.append("clip")
+            values = {"range": np.array([int(layer.q_in.zero_point), layer.q_in.quant_max],
+                                        np.uint8)}
+        else:
+            raise TypeError(f"layer {i} ({type(layer).__name__}) has no .npz export")
+        arrays.update({f"{i}.{k}": v for k, v in values.items()})
+    if len(formulas) > 1 or len(fixed) > 1:
+        raise ValueError("the layers were frozen with different multiplier formulas or "
+                         "requantizations: freeze the model again with one of each")
+    arrays.update(multiplier=np.array(formulas.pop()),
+                  requantization=np.array("fixed_point" if fixed.pop() else "float"),
+                  layers=np.array(kinds))
+    write(path, arrays)
+    return arrays

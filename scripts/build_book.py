@@ -33,7 +33,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # the layers, lowest first (modules not listed here follow in sorted order)
 MODULE_ORDER = ["qparams", "quantize", "observers", "observer", "qparam", "fixed_point", "modules",
-                "convert", "models", "ptq", "export", "engine", "reference", "data", "training",
+                "convert", "models", "ptq", "export", "npz", "engine", "reference", "data", "training",
                 "plots", "explorer", "check"]
 
 

@@ -1,6 +1,8 @@
+import copy
 import os
 import pathlib
 import warnings
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -21,7 +23,8 @@ for _message in (".*quantized tensor creation functions.*", ".*quantized dtypes 
                  ".*torch.ao.quantization is deprecated.*"):
     warnings.filterwarnings("ignore", message=_message)
 
-torch.set_num_threads(2)
+# `make test` runs pytest-xdist with two workers on two cores: one thread each, else two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture
@@ -29,3 +32,55 @@ def official_mnist_root():
     if not (OFFICIAL_MNIST / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip(f"official MNIST test set not found at {OFFICIAL_MNIST}")
     return OFFICIAL_MNIST
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded MNIST split (x_train, y_train, x_test, y_test), loaded once per session."""
+    from quantlab.data import embedded_split
+
+    return embedded_split()
+
+
+class LazyNets(Mapping):
+    """A read-only mapping that builds each value on first access (a test that needs one model
+    does not pay for four)."""
+
+    def __init__(self, keys, build):
+        self._keys, self._build, self._cache = tuple(keys), build, {}
+
+    def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        if key not in self._cache:
+            self._cache[key] = self._build(key)
+        return self._cache[key]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+
+NET_KEYS = [(name, pc) for name in ("net", "netbn") for pc in (False, True)]
+
+
+@pytest.fixture(scope="session")
+def calibrated_nets(embedded):
+    """8-bit QuantizedNets of the shipped Net/NetBN checkpoints, calibrated on the embedded training
+    digits and not frozen, keyed (name, per_channel). Shared by the session: deep-copy before changing."""
+    from quantlab.models import quantize_model
+    from quantlab.training import pretrained
+
+    def build(key):
+        name, per_channel = key
+        return quantize_model(pretrained(name), 8, per_channel=per_channel).calibrate([embedded[0]])
+
+    return LazyNets(NET_KEYS, build)
+
+
+@pytest.fixture(scope="session")
+def frozen_nets(calibrated_nets):
+    """`calibrated_nets`, frozen (qnnpack's multiplier formula). Shared by the session: do not change them."""
+    return LazyNets(NET_KEYS, lambda key: copy.deepcopy(calibrated_nets[key]).freeze())

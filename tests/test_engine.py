@@ -1,5 +1,7 @@
 """The NumPy engine: bit-exact with quantlab on every embedded test digit and on random layers,
-float and fixed-point requantization, both multiplier formulas; it runs with torch blocked."""
+float and fixed-point requantization, both multiplier formulas, from the .onnx file and from the
+.npz file (whose damaged versions are refused, naming the key); it runs with torch blocked (and
+with onnx blocked too for an .npz)."""
 
 import copy
 import random
@@ -13,26 +15,16 @@ import torch
 from test_export import _random_layer
 from torch import nn
 
-from quantlab.data import embedded_split
 from quantlab.engine import Engine, multiply_by_quantized_multiplier, quantize_multiplier
-from quantlab.export import to_onnx
+from quantlab.export import to_npz, to_onnx
 from quantlab.fixed_point import multiply_by_quantized_multiplier as torch_mbqm
 from quantlab.fixed_point import quantize_multiplier as torch_qm
-from quantlab.models import quantize_model
-from quantlab.training import pretrained
 
 
 @pytest.fixture(scope="module")
-def data():
-    x_tr, _, x_te, _ = embedded_split()
+def data(embedded):
+    x_tr, _, x_te, _ = embedded
     return x_tr, x_te
-
-
-@pytest.fixture(scope="module")
-def calibrated_nets(data):
-    x_tr, _ = data
-    return {(name, pc): quantize_model(pretrained(name), 8, per_channel=pc).calibrate([x_tr])
-            for name in ("net", "netbn") for pc in (False, True)}
 
 
 def variant(qnet, fixed_point: bool, multiplier: str):
@@ -59,10 +51,14 @@ def test_engine_bit_exact_with_quantlab_on_every_test_digit(calibrated_nets, dat
     assert out["y_q"].dtype == np.uint8
     assert np.array_equal(out["y_q"], ours.numpy())
     assert np.array_equal(out["y"], qnet.q_out.dequantize_tensor(ours).numpy())
+    to_npz(qnet, tmp_path / "model.npz")
+    out_npz = Engine(tmp_path / "model.npz").run(x_te.numpy())
+    assert out_npz["y_q"].dtype == np.uint8
+    assert np.array_equal(out_npz["y_q"], out["y_q"]) and np.array_equal(out_npz["y"], out["y"])
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
-def test_engine_bit_exact_on_random_layers(per_channel):
+def test_engine_bit_exact_on_random_layers(per_channel, tmp_path):
     rng, gen = random.Random(77 + per_channel), torch.Generator().manual_seed(5)
     for i in range(60):
         layer, x, cfg = _random_layer(rng, gen, per_channel)
@@ -70,9 +66,13 @@ def test_engine_bit_exact_on_random_layers(per_channel):
             layer.fixed_point = True
             layer.freeze()
         q_x = layer.q_in.quantize_tensor(x)
+        ours = layer.quantize_inference(q_x).numpy()
         model = to_onnx(layer, input_dtype="uint8", allow_fixed_point=True)
         got = Engine(model).run(q_x.numpy().astype(np.uint8))["y_q"]
-        assert np.array_equal(got, layer.quantize_inference(q_x).numpy()), cfg
+        assert np.array_equal(got, ours), cfg
+        to_npz(layer, tmp_path / "layer.npz", input_dtype="uint8")
+        got = Engine(tmp_path / "layer.npz").run(q_x.numpy().astype(np.uint8))["y_q"]
+        assert np.array_equal(got, ours), cfg
 
 
 def test_engine_float64_accumulation_when_float32_is_not_exact():
@@ -112,7 +112,7 @@ def test_engine_errors(tmp_path, calibrated_nets):
         Engine(model, multiplier="tflite")
     with pytest.raises(ValueError, match="requantization must be one of"):
         Engine(model, requantization="int")
-    with pytest.raises(TypeError, match="path or an onnx.ModelProto"):
+    with pytest.raises(TypeError, match=r"path \(.onnx or .npz\) or an onnx.ModelProto"):
         Engine(42)
     with pytest.raises(ValueError, match="chunk_size"):
         Engine(model, chunk_size=0)
@@ -121,38 +121,46 @@ def test_engine_errors(tmp_path, calibrated_nets):
         Engine(model)
 
 
-BLOCKED_TORCH = textwrap.dedent("""
+BLOCKED = textwrap.dedent("""
     import sys, importlib.abc
-    class BlockTorch(importlib.abc.MetaPathFinder):
+    BLOCKED = sys.argv[4].split(",")
+    class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError(f"torch is blocked in this test ({name})")
-    sys.meta_path.insert(0, BlockTorch())
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked in this test")
+    sys.meta_path.insert(0, Block())
     import numpy as np
     import quantlab.engine
-    assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
-    try:
-        import torch  # noqa: F401
-        raise SystemExit("the block did not work")
-    except ImportError:
-        pass
+    for blocked in BLOCKED:
+        assert not any(m.split(".")[0] == blocked for m in sys.modules), blocked
+        try:
+            __import__(blocked)
+            raise SystemExit("the block did not work")
+        except ImportError:
+            pass
     engine = quantlab.engine.Engine(sys.argv[1])
     y_q = engine.run(np.load(sys.argv[2]))["y_q"]
     assert np.array_equal(y_q, np.load(sys.argv[3])), "engine differs from quantlab"
-    print("ok without torch:", y_q.shape)
+    assert not any(m.split(".")[0] in BLOCKED for m in sys.modules)
+    print("ok without", "+".join(BLOCKED), y_q.shape)
 """)
 
 
-def test_engine_runs_with_torch_blocked(calibrated_nets, data, tmp_path):
+@pytest.mark.parametrize("suffix, blocked", [("onnx", "torch"), ("npz", "torch,onnx")])
+def test_engine_runs_with_torch_blocked(calibrated_nets, data, tmp_path, suffix, blocked):
     _, x_te = data
     qnet = variant(calibrated_nets["netbn", True], True, "qnnpack")
-    to_onnx(qnet, tmp_path / "m.onnx", allow_fixed_point=True)
+    path = tmp_path / f"m.{suffix}"
+    if suffix == "onnx":
+        to_onnx(qnet, path, allow_fixed_point=True)
+    else:
+        to_npz(qnet, path)
     np.save(tmp_path / "x.npy", x_te[:200].numpy())
     np.save(tmp_path / "y.npy", qnet.integer_inference(qnet.q_in.quantize_tensor(x_te[:200])).numpy())
     script = tmp_path / "run.py"
-    script.write_text(BLOCKED_TORCH)
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "m.onnx"),
-                          str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+    script.write_text(BLOCKED)
+    out = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "x.npy"),
+                          str(tmp_path / "y.npy"), blocked],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "ok without torch: (200, 10)" in out.stdout
+    assert f"ok without {blocked.replace(',', '+')} (200, 10)" in out.stdout

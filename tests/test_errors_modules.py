@@ -3,6 +3,7 @@ RuntimeError saying what to call first (life-cycle errors)."""
 
 import pytest
 import torch
+from bad_input import bad_input_test
 from torch import nn
 
 from quantlab import QParam
@@ -196,15 +197,7 @@ def _nan_net():
     return net
 
 
-TABLE = [(fn_name, i, *case) for fn_name, cases in CASES.items() for i, case in enumerate(cases)]
-
-
-@pytest.mark.parametrize("fn_name, i, call, exc, arg", TABLE,
-                         ids=[f"{t[0]}-{t[1]}" for t in TABLE])
-def test_bad_input_raises_naming_the_argument(fn_name, i, call, exc, arg):
-    with pytest.raises(exc) as info:
-        call()
-    assert arg in str(info.value), f"{fn_name} case {i}: {info.value!s} does not name {arg!r}"
+test_bad_input_raises_naming_the_argument = bad_input_test(CASES)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])

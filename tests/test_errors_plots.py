@@ -8,6 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from bad_input import bad_input_test
 from torch import nn  # noqa: E402
 
 from quantlab import plots, reference  # noqa: E402
@@ -81,16 +82,7 @@ CASES = {
     ],
 }
 
-TABLE = [(fn_name, i, *case) for fn_name, cases in CASES.items() for i, case in enumerate(cases)]
-
-
-@pytest.mark.parametrize("fn_name, i, call, exc, arg", TABLE,
-                         ids=[f"{t[0]}-{t[1]}" for t in TABLE])
-def test_bad_input_raises_naming_the_argument(fn_name, i, call, exc, arg):
-    with pytest.raises(exc) as info:
-        call()
-    plt.close("all")
-    assert arg in str(info.value), f"{fn_name} case {i}: {info.value!s} does not name {arg!r}"
+test_bad_input_raises_naming_the_argument = bad_input_test(CASES, cleanup=lambda: plt.close("all"))
 
 
 @pytest.mark.skipif(not reference.torch_ao_available(), reason=reference.ao_unavailable_reason())

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from quantlab.data import embedded_split
 from quantlab.models import Net, NetBN, quantize_model
 from quantlab.reference import ao_unavailable_reason, torch_ao_available, torch_quantized_model
 from quantlab.training import evaluate, pretrained
@@ -17,22 +16,16 @@ needs_qnnpack = pytest.mark.skipif(not torch_ao_available(), reason=ao_unavailab
 
 
 @pytest.fixture(scope="module")
-def loaders():
-    x_tr, y_tr, x_te, y_te = embedded_split()
+def loaders(embedded):
+    x_tr, y_tr, x_te, y_te = embedded
     train = DataLoader(TensorDataset(x_tr, y_tr), batch_size=256)
     test = DataLoader(TensorDataset(x_te, y_te), batch_size=500)
     return train, test
 
 
 @pytest.fixture(scope="module")
-def frozen(loaders):
-    train, _ = loaders
-    out = {}
-    for name in ("net", "netbn"):
-        for per_channel in (False, True):
-            qnet = quantize_model(pretrained(name), 8, per_channel=per_channel)
-            out[name, per_channel] = qnet.calibrate(train).freeze()
-    return out
+def frozen(frozen_nets):
+    return frozen_nets
 
 
 @pytest.mark.parametrize("name", ["net", "netbn"])
