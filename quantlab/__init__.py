@@ -3,9 +3,10 @@
 Layers, lowest first (lower layers never import higher ones):
 ``_validate`` (argument checks) <- ``qparams`` (ranges, scale, zero point) <- ``quantize``
 (quantize / dequantize / fake_quantize) <- ``observers`` (range estimators) <- ``observer``
-(QParam) <- ``fixed_point`` (integer requantization) <- ``modules`` (QConv2d, QLinear, ...) <-
-``ops`` (add, average pool, cat, ReLU6) <- ``graph`` (QuantizedNet) <- ``convert`` (quantize_model:
-torch.fx) <- ``models`` (Net, NetBN, ResNet) <- ``ptq`` (cross-layer equalization, bias correction,
+(QParam) <- ``learned`` (LSQ/PACT: QParams whose step is trained) <- ``fixed_point`` (integer
+requantization) <- ``modules`` (QConv2d, QLinear, ...) <- ``ops`` (add, average pool, cat, ReLU6) <-
+``graph`` (QuantizedNet) <- ``convert`` (quantize_model: torch.fx) <- ``models`` (Net, NetBN,
+ResNet) <- ``ptq`` (cross-layer equalization, bias correction,
 AdaRound).
 ``data``, ``training``, ``plots``, ``reference`` and ``export`` sit beside them and are imported
 on demand; ``engine`` and ``npz`` need only NumPy (and onnx to read .onnx files); ``check``
@@ -29,6 +30,7 @@ _LAZY = {
     "quantize_model": "convert",
     "UnsupportedModelError": "convert",
     "QParam": "observer",
+    "LearnedQParam": "learned",
     "OBSERVERS": "observers",
     "make_observer": "observers",
     "calc_min_max": "qparams",

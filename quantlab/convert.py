@@ -29,6 +29,7 @@ from torch import nn
 
 from ._validate import check_bool, check_real, check_tensor
 from .graph import QuantizedNet, Step
+from .learned import LearnedQParam, check_learn_ranges
 from .modules import (
     QConv2d,
     QConvBNReLU,
@@ -173,6 +174,7 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
                    qat: bool = False, fixed_point: bool = False,
                    averaging_constant: float | None = None, output_bits: int | None = 8,
                    multiplier: str = "qnnpack", observer=None, weight_observer=None,
+                   learn_ranges=False,
                    example_input: torch.Tensor | None = None) -> QuantizedNet:
     """Build the quantized version of any supported model (a deep copy: ``net`` is untouched).
 
@@ -207,6 +209,14 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
             the argmax). Notebook ``da_calibration``.
         weight_observer: ``None``/``"minmax"`` or ``"mse"`` (clipping per channel with
             ``per_channel=True``).
+        learn_ranges: with ``qat=True``, learn the ranges instead of following a moving average
+            (``quantlab.learned``): ``True`` or ``"lsq"`` learns every step with LSQ (weights per
+            output channel, activations per tensor); ``"pact"`` learns the clip of the outputs of
+            conv/linear layers with a fused ReLU with PACT and the other steps with LSQ; ``False``
+            (default) learns none. The steps start from ``observer`` (hidden activations and
+            the input; ``"mse"`` unless given), ``weight_observer`` (``"mse"`` unless given)
+            and min/max for the model's output, on the first batch or in ``calibrate()``; the
+            zero points stay as initialised. Notebook ``fa_learned_step_size``.
         example_input: an input batch; when given, the float and the traced graph are run on it
             and must agree (catches a reshape that mixes the batch dimension), and the model
             accepts only inputs of its shape (``input_shape``).
@@ -240,7 +250,11 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise ValueError(f"net.{name} holds NaN or inf: a float model to quantize must be "
                              "finite")
-    if averaging_constant is None and qat:
+    learn = check_learn_ranges(learn_ranges)
+    if learn is not None and not qat:
+        raise ValueError(f"learn_ranges={learn_ranges!r} learns ranges during quantization-aware "
+                         "training: it needs qat=True")
+    if averaging_constant is None and qat and learn is None:
         averaging_constant = 0.01
     # quantlab's qparams and observers are float32: a float64/float16 model is converted
     # (float16 -> float32 is exact; float64 -> float32 rounds each weight once)
@@ -417,7 +431,10 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
     # needs 28x28 images); None accepts any batch
     qnet.input_shape = tuple(example_input.shape[1:]) if example_input is not None else \
         getattr(model, "input_shape", None)
-    for layer in layers:
+    if learn is not None:
+        _learn_ranges(qnet, learn, observer, weight_observer)
+        qnet.default_lr = 3e-3  # the steps learn too: LSQ's recipe (benchmarks/bench_lsq.py)
+    for layer in layers if learn is None else ():
         if observer is not None and isinstance(layer, (QConv2d, QConvBNReLU, QLinear, QAdd, QCat)) \
                 and layer.q_out is not None and layer.q_out is not qnet.q_out:  # hidden ones only
             layer.q_out.observer = make_observer(copy.deepcopy(observer), None, averaging_constant)
@@ -450,3 +467,32 @@ def _flat(args):
         else:
             out.append(a)
     return out
+
+
+def _learn_ranges(qnet: QuantizedNet, method: str, observer, weight_observer) -> None:
+    """Replace the model's QParams by learned ones (:class:`quantlab.learned.LearnedQParam`):
+    every weight's (per output channel), the input's and every hidden activation's (per tensor;
+    PACT only after a fused ReLU, whose output is unsigned from 0), and the output's, initialised
+    by min/max (clipping the top logit would create ties for the argmax)."""
+
+    def like(q: QParam, method="lsq", per_image=True, obs="mse"):
+        return LearnedQParam(q.num_bits, q.signed, q.symmetric, q.axis, method=method,
+                             per_image=per_image, observer=copy.deepcopy(obs))
+
+    act = "mse" if observer is None else observer
+    output = qnet.q_out
+    for layer in qnet.layers:
+        if hasattr(layer, "q_w"):
+            layer.q_w = like(layer.q_w, per_image=False,
+                             obs="mse" if weight_observer is None else weight_observer)
+        if getattr(layer, "qi", False):  # the layer that quantizes the model's input (QInput too)
+            layer.q_in = like(layer.q_in, obs=act)
+        q_out = getattr(layer, "q_out", None)
+        if q_out is None:
+            continue
+        if q_out is output:
+            layer.q_out = like(q_out, obs="minmax")
+        else:
+            fused_relu = getattr(layer, "relu", False) and not getattr(layer, "relu6", False)
+            layer.q_out = like(q_out, method=method if fused_relu else "lsq", obs=act)
+    qnet.link_inputs()

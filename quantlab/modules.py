@@ -117,7 +117,9 @@ def _copy_qparam(src: QParam) -> QParam:
     """A new QParam with the configuration and the observed values of ``src``."""
     dst = QParam(src.num_bits, src.signed, src.symmetric, src.axis, src.averaging_constant,
                  observer=copy.deepcopy(src.observer))
-    dst.load_state_dict(src.state_dict())
+    # by value, not by state_dict: a learned scale (quantlab.learned) becomes an ordinary buffer
+    for name in ("min_val", "max_val", "scale", "zero_point"):
+        setattr(dst, name, getattr(src, name).detach().clone())
     return dst
 
 
@@ -154,17 +156,21 @@ def _check_conv_input(conv: nn.Conv2d, q_x: torch.Tensor, name: str):
 @contextlib.contextmanager
 def calibration_mode(module: nn.Module):
     """Within the block, ``module`` is in eval mode (BN uses its running statistics) and only its
-    QParams are in training mode, so they observe; the previous mode is restored afterwards."""
+    QParams are in training mode, so they observe; the previous mode is restored afterwards.
+    Learned ranges (``quantlab.learned``) are (re)initialised by their observer in the block."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
     was_training = module.training
     module.eval()
-    for m in module.modules():
-        if isinstance(m, QParam):
-            m.train()
+    qparams = [m for m in module.modules() if isinstance(m, QParam)]
+    for m in qparams:
+        m.train()
+        m.calibrating = True
     try:
         yield module
     finally:
+        for m in qparams:
+            m.calibrating = False
         module.train(was_training)
 
 

@@ -47,6 +47,9 @@ class QParam(nn.Module):
             ``Observer`` instance. Its state (e.g. a histogram) is not part of the state_dict.
     """
 
+    #: the state kept as buffers (a subclass may derive some of them, e.g. a learned scale)
+    _BUFFERS = _BUFFERS
+
     def __init__(self, num_bits: int = 8, signed: bool = False, symmetric: bool = False,
                  axis: int | None = None, averaging_constant: float | None = None,
                  observer=None):
@@ -67,13 +70,13 @@ class QParam(nn.Module):
         self.version = 0
         #: set by a layer's freeze(); the first change afterwards warns that the layer is stale
         self.frozen_by = None
-        for name in _BUFFERS:
+        for name in self._BUFFERS:
             self.register_buffer(name, torch.empty(0))
 
     def _apply(self, fn, *args, **kwargs):
         # .to(torch.float64) / .half() must not change frozen qparams: keep the buffers' dtype
         # (a float16 round trip would move the scale), move them to the new device only
-        saved = {name: getattr(self, name) for name in _BUFFERS}
+        saved = {name: getattr(self, name) for name in self._BUFFERS}
         out = super()._apply(fn, *args, **kwargs)
         for name, old in saved.items():
             new = getattr(self, name)
@@ -160,7 +163,7 @@ class QParam(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # buffers change shape once observed (() or (C,)): take the stored ones as they are
-        for name in _BUFFERS:
+        for name in self._BUFFERS:
             key = prefix + name
             if key in state_dict:
                 value = state_dict[key]
@@ -176,10 +179,11 @@ class QParam(nn.Module):
                 missing_keys.append(key)
         if strict:  # torch passes strict=True here and decides later whether to raise
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix)
-                                   and k[len(prefix):] not in _BUFFERS)
+                                   and k[len(prefix):] not in self._BUFFERS
+                                   and k[len(prefix):] not in self._parameters)
         if self.observed:
             want = self.scale.shape
-            for name in _BUFFERS:
+            for name in self._BUFFERS:
                 if getattr(self, name).shape != want:
                     error_msgs.append(f"{prefix}{name}: shape {tuple(getattr(self, name).shape)}"
                                       f" does not match scale's {tuple(want)}")

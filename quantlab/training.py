@@ -59,7 +59,8 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
 
 def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
           max_shift: int | None = None, weight_decay: float = 0.0, seed: int = 0,
-          progress: bool = True, eval_loader=None) -> dict:
+          progress: bool = True, eval_loader=None, teacher: nn.Module | None = None,
+          distill_weight: float = 0.5) -> dict:
     """Train with Adam and a cosine learning-rate schedule; return the history.
 
     Args:
@@ -72,6 +73,9 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
         seed: seeds torch, the augmentation and the loader's shuffling (its ``generator`` is
             re-seeded when it has one), so training twice in a row gives the same weights.
         eval_loader: when given, the accuracy on it is recorded after every epoch.
+        teacher: a trained model to distil from (Hinton et al. 2015), e.g. the float model of a
+            QAT model: the loss becomes ``(1 - w) CE(logits, labels) + w KL(softmax(teacher) ||
+            softmax(logits))`` with ``w = distill_weight`` (in [0, 1]); the teacher is frozen.
     Returns:
         ``{"loss": [...], "accuracy": [...], "lr": [...]}``, one entry per epoch (training set),
         plus ``"eval_accuracy"`` when ``eval_loader`` is given.
@@ -93,6 +97,13 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
     progress = check_bool(progress, "progress")
     if eval_loader is not None:
         check_iterable_of_batches(eval_loader, "eval_loader")
+    if teacher is not None:
+        if not callable(teacher):
+            raise TypeError(f"teacher must be None or a torch.nn.Module; got "
+                            f"{type(teacher).__name__}")
+        if isinstance(teacher, nn.Module):
+            teacher.eval()
+    distill_weight = check_real(distill_weight, "distill_weight", 0.0, 1.0)
     try:
         n_batches = len(train_loader)
     except TypeError:
@@ -124,6 +135,12 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
             images = random_shift(images, max_shift, g)
             logits = model(images)
             loss = F.cross_entropy(logits, labels)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = F.log_softmax(teacher(images), 1)
+                kl = F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean",
+                              log_target=True)
+                loss = (1 - distill_weight) * loss + distill_weight * kl
             opt.zero_grad()
             loss.backward()
             opt.step()
