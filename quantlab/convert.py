@@ -1,7 +1,7 @@
 """Quantize your own model: trace it with ``torch.fx``, fuse, and build a quantized graph model.
 
 ``quantize_model(model)`` traces any ``nn.Module`` and replaces each supported node by a quantized
-layer (:mod:`quantlab.modules`, :mod:`quantlab.ops`):
+layer (:mod:`quantlab.modules`, :mod:`quantlab.ops`)::
 
     Conv2d (+ BatchNorm2d, folded) (+ ReLU / ReLU6, the output clamp)  -> QConv2d / QConvBNReLU
     Linear (+ ReLU)                                                      -> QLinear
