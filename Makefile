@@ -50,7 +50,7 @@ run: $(STAMP)
 NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 test: $(DOCS_STAMP) chromium
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile -p no:cacheprovider $(NBVAL) notebooks exercises/solutions tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -p no:cacheprovider $(NBVAL) notebooks exercises/solutions tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -122,15 +122,17 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
     history = {"loss": [], "accuracy": [], "lr": []}
     if eval_loader is not None:
         history["eval_accuracy"] = []
+    # one bar for the whole run, refreshed at most once a second: a notebook's progress widget sends
+    # messages per bar and per refresh, and a flood of them overflows the kernel's output queue
+    # (nbval, which reads the queue only after the cell, then loses the end of the cell)
+    bar = tqdm(total=steps, desc=f"epoch 1/{epochs}", disable=not progress, leave=True,
+               mininterval=1.0)
     for epoch in range(epochs):
         model.train()
         total_loss, correct, seen = 0.0, 0, 0
-        # few refreshes: a notebook's progress widget sends messages per refresh, and a flood of
-        # them overflows the kernel's output queue (nbval then loses the end of the cell)
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
-                   leave=True, mininterval=0.5)
+        bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
         history["lr"].append(opt.param_groups[0]["lr"])
-        for batch in bar:
+        for batch in train_loader:
             images, labels = images_and_labels(batch, "train_loader")
             images = random_shift(images, max_shift, g)
             logits = model(images)
@@ -150,10 +152,12 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
             seen += len(labels)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}",
                             refresh=False)
+            bar.update(1)
         history["loss"].append(total_loss / seen)
         history["accuracy"].append(correct / seen)
         if eval_loader is not None:
             history["eval_accuracy"].append(evaluate(model, eval_loader))
+    bar.close()
     model.eval()
     return history
 

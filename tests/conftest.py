@@ -84,3 +84,16 @@ def calibrated_nets(embedded):
 def frozen_nets(calibrated_nets):
     """`calibrated_nets`, frozen (qnnpack's multiplier formula). Shared by the session: do not change them."""
     return LazyNets(NET_KEYS, lambda key: copy.deepcopy(calibrated_nets[key]).freeze())
+
+
+@pytest.fixture(scope="module")
+def loaders(embedded):
+    """(shuffled train loader, test loader) over the embedded split, new for each test module: the
+    train loader's generator is seeded here, and train() re-seeds it, so a module's results do not
+    depend on what ran before it."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x_tr, y_tr, x_te, y_te = embedded
+    train_loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=64, shuffle=True,
+                              generator=torch.Generator().manual_seed(0))
+    return train_loader, DataLoader(TensorDataset(x_te, y_te), batch_size=1000)

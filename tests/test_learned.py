@@ -9,7 +9,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import DataLoader, TensorDataset
 
 from quantlab.data import embedded_split
 from quantlab.learned import (
@@ -137,14 +136,6 @@ def test_learned_qparam_initialises_from_its_observer_then_learns():
     g = lsq_grad_scale(8 * 5 * 5, 3)                       # N: the features of one image
     _, _, ds = lsq_by_hand(x.numpy(), before.item(), 0, 0, 3, g, upstream.numpy())
     assert q.learned.grad.item() == pytest.approx(ds, rel=1e-4)
-
-
-@pytest.fixture(scope="module")
-def loaders():
-    x_tr, y_tr, x_te, y_te = embedded_split()
-    train_loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=64, shuffle=True,
-                              generator=torch.Generator().manual_seed(0))
-    return train_loader, DataLoader(TensorDataset(x_te, y_te), batch_size=1000)
 
 
 def lsq_model(loaders, name, bits, learn=True, steps=6):

@@ -2,9 +2,7 @@
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from quantlab.data import embedded_split
 from quantlab.models import quantize_model
 from quantlab.reference import ao_unavailable_reason, torch_ao_available, torch_quantized_model
 from quantlab.training import evaluate, pretrained, train
@@ -12,14 +10,6 @@ from quantlab.training import evaluate, pretrained, train
 # torch.ao's int8 kernels are deprecated: without them the qnnpack oracle tests skip
 # (test_export.py checks the same integers against ONNX Runtime)
 needs_qnnpack = pytest.mark.skipif(not torch_ao_available(), reason=ao_unavailable_reason())
-
-
-@pytest.fixture(scope="module")
-def loaders():
-    x_tr, y_tr, x_te, y_te = embedded_split()
-    train_loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=64, shuffle=True,
-                              generator=torch.Generator().manual_seed(0))
-    return train_loader, DataLoader(TensorDataset(x_te, y_te), batch_size=500)
 
 
 @pytest.fixture(scope="module")
