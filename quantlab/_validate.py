@@ -88,16 +88,28 @@ def check_tensor(x, name: str) -> torch.Tensor:
     return x
 
 
-def check_float_tensor(x, name: str = "x") -> torch.Tensor:
-    """``x`` must be a non-empty floating-point tensor of finite values."""
+def check_float_tensor(x, name: str = "x", finite: bool = True) -> torch.Tensor:
+    """``x`` must be a non-empty floating-point tensor of finite values.
+
+    ``finite=False`` skips the pass over the values, for callers that check the finiteness of a
+    reduction of ``x`` instead (a min or a max is NaN or inf when any value is): see
+    :func:`check_finite_reduction`.
+    """
     check_tensor(x, name)
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
+    if finite and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} must hold only finite values (no NaN or inf)")
     return x
+
+
+def check_finite_reduction(*reductions: torch.Tensor, name: str = "x"):
+    """Raise the error of :func:`check_float_tensor` when a min/max of ``name`` is NaN or inf
+    (torch's min and max propagate NaN, and an inf value is its own min or max)."""
+    if not all(bool(torch.isfinite(r).all()) for r in reductions):
+        raise ValueError(f"{name} must hold only finite values (no NaN or inf)")
 
 
 def check_int_tensor(x, name: str) -> torch.Tensor:

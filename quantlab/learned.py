@@ -251,7 +251,7 @@ class LearnedQParam(QParam):
         (initialised already, and not inside ``calibrate()``)."""
         if self.observed and (not self.calibrating or not self.observing):
             return self
-        check_float_tensor(x, "x")
+        check_float_tensor(x, "x", finite=False)  # the observer checks the values
         check_axis(self.axis, x.dim())
         self.observer.observe(x.detach())
         self.set_range(*self.observer.calculate_range(self.num_bits, self.signed, self.symmetric))
@@ -267,9 +267,11 @@ class LearnedQParam(QParam):
         q_p = self.quant_max - int(self.zero_point.min()) if self.zero_point.numel() else 1
         return lsq_grad_scale(n, q_p)
 
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def fake_quantize(self, x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
         """LSQ (or PACT) fake quantization with the learned step: the values of
-        ``dequantize(quantize(x))`` with ``scale``, and gradients for ``x`` and the step."""
+        ``dequantize(quantize(x))`` with ``scale``, and gradients for ``x`` and the step
+        (``check_finite`` is accepted for QParam's signature; nothing here passes over ``x``
+        to check it)."""
         self._check_observed()
         if self.method == "pact":
             return pact_fake_quantize(x, self.learned.clamp_min(MIN_STEP * self.quant_max),

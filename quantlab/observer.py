@@ -105,7 +105,7 @@ class QParam(nn.Module):
         """
         if not self.observing and self.observed:
             return self
-        check_float_tensor(x, "x")
+        check_float_tensor(x, "x", finite=False)  # the observer checks the values
         check_axis(self.axis, x.dim())
         if self.averaging_constant == 1.0:
             self.observer.reset()
@@ -145,10 +145,11 @@ class QParam(nn.Module):
         self._check_observed()
         return dequantize(q, self.scale, self.zero_point, self.axis)
 
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def fake_quantize(self, x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
         """``dequantize(quantize(x))`` with a straight-through gradient."""
         self._check_observed()
-        return fake_quantize(x, self.scale, self.zero_point, self.num_bits, self.signed, self.axis)
+        return fake_quantize(x, self.scale, self.zero_point, self.num_bits, self.signed, self.axis,
+                             check_finite=check_finite)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Observe ``x`` (in training mode, when observing) and return it fake-quantized.
@@ -157,7 +158,8 @@ class QParam(nn.Module):
         (``QuantizedNet.calibrate`` puts only the QParams in training mode).
         """
         if self.observing and self.training:
-            self.update(x)
+            self.update(x)  # its observer found the min and max of x finite
+            return self.fake_quantize(x, check_finite=False)
         return self.fake_quantize(x)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

@@ -60,7 +60,7 @@ class Observer:
         return self.min_val is not None
 
     def observe(self, x: torch.Tensor):
-        check_float_tensor(x)
+        check_float_tensor(x, finite=False)  # calc_min_max checks the min and max
         self.min_val, self.max_val = calc_min_max(x, self.min_val, self.max_val, self.axis)
 
     def load_range(self, min_val, max_val):
@@ -99,7 +99,7 @@ class MovingAverageObserver(MinMaxObserver):
         super().__init__(axis)
 
     def observe(self, x):
-        check_float_tensor(x)
+        check_float_tensor(x, finite=False)  # calc_min_max checks the min and max
         cur_min, cur_max = calc_min_max(x, axis=self.axis)
         if self.min_val is None or self.averaging_constant == 1.0:
             self.min_val, self.max_val = cur_min, cur_max

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import as_real_tensor, check_bool, check_float_tensor, check_int
+from ._validate import as_real_tensor, check_bool, check_finite_reduction, check_float_tensor, check_int
 
 __all__ = ["EPS", "MIN_BITS", "MAX_BITS", "check_num_bits", "quant_range", "check_float_tensor",
            "check_axis", "calc_min_max", "calc_scale_zero_point"]
@@ -63,7 +63,7 @@ def calc_min_max(x: torch.Tensor, min_val=None, max_val=None, axis: int | None =
     Returns:
         ``(min_val, max_val)`` float32 tensors, the range of ``x`` merged with the previous one.
     """
-    check_float_tensor(x)
+    check_float_tensor(x, finite=False)  # checked below, on the min and max (one pass less)
     axis = check_axis(axis, x.dim())
     x = x.detach().to(torch.float32)
     if axis is None:
@@ -71,6 +71,7 @@ def calc_min_max(x: torch.Tensor, min_val=None, max_val=None, axis: int | None =
     else:
         flat = x.transpose(0, axis).reshape(x.shape[axis], -1)
         cur_min, cur_max = flat.min(dim=1).values, flat.max(dim=1).values
+    check_finite_reduction(cur_min, cur_max)
     if (min_val is None) != (max_val is None):
         raise ValueError("min_val and max_val must both be None or both be given")
     if min_val is None:

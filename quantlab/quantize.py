@@ -134,14 +134,16 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
 
 def fake_quantize(x: torch.Tensor, scale, zero_point, num_bits: int = 8, signed: bool = False,
-                  axis: int | None = None) -> torch.Tensor:
+                  axis: int | None = None, *, check_finite: bool = True) -> torch.Tensor:
     """``dequantize(quantize(x))`` in float32, differentiable with a straight-through estimator.
 
     The gradient is passed through unchanged where ``x`` quantizes inside
     ``[quant_min, quant_max]`` and is zero where it is clamped (as
     ``torch.fake_quantize_per_tensor_affine``). Used for calibration and QAT.
+    ``check_finite=False`` skips the pass that checks every value of ``x`` is finite, for a
+    caller that has just checked it (an observer's min and max of ``x`` are finite).
     """
-    check_float_tensor(x)
+    check_float_tensor(x, finite=check_finite)
     quant_min, quant_max = quant_range(num_bits, signed)
     scale, zero_point = _qparams(x, scale, zero_point, axis, (quant_min, quant_max),
                                  f"the {num_bits}-bit range")
