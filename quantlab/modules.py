@@ -533,8 +533,11 @@ class _QWeighted(QModule):
     def acc_dtype(self) -> torch.dtype:
         """float32 when the accumulator bound proves it exact (< 2**24), else float64."""
         if getattr(self, "_acc_dtype", None) is None:
-            exact32 = self.accumulator_bound() < FLOAT32_EXACT
+            bound = self.accumulator_bound()
+            exact32 = bound < FLOAT32_EXACT
             self._acc_dtype = torch.float32 if exact32 else torch.float64
+            # acc + bias exact in float32 too: requantize can skip float64
+            self._sum_exact32 = exact32 and bound + int(self.bias_int.abs().max()) < FLOAT32_EXACT
         return self._acc_dtype
 
     # -- integer inference -------------------------------------------------------------------
@@ -544,12 +547,21 @@ class _QWeighted(QModule):
         check_integer_input(q_x, self.q_in)
         self._check_input_shape(q_x, "q_x")
         dt = self.acc_dtype  # exact: every partial sum is bounded by accumulator_bound()
-        x = (q_x.to(torch.int64) - int(self.q_in.zero_point)).to(dt)
+        # q_x and Z_x (at most 16 bits) are exact in float32, and so is their difference
+        x = q_x.to(dt) - float(self.q_in.zero_point)
         w = (self.weight_int.to(torch.int64) - self.weight_zero_point).to(dt)
         return self._op(x, w, None)
 
     def requantize(self, acc: torch.Tensor) -> torch.Tensor:
         """int32 output from the exact accumulator: + bias, * M, round, + Z_y, clamp (ReLU)."""
+        if (not self.fixed_point and acc.dtype == torch.float32 and self.acc_dtype == torch.float32
+                and self._sum_exact32):
+            # the same float32 values as _requantize's float64 detour: acc + bias < 2**24 is
+            # exact in float32 (freeze's bounds), then qnnpack's f32 product and RNE
+            ch = self._channel_shape
+            y = torch.round((acc + self.bias_int.reshape(ch).to(torch.float32))
+                            * self.multiplier.to(torch.float32).reshape(ch))
+            return self.add_zero_point_and_clamp(y)
         return self._requantize(acc, self.bias_int, self.multiplier, self.quantized_multiplier,
                                 self.shift)
 
