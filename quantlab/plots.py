@@ -255,6 +255,7 @@ def training_curves(history: dict, title: str = ""):
     ax2.legend()
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # whole epochs only
     if title:
         fig.suptitle(title)
     fig.tight_layout()
