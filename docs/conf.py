@@ -38,8 +38,12 @@ myst_dmath_double_inline = True
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 # members inherited from quantlab's own base classes are shown; torch.nn.Module's are not
+# (nor those of Exception and tuple); a method without a docstring of its own (forward) is not shown
+# with torch's generic one
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": True,
-                           "inherited-members": "Module"}
+                           "inherited-members": "Module,BaseException,tuple",
+                           "exclude-members": "training"}
+autodoc_inherit_docstrings = False
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 
@@ -54,7 +58,8 @@ html_theme_options = {
 }
 html_context = {"default_mode": "light"}  # an empty default logs a console error on the first visit
 html_favicon = "favicon.png"
-html_static_path = []
+html_static_path = ["_static"]
+html_css_files = ["quantlab.css"]
 html_last_updated_fmt = None
 html_copy_source = True
 exclude_patterns = ["**.ipynb_checkpoints", "exercises/solutions/**"]

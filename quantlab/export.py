@@ -1,7 +1,7 @@
 """Export a frozen quantlab model to ONNX in the QOperator format (QLinearConv and friends).
 
 ``to_onnx(model, path)`` writes a frozen :class:`~quantlab.models.QuantizedNet`, or a single frozen
-``QConv2d`` / ``QConvBNReLU`` / ``QLinear``, as a standard ONNX graph (opset 13 by default):
+``QConv2d`` / ``QConvBNReLU`` / ``QLinear``, as a standard ONNX graph (opset 13 by default)::
 
     x (float32) -QuantizeLinear-> uint8 -QLinearConv-> uint8 -MaxPool-> ... -Flatten-> uint8
       -Reshape (N, 1000, 1, 1)-> QLinearConv 1x1 (the fc layer) -Flatten-> y_q (uint8)

@@ -1,6 +1,6 @@
 """Integer-only requantization: a real multiplier as a Q31 integer and a shift (TFLite/gemmlowp).
 
-A real multiplier ``M`` (e.g. ``S_in * S_w / S_out``) is written as
+A real multiplier ``M`` (e.g. ``S_in * S_w / S_out``) is written as::
 
     M ~= M0 * 2**-31 * 2**-shift,   M0 in [2**30, 2**31)  (a Q31 fixed-point number in [0.5, 1))
 

@@ -7,7 +7,7 @@ Each layer wraps a float layer and holds ``QParam`` s: ``q_in`` (input), ``q_w``
    fake-quantized float output;
 2. ``freeze(q_in=None)`` computes the integer weights, the int32 bias and the requantization
    multipliers;
-3. ``quantize_inference(q_x)`` maps int32 input to int32 output with integer arithmetic only:
+3. ``quantize_inference(q_x)`` maps int32 input to int32 output with integer arithmetic only::
 
        acc   = sum (q_x - Z_x)(q_w - Z_w)       exact integer sum
        acc  += q_b                              int32 bias, scale S_x*S_w, zero point 0
@@ -18,7 +18,7 @@ Weights: ``per_channel=True`` is symmetric int8 per output channel (the producti
 unsigned. Requantization: float multiplier (QNNPACK, ONNX Runtime) or, with ``fixed_point=True``,
 a Q31 integer multiplier and a rounding shift (TFLite, gemmlowp).
 
-The float32 steps that make the integers bit-exact with PyTorch's qnnpack kernels (NUMERICS.md):
+The float32 steps that make the integers bit-exact with PyTorch's qnnpack kernels (NUMERICS.md)::
 
     q_b = rne(f32(b * f32(1 / f32(S_x * S_w))))        (as at::quantize_per_tensor of the bias)
     M   = f32(f32(S_w * S_x) * f32(1 / S_y))           (as qnnpack's requantization scales)

@@ -32,9 +32,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # the layers, lowest first (modules not listed here follow in sorted order)
-MODULE_ORDER = ["qparams", "quantize", "observers", "observer", "qparam", "fixed_point", "modules",
+MODULE_ORDER = ["qparams", "quantize", "observers", "observer", "learned", "fixed_point", "modules",
                 "ops", "graph", "convert", "models", "ptq", "export", "npz", "engine", "reference", "data",
-                "training", "plots", "explorer", "check"]
+                "training", "plots", "explorer", "check", "exercise_checks"]
 
 
 def lessons() -> list[pathlib.Path]:
@@ -194,7 +194,11 @@ def stage(src: pathlib.Path) -> dict:
             staged["exercises"].append(path.stem)
         write_if_changed(src / "exercises" / "index.md", "\n".join([
             "# Exercises", "",
-            "One exercise notebook per lesson. Each is a template: the cells to fill in are marked; "
+            "Exercise notebooks for the lessons "
+            + ", ".join(n.split("_")[0] for n in staged["exercises"])
+            + " (every lesson also ends with questions of its own):", "",
+            *[f"- [{n}]({n}.ipynb)" for n in staged["exercises"]], "",
+            "Each is a template: the cells to fill in are marked; "
             "the solutions are in `exercises/solutions/` in the repository (not in this book). "
             "Check a notebook you filled in with", "",
             "```bash", "python -m quantlab.check exercises/<notebook>.ipynb", "```", "",
@@ -204,6 +208,8 @@ def stage(src: pathlib.Path) -> dict:
     api = ["# API reference", "",
            "Generated from the docstrings of the `quantlab` package, lowest layer first.", "",
            "```{eval-rst}", package_doc, "```", "",
+           "Modules, lowest layer first:", "",
+           *[f"- [quantlab.{n}]({n}.md)" for n in staged["modules"]], "",
            toctree("Modules", staged["modules"])]
     write_if_changed(src / "api" / "index.md", "\n".join(api))
     for name in staged["modules"]:

@@ -208,9 +208,14 @@ def visits(site, server, browser):
     t0 = time.perf_counter()
     browser.get_log("browser")  # drop anything logged before the first page
     for page in pages(site):
+        browser.set_window_size(1280, 900)  # the page's height is measured at the usual viewport
         browser.get(server + page)
         state = browser.execute_async_script(PAGE_STATE)
         state["console"] = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        # the whole page (up to 8,000 px), not only the first screenful
+        height, chrome = browser.execute_script(
+            "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight]")
+        browser.set_window_size(1280, min(int(height) + int(chrome), 8000))
         browser.save_screenshot(str(SHOTS / (page.replace("/", "__")[:-5] + ".png")))
         results[page] = state
     print(f"\nbrowser: {len(results)} pages checked in {time.perf_counter() - t0:.1f} s; "
