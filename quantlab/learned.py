@@ -270,8 +270,8 @@ class LearnedQParam(QParam):
     def fake_quantize(self, x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
         """LSQ (or PACT) fake quantization with the learned step: the values of
         ``dequantize(quantize(x))`` with ``scale``, and gradients for ``x`` and the step
-        (``check_finite`` is accepted for QParam's signature; nothing here passes over ``x``
-        to check it)."""
+        (``check_finite`` is accepted for QParam's signature and ignored: ``lsq_fake_quantize``
+        and ``pact_fake_quantize`` always check ``x``)."""
         self._check_observed()
         if self.method == "pact":
             return pact_fake_quantize(x, self.learned.clamp_min(MIN_STEP * self.quant_max),
