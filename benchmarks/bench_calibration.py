@@ -10,13 +10,16 @@ apply to weights and activations; the logits keep 8 bits. Recipes:
   mse/mse           MSE activations and MSE per-channel weights
   cle               cross-layer equalization, then mse/mse
   bc                mse/mse + bias correction
-  adaround          mse/mse + AdaRound (``--iterations`` per layer; ``--seeds`` seeds, mean and each)
-  adaround+bc       mse/mse + AdaRound + bias correction (as many seeds)
+  adaround          mse/mse + AdaRound (``--iterations`` per layer; at the ``--seed-bits`` widths
+                    ``--seeds`` seeds, mean and each; seed 0 elsewhere)
+  adaround+recal    mse/mse + AdaRound, then the activation ranges observed again
+                    (``ptq.recalibrate``: AdaRound moved the layers' outputs)
+  adaround+bc       mse/mse + AdaRound + bias correction
 
 Targets (issue 14, official set): 4 bits >= 98.35% (Net) / 98.45% (NetBN); 3 bits >= 98.2%;
 2 bits >= 97.3% (mean over 3 AdaRound seeds); <= 60 s per recipe on 2 cores.
 Usage: python benchmarks/bench_calibration.py [--models net netbn] [--bits 8 6 5 4 3 2]
-       [--recipes ...] [--iterations 1000] [--seeds 3]
+       [--recipes ...] [--iterations 1000] [--seeds 3] [--seed-bits 2]
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from quantlab.reference import DEPRECATION_MESSAGES
 from quantlab.training import pretrained
 
 RECIPES = (["minmax"] + [o for o in OBSERVERS if o != "minmax"]
-           + ["mse/mse", "cle", "bc", "adaround", "adaround+bc"])
+           + ["mse/mse", "cle", "bc", "adaround", "adaround+recal", "adaround+bc"])
 
 
 def calibration_images(n=2000, seed=0):
@@ -61,6 +64,8 @@ def build(name, bits, recipe, calib, iterations, seed):
         ptq.adaround(qnet, calib, iterations=iterations, seed=seed)
     if recipe in ("bc", "adaround+bc"):
         ptq.bias_correction(qnet, calib)
+    if recipe == "adaround+recal":
+        ptq.recalibrate(qnet, calib.split(500))
     return qnet.freeze()
 
 
@@ -68,9 +73,11 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["net", "netbn"])
     p.add_argument("--bits", nargs="+", type=int, default=[8, 6, 5, 4, 3, 2])
-    p.add_argument("--recipes", nargs="+", default=RECIPES)
+    p.add_argument("--recipes", nargs="+", default=RECIPES, choices=RECIPES)
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed-bits", nargs="+", type=int, default=[2],
+                   help="the widths at which AdaRound runs --seeds seeds (elsewhere seed 0)")
     args = p.parse_args()
     for message in DEPRECATION_MESSAGES:
         warnings.filterwarnings("ignore", message=message)
@@ -82,13 +89,15 @@ def main():
     print(f"torch {torch.__version__}; calibration on {len(calib)} embedded training digits; "
           f"accuracy (%) of the integer model on the {where} test set; AdaRound "
           f"{args.iterations} iterations/layer; seconds per recipe (calibrate + methods + freeze, "
-          f"not the evaluation) on a shared machine (inflated by other jobs)\n", flush=True)
+          f"not the evaluation), {torch.get_num_threads()} threads, load average at start "
+          f"{os.getloadavg()[0]:.1f} (other jobs inflate the times)\n", flush=True)
     for name in args.models:
         print(f"{name}: recipe, then per width: accuracy % (seconds); AdaRound: mean of the seeds [each]")
         for recipe in args.recipes:
-            seeds = range(args.seeds) if recipe.startswith("adaround") else [0]
             print(f"  {recipe:14s}", end="", flush=True)
             for bits in args.bits:
+                seeds = range(args.seeds) if (recipe.startswith("adaround")
+                                              and bits in args.seed_bits) else [0]
                 accs, secs = [], []
                 for seed in seeds:
                     t = time.perf_counter()

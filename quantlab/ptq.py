@@ -123,9 +123,12 @@ def _images(data, max_images: int | None) -> torch.Tensor:
 
 
 def _float_layer(layer, x):
-    """The float model's computation of a quantized layer (no fake quantization)."""
+    """The float model's computation of a quantized layer (no fake quantization): with the
+    weight it had before AdaRound pinned its rounded one (``weight_before_adaround``), so the
+    targets of later layers stay the float model's."""
     if isinstance(layer, _QWeighted):
         w, b = layer.float_weight_bias()
+        w = getattr(layer, "weight_before_adaround", w)
         y = layer._op(x, w, b)
         return F.relu(y) if layer.relu else y
     return layer(x)

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import quantlab
 from quantlab import ptq
@@ -141,6 +142,33 @@ def test_adaround_lowers_the_layer_reconstruction_error(data):
     with torch.no_grad():
         learned = (fc._op(x_q, w2, b) - target).pow(2).mean()
     assert learned < 0.9 * nearest
+
+
+@pytest.mark.parametrize("name", ["net", "netbn"])
+def test_adaround_targets_stay_the_float_models_after_earlier_layers_are_rounded(data, name,
+                                                                                  monkeypatch):
+    # asymmetric reconstruction: each layer learns to map the quantized model's input to the
+    # float model's output; once conv1 is rounded (its weight pinned), conv2's and fc's targets
+    # must still come from the float conv1, not the rounded one
+    calib, _, _ = data
+    net = pretrained(name).eval()
+    qnet = quantlab.quantize_model(net, 2, weight_observer="mse").calibrate([calib])
+    seen, real = {}, ptq.adaround_layer
+
+    def spy(layer, x_q, x_f, *args, **kwargs):
+        seen[next(i for i, m in enumerate(qnet.layers) if m is layer)] = x_f.clone()
+        return real(layer, x_q, x_f, *args, **kwargs)
+
+    monkeypatch.setattr(ptq, "adaround_layer", spy)
+    ptq.adaround(qnet, calib, iterations=5, batch_size=32)
+    f = net if name == "net" else ptq.fold_batchnorm(net)
+    with torch.no_grad():
+        a1 = F.max_pool2d(F.relu(f.conv1(calib)), 2, 2)
+        a2 = torch.flatten(F.max_pool2d(F.relu(f.conv2(a1)), 2, 2), 1)
+    assert sorted(seen) == [0, 2, 5]
+    assert not torch.equal(qnet.layers[0].float_weight_bias()[0], f.conv1.weight)  # pinned
+    torch.testing.assert_close(seen[2], a1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen[5], a2, rtol=1e-5, atol=1e-5)
 
 
 def test_adaround_of_chosen_layers_leaves_the_others_nearest(data):
