@@ -305,7 +305,10 @@ def adaround(qnet: QuantizedNet, data, iterations: int = 1000, max_images: int |
 
     Layer ``k`` learns from ``x_q`` = the quantized model's input to it (with the layers before
     it already rounded) and ``x_f`` = the float model's (asymmetric reconstruction, as the
-    paper). Afterwards ``qnet.freeze()`` produces exactly the learned integer weights.
+    paper). Afterwards ``qnet.freeze()`` produces exactly the learned integer weights. The
+    activation ranges stay those observed before AdaRound; :func:`recalibrate` observes them
+    again on the rounded model (at 2 bits this gained 0.2-0.8 points in
+    ``benchmarks/bench_calibration.py``, recipe ``adaround+recal``).
 
     Args:
         qnet: calibrated (activation ranges observed), not frozen.
