@@ -122,13 +122,18 @@ def _images(data, max_images: int | None) -> torch.Tensor:
     return x[:max_images] if max_images else x
 
 
+def _float_weight_bias(layer):
+    """The float model's weight and bias of a weighted layer: the weight it had before AdaRound
+    pinned its rounded one (``weight_before_adaround``, set by :func:`_pin_weight`)."""
+    w, b = layer.float_weight_bias()
+    return getattr(layer, "weight_before_adaround", w), b
+
+
 def _float_layer(layer, x):
-    """The float model's computation of a quantized layer (no fake quantization): with the
-    weight it had before AdaRound pinned its rounded one (``weight_before_adaround``), so the
-    targets of later layers stay the float model's."""
+    """The float model's computation of a quantized layer (no fake quantization), so the targets
+    of later layers stay the float model's after earlier layers were rounded."""
     if isinstance(layer, _QWeighted):
-        w, b = layer.float_weight_bias()
-        w = getattr(layer, "weight_before_adaround", w)
+        w, b = _float_weight_bias(layer)
         y = layer._op(x, w, b)
         return F.relu(y) if layer.relu else y
     return layer(x)
@@ -183,8 +188,8 @@ def bias_correction(qnet: QuantizedNet, data, max_images: int | None = 2000) -> 
     for i, layer in _weighted_steps(qnet):
         x_q = _advance_quantized(qnet.layers[start:i], x_q)
         start = i
-        w, b = layer.float_weight_bias()
-        w_float = getattr(layer, "weight_before_adaround", w)
+        w, _ = layer.float_weight_bias()
+        w_float, _ = _float_weight_bias(layer)
         x_in = _quant_input(layer, x_q)
         y_f = layer._op(x_in, w_float, None)
         y_q = layer._op(x_in, layer.q_w.fake_quantize(w), None)
