@@ -768,13 +768,17 @@ def _acc_case(seed, n, cin, cout, size, k, stride, padding, per_channel_zw, dtyp
 
 
 def _e5():
-    big = Case(dict(q_x=torch.full((1, 1000, 1, 1), 255, dtype=torch.int32), zero_point_x=0,
-                    q_w=torch.full((1, 1000, 1, 1), 127, dtype=torch.int32),
+    # An odd exact sum above 2**24: float32 holds only even integers there, so a float32
+    # accumulation is wrong whatever order a CPU's kernel adds the products in (1001, 255 and
+    # 127 are odd, so their product is).
+    big = Case(dict(q_x=torch.full((1, 1001, 1, 1), 255, dtype=torch.int32), zero_point_x=0,
+                    q_w=torch.full((1, 1001, 1, 1), 127, dtype=torch.int32),
                     zero_point_w=torch.tensor(0, dtype=torch.int32), stride=1, padding=0),
-               "the exact sum is 1000 * 255 * 127 = 32,385,000 > 2**24: float32 cannot hold it; "
+               "the exact sum is 1001 * 255 * 127 = 32,417,385, an odd number above 2**24 = "
+               "16,777,216: float32 has only even integers there, so it cannot hold this sum; "
                "accumulate in int64 or float64",
-               desc="q_x = 255 everywhere, shape (1, 1000, 1, 1), zero_point_x=0, q_w = 127 "
-                    "everywhere, shape (1, 1000, 1, 1), zero_point_w=0")
+               desc="q_x = 255 everywhere, shape (1, 1001, 1, 1), zero_point_x=0, q_w = 127 "
+                    "everywhere, shape (1, 1001, 1, 1), zero_point_w=0")
     cases = [
         _acc_case(0, 1, 1, 2, 4, 3, 1, 0, True),
         Case(_acc_case(1, 1, 2, 3, 4, 3, 1, 0, True).kwargs, "subtract each output channel's "

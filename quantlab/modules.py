@@ -357,7 +357,10 @@ class _QWeighted(QModule):
         w_q = self.q_w.fake_quantize(w)
         q_in = self.input_qparam() if self.simulate_integer else None
         if q_in is None or not q_in.observed or self.q_out is None:
-            y = self._activation(self._op(x, w_q, b))
+            y = self._calibration_output(x, w, b) if self._calibrating() else None
+            if y is None:
+                y = self._op(x, w_q, b)
+            y = self._activation(y)
             return self.q_out(y) if self.q_out is not None else y
         bias_scale = self.q_w.scale * q_in.scale                  # f32(S_w * S_x), per channel
         if b is None:
@@ -370,6 +373,45 @@ class _QWeighted(QModule):
         with torch.no_grad():
             exact = self.q_out.dequantize_tensor(self._simulate(x, w, q_in, q_b, bias_scale))
         return exact + (y - y.detach())       # the integer model's value, the float gradient
+
+    def _calibrating(self) -> bool:
+        """True inside ``calibration_mode``: the output's range is being observed, no gradient."""
+        return self.q_out is not None and getattr(self.q_out, "calibrating", False) \
+            and not torch.is_grad_enabled()
+
+    @torch.no_grad()
+    def _calibration_output(self, x, w, b) -> torch.Tensor | None:
+        """The output the calibration observes, the same on every CPU (or None: use ``_op``).
+
+        ``conv(x_hat, w_hat) + b`` of the fake-quantized input and weights, computed as
+        ``f32(S_x S_w acc + b)`` from the exact integer accumulator ``acc = conv(q_x - Z_x,
+        q_w - Z_w)`` (float64 holds it exactly: every partial sum is an integer below 2**53), with
+        one float64 product and one float64 sum per output, each rounded as IEEE 754 prescribes
+        on any CPU. A float32 ``F.conv2d`` of ``x_hat`` and ``w_hat`` gives the same value up to its
+        last bits, but those bits depend on the order in which the CPU's kernel (oneDNN, MKL)
+        adds the products, and the calibrated scales would inherit them. None when ``x`` is not
+        on its input QParam's grid (the float op is used then).
+        """
+        q_in = self.input_qparam()
+        if q_in is None or not q_in.observed or q_in.axis is not None:
+            return None
+        x = x.detach()
+        x_int = torch.round(x * (1.0 / q_in.scale))                  # q_x - Z_x
+        if not torch.equal(x_int * q_in.scale, x):
+            return None                                              # not on q_in's grid
+        w_int = (self.q_w.quantize_tensor(w.detach()).to(torch.float64)
+                 - _weight_view(self.q_w.zero_point, w.dim()).to(torch.float64))
+        zx = int(q_in.zero_point)
+        x_max = max(abs(q_in.quant_min - zx), abs(q_in.quant_max - zx))
+        if int(w_int.abs().flatten(1).sum(1).max()) * x_max >= 2**53:
+            return None
+        acc = self._op(x_int.to(torch.float64), w_int, None)          # exact integers
+        # S_x S_w: a product of two float32 numbers, exact in float64
+        scale = q_in.scale.double() * self.q_w.scale.double()
+        y = acc * (scale.reshape(self._channel_shape) if scale.dim() else scale)
+        if b is not None:
+            y = y + b.detach().double().reshape(self._channel_shape)
+        return y.to(torch.float32)
 
     @torch.no_grad()
     def _simulate(self, x, w, q_in: QParam, q_b, bias_scale) -> torch.Tensor:

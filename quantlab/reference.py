@@ -185,6 +185,54 @@ def float_bias_inference(layer: QModule, q_x: torch.Tensor) -> torch.Tensor:
     return layer.add_zero_point_and_clamp(torch.round((acc + bias) * layer.multiplier.reshape(shape)))
 
 
+def x86_conv_kernel(layer: QModule | None = None) -> str:
+    """The library PyTorch's x86 engine runs a quantized conv with on this machine.
+
+    PyTorch's ``should_use_onednn_quant`` (``aten/src/ATen/native/quantized/cpu/OnednnUtils.h``)
+    sends a conv to oneDNN on Linux when the CPU has AVX512-VNNI, the weights are symmetric (every
+    weight zero point 0), ``groups <= 100`` and there is no output padding; every other conv runs
+    in fbgemm. Returns ``"onednn"`` or ``"fbgemm"`` (for ``layer``'s weights; without a layer, for
+    symmetric weights and ``groups <= 100``). Linear layers always run in fbgemm.
+    """
+    import sys
+    vnni = bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
+    if layer is not None:
+        if not isinstance(layer, (QConv2d, QConvBNReLU)):
+            return "fbgemm"
+        symmetric = bool((layer.weight_zero_point == 0).all())
+        groups = layer.conv.groups
+    else:
+        symmetric, groups = True, 1
+    return "onednn" if sys.platform.startswith("linux") and vnni and symmetric and groups <= 100 \
+        else "fbgemm"
+
+
+def onednn_inference(layer: QModule, q_x: torch.Tensor) -> torch.Tensor:
+    """A model of the requantization of PyTorch's x86 engine when it runs a conv in oneDNN
+    (:func:`x86_conv_kernel`): the bias stays float and is added after the scales, and the output
+    zero point is added in float32 *before* rounding, each step rounded to float32:
+
+        q_y = clamp(rne(f32(f32(f32(f32(acc * f32(S_x S_w)) + b) * f32(1 / S_y)) + Z_y)))
+
+    Measured on an AVX512-VNNI CPU (torch 2.14.1): equal to the x86 engine on every output of
+    notebook e's conv, and within 1 LSB elsewhere, the rare differences lying on near-ties
+    (``tests/test_modules.py``). VNNI's ``vpdpbusd`` adds four uint8 x int8 products straight
+    into int32, so no 8-bit activation saturates on this path.
+    """
+    acc = layer.accumulate(q_x).to(torch.float32)
+    _, b = layer.float_weight_bias()
+    if b is None:
+        b = torch.zeros(layer.weight_int.shape[0])
+    shape = [1, -1] + [1] * (acc.dim() - 2)
+    scale = (layer.q_in.scale * layer.q_w.scale).to(torch.float32).reshape(shape)   # f32(S_x S_w)
+    zero_point = float(layer.q_out.zero_point)
+    v = acc * scale                                              # separate float32 steps (no
+    v = v + b.detach().to(torch.float32).reshape(shape)          # fused multiply-add), each rounded
+    v = v * (1.0 / layer.q_out.scale.to(torch.float32))
+    q = torch.round(v + zero_point)                              # Z_y added before rounding
+    return layer.add_zero_point_and_clamp(q - zero_point)
+
+
 class TorchQuantizedNet(torch.nn.Module):
     """PyTorch's int8 model with a QuantizedNet's integers and qparams (see torch_quantized_model).
 

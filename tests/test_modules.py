@@ -12,6 +12,8 @@ from quantlab.modules import QConv2d, QConvBNReLU, QLinear, QMaxPool2d, QReLU, c
 from quantlab.reference import (
     ao_unavailable_reason,
     float_bias_inference,
+    onednn_inference,
+    x86_conv_kernel,
     torch_ao_available,
     torch_integer_inference,
 )
@@ -112,6 +114,7 @@ def test_x86_engine_with_7bit_activations():
     # agreements are held to rates, not to equality.
     rng, gen = random.Random(5), torch.Generator().manual_seed(5)
     outputs = int32_bias_diffs = float_bias_diffs = far = 0
+    kernels = {}
     for _ in range(200):
         cfg = random_conv_config(rng)
         conv = make_conv(cfg, gen)
@@ -127,9 +130,12 @@ def test_x86_engine_with_7bit_activations():
         outputs += diff.numel()
         int32_bias_diffs += int((diff != 0).sum())
         far += int((diff > 1).sum())
-        float_bias_diffs += int((float_bias_inference(q, q_x) != x86).sum())
+        # the x86 engine runs symmetric-weight convs in oneDNN on AVX512-VNNI Linux machines
+        model = onednn_inference if x86_conv_kernel(q) == "onednn" else float_bias_inference
+        kernels[model.__name__] = kernels.get(model.__name__, 0) + 1
+        float_bias_diffs += int((model(q, q_x) != x86).sum())
     print(f"x86 engine, 7-bit activations, {outputs} outputs: int32-bias path {int32_bias_diffs} "
-          f"differ ({far} by more than 1 LSB), float-bias model {float_bias_diffs}")
+          f"differ ({far} by more than 1 LSB), float-bias models {float_bias_diffs} ({kernels})")
     assert outputs > 20_000
     assert far / outputs < 1e-4
     assert int32_bias_diffs / outputs < 0.01
@@ -276,3 +282,32 @@ def test_loading_a_state_dict_recomputes_the_accumulator_dtype():
     assert a.acc_dtype == torch.float64
     q_x = torch.full((1, 1000), 255, dtype=torch.int32)
     assert torch.equal(a.quantize_inference(q_x), b.quantize_inference(q_x))
+
+
+@needs_qnnpack
+@pytest.mark.skipif(not HAS_X86, reason="PyTorch's x86 engine unavailable")
+@pytest.mark.skipif(x86_conv_kernel() != "onednn",
+                    reason="this machine's x86 engine runs convs in fbgemm (no AVX512-VNNI or not "
+                           "Linux): the oneDNN path cannot be reached")
+@pytest.mark.parametrize("bits", [8, 7])
+def test_x86_engine_on_onednn_matches_its_model(bits):
+    # On AVX512-VNNI Linux, PyTorch's x86 engine runs symmetric-weight convs in oneDNN, whose
+    # vpdpbusd accumulates into int32 (no int16 saturation even with 8-bit activations), and
+    # whose requantization adds Z_y in float32 before rounding (reference.onednn_inference).
+    gen = torch.Generator().manual_seed(bits)
+    outputs = differ = 0
+    for seed in range(12):
+        cin, k = (1, 3, 8)[seed % 3], (1, 3)[seed % 2]
+        conv = nn.Conv2d(cin, 16, k, padding=seed % 2)
+        x = torch.randn(8, cin, 10, 10, generator=gen) * (1 + seed)
+        q = QConv2d(conv, True, True, 8, True)
+        q.q_in = QParam(bits)
+        q = calibrated(q, x)
+        assert x86_conv_kernel(q) == "onednn"
+        q_x = q.q_in.quantize_tensor(x)
+        x86, model = torch_integer_inference(q, q_x, "x86"), onednn_inference(q, q_x)
+        outputs += x86.numel()
+        differ += int((x86 != model).sum())
+        assert (x86 - model).abs().max() <= 1
+    print(f"x86 engine on oneDNN, {bits}-bit activations: model differs on {differ} of {outputs}")
+    assert outputs > 10_000 and differ / outputs < 1e-3
