@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DOCS_STAMP := $(VENV)/.installed-docs-stamp
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: all setup run test lint unit nbval notebooks exercises lab weights benchmark book chromium clean
+.PHONY: all setup run test test-portable lint unit nbval notebooks exercises lab weights benchmark book chromium clean
 
 all: run
 
@@ -51,6 +51,17 @@ NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_s
 test: $(DOCS_STAMP) chromium
 	$(PY) -m ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -p no:cacheprovider $(NBVAL) notebooks exercises/solutions tests
+
+## The portability pass (CI runs it after `make test`): the notebooks, the exercise solutions and the
+## unit tests once more with this machine's float kernels limited to another CPU's instruction set
+## (scripts/kernel_config.py: AVX-512 -> AVX2, AVX2 -> SSE4.1). What nbval compares and what an
+## assert requires exactly must not change: see "Every CPU" in the README.
+KERNEL_CONFIG = $(shell $(PYTHON) scripts/kernel_config.py)
+test-portable: $(STAMP)
+	@echo "portability pass under: $(or $(KERNEL_CONFIG),the native configuration)"
+	env $(KERNEL_CONFIG) $(PY) -c "import torch; print('ATen CPU capability:', torch.backends.cpu.get_cpu_capability())"
+	env $(KERNEL_CONFIG) OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -p no:cacheprovider $(NBVAL) \
+		notebooks exercises/solutions tests --ignore=tests/test_book.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
