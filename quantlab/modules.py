@@ -375,8 +375,11 @@ class _QWeighted(QModule):
         return exact + (y - y.detach())       # the integer model's value, the float gradient
 
     def _calibrating(self) -> bool:
-        """True inside ``calibration_mode``: the output's range is being observed, no gradient."""
-        return self.q_out is not None and getattr(self.q_out, "calibrating", False) \
+        """True when this forward pass observes the output's range without a gradient: inside
+        ``calibrate()``/``calibration_mode``, or a training-mode forward under ``torch.no_grad()``.
+        (QAT, with gradients, keeps the float op: training depends on the CPU anyway.)"""
+        q_out = self.q_out
+        return q_out is not None and q_out.training and getattr(q_out, "observing", False) \
             and not torch.is_grad_enabled()
 
     @torch.no_grad()

@@ -13,9 +13,9 @@ from quantlab.reference import (
     ao_unavailable_reason,
     float_bias_inference,
     onednn_inference,
-    x86_conv_kernel,
     torch_ao_available,
     torch_integer_inference,
+    x86_conv_kernel,
 )
 
 HAS_X86 = "x86" in torch.backends.quantized.supported_engines
@@ -311,3 +311,89 @@ def test_x86_engine_on_onednn_matches_its_model(bits):
         assert (x86 - model).abs().max() <= 1
     print(f"x86 engine on oneDNN, {bits}-bit activations: model differs on {differ} of {outputs}")
     assert outputs > 10_000 and differ / outputs < 1e-3
+
+
+def _exact_calibration_output(layer, x):
+    """f32(S_x S_w acc + b) with acc from an int64 unfold-and-matmul (no float sums at all)."""
+    q_in, q_w = layer.q_in, layer.q_w
+    x_int = (q_in.quantize_tensor(x).to(torch.int64) - int(q_in.zero_point))
+    w, b = layer.float_weight_bias()
+    w_int = q_w.quantize_tensor(w.detach()).to(torch.int64)
+    zw = q_w.zero_point.to(torch.int64)
+    w_int = w_int - (zw.reshape(-1, *[1] * (w.dim() - 1)) if zw.dim() else zw)
+    scale = q_in.scale.double() * q_w.scale.double()
+    if isinstance(layer, QLinear):
+        acc = torch.einsum("ok,nk->no", w_int, x_int)
+        y = acc.double() * scale
+        return (y + b.detach().double()).float() if b is not None else y.float()
+    conv = layer.conv
+    cols = nn.functional.unfold(x_int.double(), conv.kernel_size, conv.dilation, conv.padding,
+                                conv.stride).to(torch.int64)              # (N, C_in k k, L), exact
+    g = conv.groups
+    n, _, positions = cols.shape
+    cols = cols.view(n, g, -1, positions)
+    wg = w_int.flatten(1).view(g, -1, cols.shape[2])
+    acc = torch.einsum("gok,ngkl->ngol", wg, cols).reshape(n, w_int.shape[0], positions)
+    span = conv.dilation[0] * (conv.kernel_size[0] - 1) + 1
+    h = (x.shape[-2] + 2 * conv.padding[0] - span) // conv.stride[0] + 1
+    acc = acc.view(n, w_int.shape[0], h, -1)
+    y = acc.double() * (scale.view(1, -1, 1, 1) if scale.dim() else scale)
+    if b is not None:
+        y = y + b.detach().double().view(1, -1, 1, 1)
+    y = y.float()
+    return torch.relu(y) if layer.relu else y
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor_affine", "per_channel"])
+def test_calibration_observes_the_exact_integer_sum(per_channel):
+    # calibrate() observes f32(S_x S_w acc + b) from the exact accumulator, not a float32 conv of
+    # the fake-quantized tensors (whose last bits depend on the CPU's kernel): checked against an
+    # int64 computation, and against the float32 conv to its last bits
+    torch.manual_seed(11)                         # nn.Conv2d's initial weights
+    rng, gen = random.Random(11 + per_channel), torch.Generator().manual_seed(11)
+    for _ in range(40):
+        cfg = random_conv_config(rng)
+        conv = make_conv(cfg, gen)
+        x = torch.randn(cfg["batch"], cfg["cin"], cfg["size"], cfg["size"], generator=gen)
+        q = QConv2d(conv, True, True, 8, per_channel, relu=cfg["relu"])
+        q.calibrate(x)
+        expected = _exact_calibration_output(q, x)
+        assert float(q.q_out.min_val) == float(expected.min())
+        assert float(q.q_out.max_val) == float(expected.max())
+        x_hat, w_hat = q.q_in.fake_quantize(x), q.q_w.fake_quantize(q.float_weight_bias()[0])
+        float32 = q._activation(q._op(x_hat, w_hat, q.float_weight_bias()[1]))
+        assert torch.allclose(expected, float32, rtol=1e-5, atol=1e-5)
+    fc = nn.Linear(30, 7)
+    x = torch.randn(5, 30, generator=gen)
+    q = QLinear(fc, True, True, 8, per_channel)
+    with torch.no_grad():
+        q.train()(x)                              # a bare no-grad forward calibrates the same way
+    expected = _exact_calibration_output(q, x)
+    assert float(q.q_out.min_val) == float(expected.min())
+    assert float(q.q_out.max_val) == float(expected.max())
+
+
+def test_calibrated_scales_do_not_depend_on_the_cpus_kernels():
+    # the same calibration in a subprocess whose float kernels are limited to SSE4.1 (oneDNN) and
+    # ATen's default (scalar-width) code: every scale and zero point must be identical
+    import subprocess
+    import sys
+    code = (
+        "import torch, quantlab\n"
+        "from quantlab.training import pretrained\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = torch.rand(64, 1, 28, 28, generator=g) * 2.8 - 0.42\n"
+        "for name in ('net', 'netbn', 'resnet'):\n"
+        "    q = quantlab.quantize_model(pretrained(name), num_bits=8, per_channel=True)\n"
+        "    q.calibrate([x]).freeze()\n"
+        "    for p in q.modules():\n"
+        "        if isinstance(p, quantlab.QParam) and p.observed and p.scale.dim() == 0:\n"
+        "            print(name, float(p.scale).hex(), int(p.zero_point))\n"
+    )
+    native = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "ONEDNN_MAX_CPU_ISA": "SSE41",
+                                "ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"})
+    lines = native.stdout.splitlines()
+    assert len(lines) > 10
+    assert lines == other.stdout.splitlines()
