@@ -160,9 +160,92 @@ def _pool_args(node, modules, kind):
     return d
 
 
+#: in-place functions and methods: their first argument is changed
+_IN_PLACE_FUNCTIONS = {torch.relu_, operator.iadd, operator.imul, operator.isub, operator.itruediv}
+#: ops that return a view of (or the same tensor as) their first argument
+_ALIAS_KINDS = ("shape", "alias", "flatten")
+
+
+def _in_place_target(node: torch.fx.Node, modules: dict) -> torch.fx.Node | None:
+    """The graph value ``node`` changes in place (``y.relu_()``, ``F.relu(y, inplace=True)``,
+    ``x += y``, ``nn.ReLU(inplace=True)``), or None."""
+    first = node.args[0] if node.args else None
+    if not isinstance(first, torch.fx.Node):
+        return None
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+        return first
+    if node.op == "call_function":
+        try:
+            if node.target in _IN_PLACE_FUNCTIONS:
+                return first
+        except TypeError:
+            return None
+        return first if node.kwargs.get("inplace") is True else None
+    if node.op == "call_module" and getattr(modules[node.target], "inplace", False) is True:
+        return first
+    return None
+
+
+def _check_in_place(nodes: list, kinds: dict, modules: dict) -> None:
+    """Refuse an in-place op whose changed tensor is read after it, under any name.
+
+    quantlab's integer graph computes every op out of place, which equals the float model only
+    when nothing reads the changed tensor (or a view of it) after the in-place op: as in
+    ``y = F.relu(y, inplace=True)`` or torchvision's ``out += identity; out = relu(out)``. With
+    ``y.relu_()`` whose result is ignored, or ``identity = x; x += f(x); x + identity``, a later op
+    reads the changed tensor, and the converted model would silently differ.
+    """
+    order = {n: i for i, n in enumerate(nodes)}
+    for node in nodes:
+        target = _in_place_target(node, modules)
+        if target is None:
+            continue
+        group, todo = set(), [target]
+        while todo:                                     # target and every view that shares it
+            n = todo.pop()
+            if n in group:
+                continue
+            group.add(n)
+            if kinds.get(n) in _ALIAS_KINDS and n.args and isinstance(n.args[0], torch.fx.Node):
+                todo.append(n.args[0])
+            todo.extend(u for u in n.users if kinds.get(u) in _ALIAS_KINDS and u is not node)
+        late = sorted((u for n in group for u in n.users if u is not node and order[u] > order[node]),
+                      key=order.get)
+        if late:
+            raise _unsupported(node, modules, f"it changes '{target.name}' in place and "
+                               f"'{late[0].name}' reads it afterwards, which the converted graph "
+                               "cannot follow; write it out of place (y = F.relu(y), x = x + y)")
+
+
+class _InPlaceProxy(torch.fx.Proxy):
+    """A proxy that records ``x += y`` as ``operator.iadd`` (torch.fx's own falls back to
+    ``x = x + y``, which hides that the tensor ``x`` held is changed in place)."""
+
+    def _in_place(self, op, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    def __iadd__(self, other):
+        return self._in_place(operator.iadd, other)
+
+    def __isub__(self, other):
+        return self._in_place(operator.isub, other)
+
+    def __imul__(self, other):
+        return self._in_place(operator.imul, other)
+
+    def __itruediv__(self, other):
+        return self._in_place(operator.itruediv, other)
+
+
+class _Tracer(torch.fx.Tracer):
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _InPlaceProxy(node, self)
+
+
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     try:
-        return torch.fx.symbolic_trace(model)
+        graph = _Tracer().trace(model)
+        return torch.fx.GraphModule(model, graph, type(model).__name__)
     except Exception as e:  # data-dependent control flow, unsupported Python
         raise UnsupportedModelError(
             f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: "
@@ -264,6 +347,7 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
     nodes = list(gm.graph.nodes)
     kinds = {n: _kind(n, modules) for n in nodes if n.op in ("call_module", "call_function",
                                                              "call_method")}
+    _check_in_place(nodes, kinds, modules)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     outputs = [n for n in nodes if n.op == "output"]
     if len(placeholders) != 1:
@@ -446,17 +530,36 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
         # requantization rounding (the calibration of PTQ keeps the plain fake quantization)
         layer.simulate_integer = qat and hasattr(layer, "link_input")
     if example_input is not None:
-        with torch.no_grad():
-            want, got = model(example_input), gm(example_input)
-        if not isinstance(want, torch.Tensor) or want.shape != got.shape or \
-                not torch.allclose(want, got) or got.shape[0] != example_input.shape[0]:
-            raise UnsupportedModelError("the traced graph does not reproduce the model on "
-                                        "example_input, or does not keep the batch dimension")
+        _check_example_input(model, gm, example_input)
     if qat:
         # fine-tuning a trained model: BN statistics frozen, i.e. training folds BN exactly as
         # inference does (the last phase of the standard recipe)
         qnet.freeze_bn_stats(True)
     return qnet.train(qat)
+
+
+def _check_example_input(model: nn.Module, gm: torch.fx.GraphModule, example_input) -> None:
+    """The traced graph must reproduce the model on ``example_input`` and on a batch of twice
+    its size (a batch of one cannot reveal a hard-coded ``reshape(1, -1)``), keeping the batch
+    dimension."""
+    x = example_input.float()
+    batches = (x, torch.cat([x, x.flip(0)]))
+    for batch in batches:
+        try:
+            with torch.no_grad():
+                want, got = model(batch), gm(batch)
+        except Exception as e:  # the model itself fails on a batch of another size
+            raise UnsupportedModelError(
+                f"the model fails on a batch of {batch.shape[0]} example inputs "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}): quantize_model needs a "
+                "model that keeps the batch dimension (no hard-coded batch size)") from e
+        if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or \
+                want.shape != got.shape or not torch.allclose(want, got) or \
+                got.shape[0] != batch.shape[0]:
+            raise UnsupportedModelError(
+                f"the traced graph does not reproduce the model on a batch of "
+                f"{batch.shape[0]} example inputs, or does not keep the batch dimension "
+                f"(output shape {tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__})")
 
 
 def _flat(args):

@@ -134,20 +134,44 @@ class QAdd(QModule):
 # ---------------------------------------------------------------------------------------------
 # average pooling
 
-def avg_pool_multiplier(scale_x, scale_y, count) -> torch.Tensor:
-    """``M = f32(S_x / f32(S_y * n))`` for a window of ``n`` values (as qnnpack's average pool)."""
-    return _f32(scale_x) / (_f32(scale_y) * _f32(count))
+def avg_pool_multiplier(scale_x, scale_y, count, formula: str = "qnnpack") -> torch.Tensor:
+    """The requantization multiplier of an average over a window of ``n`` values.
+
+    ``formula="qnnpack"``: ``M = f32(S_x / f32(S_y * n))``, qnnpack's own average pool (what
+    PyTorch's qnnpack engine runs without ``ceil_mode``). ``formula="reference"``:
+    ``M = f32(f32(S_x / S_y) / n)``, PyTorch's generic quantized kernel (``qavg_pool2d``), which
+    its qnnpack engine falls back to with ``ceil_mode=True``. The two differ in the last bit for
+    some ``n`` (6, for one), which decides exact ties such as ``117 / 6 = 19.5``.
+    """
+    if formula == "qnnpack":
+        return _f32(scale_x) / (_f32(scale_y) * _f32(count))
+    if formula == "reference":
+        return (_f32(scale_x) / _f32(scale_y)) / _f32(count)
+    raise ValueError(f"formula must be 'qnnpack' or 'reference'; got {formula!r}")
 
 
 def avg_pool_requantize(acc: torch.Tensor, count, scale_x, scale_y, zero_point_y: int,
-                        quant_min: int, quant_max: int) -> torch.Tensor:
+                        quant_min: int, quant_max: int, formula: str = "qnnpack") -> torch.Tensor:
     """``q_y = clamp(rne(f32(acc) * M) + Z_y)`` with ``acc = sum (q_x - Z_x)`` over the window of
-    ``count`` values and ``M`` from :func:`avg_pool_multiplier`: the rounding division of the
-    zero-point-corrected sum by the window size (times ``S_x / S_y``, 1 when the output keeps the
-    input's qparams). ``acc`` must be exact in float32 (|acc| <= n * 255 < 2**24)."""
-    m = avg_pool_multiplier(scale_x, scale_y, count)
-    y = torch.round(acc.to(torch.float32) * m) + int(zero_point_y)
+    ``count`` values and ``M`` from :func:`avg_pool_multiplier` (``formula``): the rounding
+    division of the zero-point-corrected sum by the window size (times ``S_x / S_y``, 1 when the
+    output keeps the input's qparams). ``acc`` must be exact in float32 (|acc| <= n * 255 <
+    2**24).
+
+    ``formula="reference"`` models PyTorch's generic kernel, which adds ``Z_y`` in float32
+    *before* rounding, ``clamp(rne(f32(f32(acc) * M) + Z_y))``: an exact tie such as 63.5 is then
+    broken by the parity of ``63.5 + Z_y`` instead of 63.5's.
+    """
+    m = avg_pool_multiplier(scale_x, scale_y, count, formula)
+    if formula == "reference":
+        y = torch.round(acc.to(torch.float32) * m + float(int(zero_point_y)))
+    else:
+        y = torch.round(acc.to(torch.float32) * m) + int(zero_point_y)
     return torch.clamp(y, quant_min, quant_max).to(torch.int32)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _adaptive_counts(size_in: int, size_out: int) -> torch.Tensor:
@@ -197,11 +221,17 @@ class QAvgPool2d(_QUnweighted):
             return torch.round(F.adaptive_avg_pool2d(x, (oh, ow)) * n), n
         sums = F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                             True, divisor_override=1)
-        ones = torch.ones_like(x[:1, :1])
-        if self.count_include_pad and not self.ceil_mode:
-            k = self.kernel_size
-            kh, kw = (k, k) if isinstance(k, int) else k
-            return sums, torch.full_like(sums[:1, :1], float(kh * kw))
+        if self.count_include_pad:
+            # PyTorch's divisor: the window clipped to the padded input [-p, L + p), padding
+            # counted, the overhang of ceil_mode not (aten's avg_pool2d: hend = min(hstart + kH,
+            # H + padH), pool_size = (hend - hstart) * (wend - wstart))
+            k, s, p = (_pair(v) for v in (self.kernel_size, self.stride or self.kernel_size,
+                                           self.padding))
+            counts = [torch.tensor([min(i * s[d] - p[d] + k[d], x.shape[-2 + d] + p[d])
+                                    - (i * s[d] - p[d]) for i in range(sums.shape[-2 + d])],
+                                   dtype=torch.float64) for d in (0, 1)]
+            return sums, counts[0][:, None] * counts[1][None, :]
+        ones = torch.ones_like(x[:1, :1])                  # count_include_pad=False: real values
         n = F.avg_pool2d(ones, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                          True, divisor_override=1)
         return sums, n
@@ -209,8 +239,9 @@ class QAvgPool2d(_QUnweighted):
     def _integer_op(self, q_x):
         z = int(self.q_in.zero_point)
         sums, n = self.sums_and_counts(q_x.to(torch.int64) - z)  # |sum| <= n * 2**16
+        formula = "reference" if self.ceil_mode and self.output_size is None else "qnnpack"
         return avg_pool_requantize(sums, n, self.q_in.scale, self.q_in.scale, z,
-                                   self.q_in.quant_min, self.q_in.quant_max)
+                                   self.q_in.quant_min, self.q_in.quant_max, formula)
 
     def extra_repr(self):
         if self.output_size is not None:

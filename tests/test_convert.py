@@ -295,3 +295,81 @@ def test_export_refuses_what_onnx_cannot_express(digits):
     qnet = _calibrated(_trained_bn(Branches(), x_tr), x_tr)
     with pytest.raises(TypeError, match="no ONNX export"):
         to_onnx(qnet)  # y.view(y.size(0), -1): a shape function other than flatten
+
+
+# ---------------------------------------------------------------------------------------------
+# in-place ops: converted when nothing reads the changed tensor afterwards, refused by name when
+# something does (the converted graph computes every op out of place)
+
+class _IgnoredReluMethod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4 * 26 * 26, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y.relu_()                                   # result ignored: y itself is changed
+        return self.fc(y.flatten(1))
+
+
+class _IgnoredReluInplace(_IgnoredReluMethod):
+    def forward(self, x):
+        y = self.conv(x)
+        F.relu(y, inplace=True)
+        return self.fc(y.flatten(1))
+
+
+class _AliasedResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 28 * 28, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        identity = x
+        x += self.conv(x)                           # identity is changed too
+        return self.fc((x + identity).flatten(1))
+
+
+class _SafeInPlace(_AliasedResidual):
+    def forward(self, x):                            # torchvision's pattern: nothing reads the old values
+        x = F.relu(self.stem(x), inplace=True)
+        out = self.conv(x)
+        out += x
+        out = F.relu(out, inplace=True)
+        return self.fc(out.flatten(1))
+
+
+@pytest.mark.parametrize("cls, op", [(_IgnoredReluMethod, "relu_"), (_IgnoredReluInplace, "relu"),
+                                     (_AliasedResidual, "iadd")])
+def test_in_place_op_read_afterwards_is_refused_by_name(cls, op):
+    with pytest.raises(UnsupportedModelError, match=rf"node '\w*{op}\w*'.*changes '\w+' in place"):
+        quantize_model(cls())
+
+
+def test_in_place_ops_nothing_reads_afterwards_convert_exactly(digits):
+    torch.manual_seed(0)
+    model = _SafeInPlace().eval()
+    x = digits[0][:64]
+    qnet = quantize_model(model).calibrate([x]).freeze()
+    assert {"QAdd"} <= {type(m).__name__ for m in qnet.layers}
+    with torch.no_grad():
+        want = model(x.clone())
+    got = qnet.quantize_inference(x)
+    step = float(qnet.q_out.scale)
+    assert (got - want).abs().max() < 8 * step     # a few output steps, not a different model
+
+
+class _BatchOfOne(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 2, 3), nn.Linear(2 * 26 * 26, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).reshape(1, -1))   # hard-coded batch of 1
+
+
+def test_example_input_of_one_image_still_catches_a_hard_coded_batch():
+    with pytest.raises(UnsupportedModelError, match="batch of 2 example inputs"):
+        quantize_model(_BatchOfOne(), example_input=torch.randn(1, 1, 28, 28))

@@ -88,7 +88,7 @@ def test_add_rounds_ties_away_from_zero():
 
 
 @needs_ao
-@pytest.mark.parametrize("kind", ["avg", "avg_padded", "global", "adaptive"])
+@pytest.mark.parametrize("kind", ["avg", "avg_padded", "avg_ceil", "global", "adaptive"])
 def test_avg_pool_bit_exact_with_qnnpack(kind):
     rng, gen = random.Random(3), torch.Generator().manual_seed(4)
     outputs = 0
@@ -99,6 +99,8 @@ def test_avg_pool_bit_exact_with_qnnpack(kind):
             pool = QAvgPool2d(rng.randint(2, 3), rng.randint(1, 2))
         elif kind == "avg_padded":
             pool = QAvgPool2d(3, rng.randint(1, 2), 1)
+        elif kind == "avg_ceil":  # border windows overhang the padded input (count_include_pad)
+            pool = QAvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=True)
         elif kind == "global":
             pool = QAvgPool2d(output_size=1)
         else:
@@ -110,9 +112,32 @@ def test_avg_pool_bit_exact_with_qnnpack(kind):
         ours = pool.quantize_inference(q_x)
         with quantized_engine("qnnpack"):
             theirs = pool._pool(qt(q_x, scale, z)).int_repr().to(torch.int32)
-        assert torch.equal(ours, theirs), (kind, scale, z, c, h)
+        if kind == "avg_ceil":
+            # with ceil_mode PyTorch leaves qnnpack's kernel for its generic one, which breaks
+            # some exact ties (sum / n = k + 1/2, n = 6 here) its own way across channels:
+            # equal everywhere else, and within 1 LSB on those ties
+            sums, n = pool.sums_and_counts(q_x.to(torch.int64) - z)
+            tie = (sums / n - torch.floor(sums / n)) == 0.5
+            assert torch.equal(ours[~tie], theirs[~tie]) and (ours - theirs).abs().max() <= 1
+        else:
+            assert torch.equal(ours, theirs), (kind, scale, z, c, h)
         outputs += ours.numel()
     assert outputs > 1_000
+
+
+@pytest.mark.parametrize("count_include_pad", [True, False])
+@pytest.mark.parametrize("ceil_mode", [True, False])
+def test_avg_pool_window_sizes_follow_pytorchs_float_definition(ceil_mode, count_include_pad):
+    # the divisor of every window equals the one F.avg_pool2d divides by: (sum of ones) / (mean
+    # of ones) over the same windows (padding counted or not, ceil_mode's overhang never)
+    for k, s, p, size in [(3, 2, 1, 7), (3, 2, 1, 8), (2, 2, 1, 5), (3, 3, 1, 10), (3, 1, 0, 6),
+                          ((3, 2), (2, 1), (1, 0), 9)]:
+        pool = QAvgPool2d(k, s, p, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+        ones = torch.ones(1, 1, size, size, dtype=torch.float64)
+        real = F.avg_pool2d(ones, k, s, p, ceil_mode, True, divisor_override=1)
+        mean = F.avg_pool2d(ones, k, s, p, ceil_mode, count_include_pad)
+        _, n = pool.sums_and_counts(torch.zeros(1, 1, size, size, dtype=torch.int64))
+        assert torch.equal(n.expand_as(real), real / mean), (k, s, p, size)
 
 
 def test_avg_pool_divides_the_zero_point_corrected_sum():
