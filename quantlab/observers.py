@@ -22,6 +22,7 @@ exceeds it, so the bins never move. Taught in notebook ``da_calibration``.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -401,8 +402,11 @@ WEIGHT_OBSERVERS = ("minmax", "mse")
 def make_observer(observer=None, axis: int | None = None,
                   averaging_constant: float | None = None, name: str = "observer",
                   allowed=None) -> Observer:
-    """An Observer from a name, an instance (returned as is) or None (min/max, or the moving
-    average when ``averaging_constant`` is given).
+    """An Observer from a name, an instance or None (min/max, or the moving average when
+    ``averaging_constant`` is given).
+
+    An instance is copied and the copy starts empty (``reset()``): one instance given to several
+    QParams must not carry one tensor's range into another's, nor what it observed before.
 
     A name outside ``allowed`` (default: every key of ``OBSERVERS``) raises ValueError naming
     ``name`` (the caller's argument) and the accepted values; anything else that is not an
@@ -417,7 +421,9 @@ def make_observer(observer=None, axis: int | None = None,
         if observer.axis != axis:
             raise ValueError(f"{name}={observer!r} has axis={observer.axis}, but this QParam "
                              f"needs axis={axis}")
-        return observer
+        fresh = copy.deepcopy(observer)
+        fresh.reset()
+        return fresh
     if not isinstance(observer, str):
         raise TypeError(f"{name} must be None, one of {allowed} or an Observer; got "
                         f"{type(observer).__name__}")

@@ -373,3 +373,15 @@ class _BatchOfOne(nn.Module):
 def test_example_input_of_one_image_still_catches_a_hard_coded_batch():
     with pytest.raises(UnsupportedModelError, match="batch of 2 example inputs"):
         quantize_model(_BatchOfOne(), example_input=torch.randn(1, 1, 28, 28))
+
+
+def test_quantize_model_observer_that_has_seen_data_starts_empty_in_every_layer(digits):
+    # an Observer instance is copied empty into each layer: what it saw before changes nothing
+    from quantlab.observers import MSEObserver
+    x = digits[0][:128]
+    used = MSEObserver()
+    used.observe(torch.linspace(-50.0, 50.0, 1000))
+    fresh = quantize_model(pretrained("net"), observer=MSEObserver()).calibrate([x]).freeze()
+    seen = quantize_model(pretrained("net"), observer=used).calibrate([x]).freeze()
+    q_x = fresh.q_in.quantize_tensor(x)
+    assert torch.equal(fresh.integer_inference(q_x), seen.integer_inference(q_x))

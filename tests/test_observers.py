@@ -219,7 +219,19 @@ def test_observer_names_and_instances():
                               "histogram"}
     inst = PercentileObserver(99.9)
     qp = QParam(8, observer=inst)
-    assert qp.observer is inst
+    assert isinstance(qp.observer, PercentileObserver) and qp.observer.percentile == 99.9
+
+
+def test_one_observer_instance_given_to_two_qparams_is_not_shared():
+    # each QParam gets its own empty copy: neither the other tensor's range nor what the
+    # instance saw before leaks in
+    inst = MinMaxObserver()
+    inst.observe(torch.tensor([-100.0, 100.0]))             # state the QParams must not inherit
+    a, b = QParam(8, observer=inst), QParam(8, observer=inst)
+    a.update(torch.tensor([0.0, 1.0]))
+    b.update(torch.tensor([0.0, 10.0]))
+    assert (float(a.min_val), float(a.max_val)) == (0.0, 1.0)
+    assert (float(b.min_val), float(b.max_val)) == (0.0, 10.0)
 
 
 def test_minmax_qparam_continues_from_a_set_range_as_before():
