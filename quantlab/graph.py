@@ -188,6 +188,33 @@ class QuantizedNet(nn.Module):
                 values[step.name] = layer.quantize_inference(*args)
         return values if keep else values[self.output_name]
 
+    def layer_inputs(self, x: torch.Tensor, index: int, compute=None) -> tuple:
+        """The arguments the graph passes to ``layers[index]`` when it runs on ``x``: the steps
+        before it are computed as ``forward`` does (fake-quantized), or by ``compute(layer,
+        args)`` when given; it stops there. Follows the graph, so a layer on one branch gets its
+        own branch's output (PTQ methods that work layer by layer use it)."""
+        index = check_int(index, "index", 0)
+        values = {self.input_name: x}
+        for step in self.steps:
+            if step.kind == "alias":
+                values[step.name] = values[_refs(step.args)[0]]
+                continue
+            args = _subst(step.args, values)
+            if step.kind == "shape":
+                values[step.name] = step.fn(*args, **_subst(step.kwargs, values))
+                continue
+            if step.index == index:
+                return tuple(args)
+            layer = self.layers[step.index]
+            if compute is not None:
+                values[step.name] = compute(layer, args)
+            elif isinstance(layer, (QAvgPool2d, QReLU6)):
+                values[step.name] = layer(args[0], self._qparam(_refs(step.args)[0]))
+            else:
+                values[step.name] = layer(*args)
+        raise ValueError(f"index must be the index of one of the {len(self.layers)} layers of "
+                         f"the graph; got {index}")
+
     def _check_images(self, x: torch.Tensor, name: str):
         """A batch of inputs of the shape the model was built for (``input_shape``; without
         one, any batch (N, ...))."""

@@ -28,6 +28,7 @@ from torch import nn
 from ._validate import check_int
 from .models import Net, NetBN, QuantizedNet
 from .modules import QConvBNReLU, QModule, _QWeighted, fold_bn
+from .ops import QAdd, QCat, QInput
 
 #: the rectified sigmoid's stretch: h(V) = clamp(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)
 ZETA, GAMMA = 1.1, -0.1
@@ -134,9 +135,24 @@ def _float_layer(layer, x):
     of later layers stay the float model's after earlier layers were rounded."""
     if isinstance(layer, _QWeighted):
         w, b = _float_weight_bias(layer)
-        y = layer._op(x, w, b)
-        return F.relu(y) if layer.relu else y
+        return layer._activation(layer._op(x, w, b))
     return layer(x)
+
+
+def _float_compute(layer, args):
+    """A graph step computed as the float model does (``QuantizedNet.layer_inputs(compute=)``):
+    weighted layers with their float weights, adds and concatenations without requantizing,
+    the input without quantizing; pools, ReLUs and flatten quantize nothing of their own."""
+    if isinstance(layer, _QWeighted):
+        return _float_layer(layer, args[0])
+    if isinstance(layer, QAdd):
+        y = args[0] + args[1]
+        return F.relu(y) if layer.relu else y
+    if isinstance(layer, QCat):
+        return torch.cat(list(args), layer.dim)
+    if isinstance(layer, QInput):
+        return args[0]
+    return layer(*args)
 
 
 def _quant_input(layer, x):
@@ -144,20 +160,16 @@ def _quant_input(layer, x):
     return layer.q_in.fake_quantize(x) if layer.qi else x
 
 
-def _advance(layers, x_f, x_q, chunk=500):
-    """Run float and fake-quantized activations through ``layers`` (eval, no observing)."""
-    outs_f, outs_q = [], []
-    for cf, cq in zip(x_f.split(chunk), x_q.split(chunk)):
-        for layer in layers:
-            cf, cq = _float_layer(layer, cf), layer(cq)
-        outs_f.append(cf)
-        outs_q.append(cq)
-    return torch.cat(outs_f), torch.cat(outs_q)
+def _layer_input(qnet, x, index, compute=None, chunk=500):
+    """The input the graph gives ``qnet.layers[index]`` on images ``x`` (in chunks; eval mode,
+    nothing observed): fake-quantized as the quantized model runs, or as ``compute`` says."""
+    return torch.cat([qnet.layer_inputs(c, index, compute)[0] for c in x.split(chunk)])
 
 
 def _weighted_steps(qnet):
-    """(index, layer) of the weighted layers, in order."""
-    return [(i, m) for i, m in enumerate(qnet.layers) if isinstance(m, _QWeighted)]
+    """(index, layer) of the weighted layers, in the graph's order."""
+    order = [s.index for s in qnet.steps if s.kind == "layer"]
+    return [(i, qnet.layers[i]) for i in order if isinstance(qnet.layers[i], _QWeighted)]
 
 
 # -- bias correction ---------------------------------------------------------------------------
@@ -183,11 +195,10 @@ def bias_correction(qnet: QuantizedNet, data, max_images: int | None = 2000) -> 
     """
     _check_qnet(qnet)
     qnet.eval()
-    x_q = _images(data, max_images)
-    deltas, start = {}, 0
+    images = _images(data, max_images)
+    deltas = {}
     for i, layer in _weighted_steps(qnet):
-        x_q = _advance_quantized(qnet.layers[start:i], x_q)
-        start = i
+        x_q = _layer_input(qnet, images, i)        # after the layers before it are corrected
         w, _ = layer.float_weight_bias()
         w_float, _ = _float_weight_bias(layer)
         x_in = _quant_input(layer, x_q)
@@ -200,16 +211,6 @@ def bias_correction(qnet: QuantizedNet, data, max_images: int | None = 2000) -> 
         bias_param.add_(delta)
         deltas[i] = delta
     return deltas
-
-
-def _advance_quantized(layers, x_q, chunk=500):
-    """Run fake-quantized activations through ``layers`` (eval mode, nothing observed)."""
-    outs = []
-    for c in x_q.split(chunk):
-        for layer in layers:
-            c = layer(c)
-        outs.append(c)
-    return torch.cat(outs) if outs else x_q
 
 
 # -- AdaRound ----------------------------------------------------------------------------------
@@ -332,8 +333,8 @@ def adaround(qnet: QuantizedNet, data, iterations: int = 1000, max_images: int |
         max_images = check_int(max_images, "max_images", 1)
     qnet.eval()
     gen = torch.Generator().manual_seed(seed)
-    x_f = x_q = _images(data, max_images)
-    stats, start = {}, 0
+    images = _images(data, max_images)
+    stats = {}
     steps = _weighted_steps(qnet)
     if layers is not None:
         allowed = [i for i, _ in steps]
@@ -343,9 +344,9 @@ def adaround(qnet: QuantizedNet, data, iterations: int = 1000, max_images: int |
                              f"{allowed}; got {layers}")
         steps = [(i, m) for i, m in steps if i in layers]
     for i, layer in steps:
-        with torch.no_grad():
-            x_f, x_q = _advance(qnet.layers[start:i], x_f, x_q)
-        start = i
+        with torch.no_grad():   # the graph's inputs to layer i: float model's, quantized model's
+            x_f = _layer_input(qnet, images, i, _float_compute)
+            x_q = _layer_input(qnet, images, i)
         layer.q_w.update(layer.float_weight_bias()[0].detach())
         stats[i] = adaround_layer(layer, _quant_input(layer, x_q).detach(), x_f.detach(),
                                   iterations, generator=gen, **kwargs)

@@ -131,7 +131,8 @@ def test_adaround_lowers_the_layer_reconstruction_error(data):
     qnet = quantlab.quantize_model(pretrained("net"), 2, weight_observer="mse").calibrate([calib])
     fc = qnet.layers[5]
     with torch.no_grad():
-        x_f, x_q = ptq._advance(qnet.layers[:5], calib, qnet.q_in.fake_quantize(calib))
+        x_f = ptq._layer_input(qnet, calib, 5, ptq._float_compute)
+        x_q = ptq._layer_input(qnet, calib, 5)
     w, b = fc.float_weight_bias()
     with torch.no_grad():
         target = fc._op(x_f, w, b)
@@ -204,3 +205,87 @@ def test_ptq_errors(data):
     qnet.freeze()
     with pytest.raises(RuntimeError, match="frozen"):
         ptq.adaround(qnet, calib)
+
+
+class _Branches(torch.nn.Module):
+    """Parallel branches (a concatenation) and a residual add: not a chain of layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.a = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(4, 4, 1)
+        self.mix = torch.nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 7 * 7, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.stem(x)), 2)
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)
+        y = F.relu(self.mix(y) + x)                                # residual add
+        return self.fc(F.max_pool2d(y, 2).flatten(1))
+
+    def inputs(self, x):
+        """The float model's input to each conv/linear, by name."""
+        x0 = x
+        x = F.max_pool2d(F.relu(self.stem(x0)), 2)
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)
+        z = F.max_pool2d(F.relu(self.mix(y) + x), 2).flatten(1)
+        return {"stem": x0, "a": x, "b": x, "mix": y, "fc": z}
+
+
+def _name_in(net, layer):
+    """The float model's name of a quantized layer's conv/linear (biases are unchanged copies)."""
+    mod = getattr(layer, "conv", None) or layer.fc
+    return next(n for n in ("stem", "a", "b", "mix", "fc") if torch.equal(mod.bias, getattr(net, n).bias))
+
+
+def test_bias_correction_follows_the_graph_on_branches_and_adds(data):
+    # each layer's correction uses the input the graph gives it (its own branch's), measured
+    # here with a forward pre-hook on the layer while the quantized model runs
+    calib, _, _ = data
+    torch.manual_seed(0)
+    net = _Branches().eval()
+    qnet = quantlab.quantize_model(net, 4).calibrate([calib])
+    ref = copy.deepcopy(qnet).eval()
+    deltas = ptq.bias_correction(qnet, calib)
+    assert len(deltas) == 5
+    for i, delta in deltas.items():       # redo each correction in order on the copy, by hook
+        layer = ref.layers[i]
+        seen = []
+        handle = layer.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))
+        with torch.no_grad():
+            ref(calib)
+        handle.remove()
+        x_in = layer.q_in.fake_quantize(seen[0]) if layer.qi else seen[0]
+        w, _ = layer.float_weight_bias()
+        with torch.no_grad():
+            want = (layer._op(x_in, w, None) - layer._op(x_in, layer.q_w.fake_quantize(w), None))
+            want = want.mean([d for d in range(want.dim()) if d != 1])
+            torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-6)
+            bias = layer.conv.bias if hasattr(layer, "conv") else layer.fc.bias
+            bias.add_(want)
+
+
+def test_adaround_follows_the_graph_on_branches_and_adds(data, monkeypatch):
+    # AdaRound's float targets are the float model's inputs to each layer (branch by branch),
+    # and it runs through residual adds and concatenations
+    calib, _, _ = data
+    torch.manual_seed(0)
+    net = _Branches().eval()
+    qnet = quantlab.quantize_model(net, 4).calibrate([calib])
+    seen, real = {}, ptq.adaround_layer
+
+    def spy(layer, x_q, x_f, *args, **kwargs):
+        seen[layer] = x_f.clone()
+        return real(layer, x_q, x_f, *args, **kwargs)
+
+    monkeypatch.setattr(ptq, "adaround_layer", spy)
+    stats = ptq.adaround(qnet, calib, iterations=3, batch_size=32)
+    assert len(stats) == 5
+    with torch.no_grad():
+        want = net.inputs(calib)
+    for layer, x_f in seen.items():
+        torch.testing.assert_close(x_f, want[_name_in(net, layer)], rtol=1e-5, atol=1e-5)
+    qnet.freeze()
+    q_x = qnet.q_in.quantize_tensor(calib)
+    assert qnet.integer_inference(q_x).shape == (len(calib), 10)
