@@ -207,6 +207,31 @@ def x86_conv_kernel(layer: QModule | None = None) -> str:
         else "fbgemm"
 
 
+#: oneDNN's CPU ISA caps (ONEDNN_MAX_CPU_ISA) without a VNNI dot product
+_ONEDNN_NO_VNNI = {"SSE41", "AVX", "AVX2", "AVX512_CORE"}
+#: fbgemm's instruction sets (FBGEMM_ENABLE_INSTRUCTIONS) with VNNI
+_FBGEMM_VNNI = {"AVX512_E1", "AVX512_E1_256"}
+
+
+def x86_uses_vnni(kernel: str) -> bool:
+    """Whether ``kernel``'s ("onednn" or "fbgemm", see :func:`x86_conv_kernel`) int8 kernels use
+    a VNNI dot product on this machine, which adds uint8 x int8 products straight into int32:
+    then 8-bit activations cannot saturate. True when the CPU has AVX512-VNNI and no environment
+    variable caps the library below it (``ONEDNN_MAX_CPU_ISA``/``DNNL_MAX_CPU_ISA`` for oneDNN,
+    ``FBGEMM_ENABLE_INSTRUCTIONS`` for fbgemm); without VNNI both multiply with AVX2's
+    ``vpmaddubsw``, whose int16 pair sums saturate (notebook e, section 3).
+    """
+    if kernel not in ("onednn", "fbgemm"):
+        raise ValueError(f"kernel must be 'onednn' or 'fbgemm'; got {kernel!r}")
+    if not bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)()):
+        return False
+    if kernel == "onednn":
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+        return cap.upper() not in _ONEDNN_NO_VNNI
+    cap = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "")
+    return not cap or cap.upper() in _FBGEMM_VNNI
+
+
 def onednn_inference(layer: QModule, q_x: torch.Tensor) -> torch.Tensor:
     """A model of the requantization of PyTorch's x86 engine when it runs a conv in oneDNN
     (:func:`x86_conv_kernel`): the bias stays float and is added after the scales, and the output
@@ -217,7 +242,8 @@ def onednn_inference(layer: QModule, q_x: torch.Tensor) -> torch.Tensor:
     Measured on an AVX512-VNNI CPU (torch 2.14.1): equal to the x86 engine on every output of
     notebook e's conv, and within 1 LSB elsewhere, the rare differences lying on near-ties
     (``tests/test_modules.py``). VNNI's ``vpdpbusd`` adds four uint8 x int8 products straight
-    into int32, so no 8-bit activation saturates on this path.
+    into int32, so no 8-bit activation saturates on this path (unless oneDNN is capped below
+    VNNI: :func:`x86_uses_vnni`).
     """
     acc = layer.accumulate(q_x).to(torch.float32)
     _, b = layer.float_weight_bias()
