@@ -194,12 +194,69 @@ def _weighted(g: _Graph, layer, x: str, name: str, allow_fixed_point: bool,
     return y
 
 
+def _is_flatten(step) -> bool:
+    return step.kind == "shape" and step.fn is torch.flatten and \
+        tuple(step.args[1:]) in ((1,), (1, -1))
+
+
+def _check_linear_inputs(net: QuantizedNet) -> None:
+    """Refuse, by step, a QLinear whose input is not (N, in_features): the export writes it as a
+    Reshape to (N, in, 1, 1) and a 1x1 QLinearConv, which equals PyTorch's Linear only on a
+    2-D input (on (N, C, H, W) PyTorch applies it to the last dimension)."""
+    by_name = {s.name: s for s in net.steps}
+    rank_keeping = (QReLU, QReLU6)
+    for step in net.steps:
+        if step.kind != "layer" or not isinstance(net.layers[step.index], QLinear):
+            continue
+        src = by_name.get(_refs(step.args)[0])
+        while src is not None and (src.kind == "alias" or src.kind == "layer" and isinstance(
+                net.layers[src.index], rank_keeping)):
+            src = by_name.get(_refs(src.args)[0])
+        if src is None:                   # the model's input: 2-D unless its shape says otherwise
+            shape = getattr(net, "input_shape", None)
+            flat = shape is None or len(shape) == 1
+        else:
+            flat = _is_flatten(src) or src.kind == "layer" and isinstance(
+                net.layers[src.index], (QFlatten, QLinear))
+        if not flat:
+            raise TypeError(f"graph step {step.name} (QLinear) reads '{src.name if src else 'the input'}', "
+                            "which is not a flattened (N, features) tensor: a Linear on the last "
+                            "dimension of an (N, C, H, W) tensor has no exact QLinearConv export")
+
+
+def _chain(net: QuantizedNet) -> list:
+    """The layers of ``net`` in order, if its graph is a chain the .npz format can hold (each
+    layer reads the previous step's output; flatten(x, 1) and pass-throughs between them);
+    otherwise TypeError naming the first step it cannot hold."""
+    current, layers = net.input_name, []
+    for step in net.steps:
+        refs = _refs(step.args)
+        if refs != [current]:
+            raise TypeError(f"graph step {step.name} reads {refs}, not the previous step's output "
+                            f"'{current}': the .npz format holds a chain of layers (use to_onnx "
+                            "for branches, adds and concatenations)")
+        if step.kind == "shape" and not _is_flatten(step):
+            raise TypeError(f"graph step {step.name} ({getattr(step.fn, '__name__', step.fn)}) has "
+                            "no .npz export: only flatten(x, 1) of the shape functions is held")
+        if step.kind == "shape":            # flatten(x, 1) as a flatten layer on the same qparams
+            flat = QFlatten(net.num_bits)
+            flat.freeze(layers[-1].output_qparam if layers else net.q_in)
+            layers.append(flat)
+        elif step.kind == "layer":
+            layers.append(net.layers[step.index])
+        current = step.name
+    if current != net.output_name:
+        raise TypeError(f"the model's output '{net.output_name}' is not the end of its chain")
+    return layers
+
+
 def _layers(model, caller: str) -> list:
     """The layers of a frozen QuantizedNet, or ``[model]`` for a single frozen weighted layer."""
     if isinstance(model, QuantizedNet):
         if not model.frozen:
             raise RuntimeError("model is not frozen: qnet.calibrate(train_loader); qnet.freeze()")
-        layers = list(model.layers)
+        _check_linear_inputs(model)
+        layers = _chain(model) if caller == "to_npz" else list(model.layers)
     elif isinstance(model, (QConv2d, QConvBNReLU, QLinear)):
         layers = [model]
     else:
@@ -255,6 +312,7 @@ def to_onnx(model, path: str | os.PathLike | None = None, *, input_dtype: str = 
     else:
         raise TypeError(f"model must be a frozen QuantizedNet, QConv2d, QConvBNReLU or QLinear; "
                         f"got {type(model).__name__}")
+    _check_linear_inputs(net)
     first = next(net.layers[s.index] for s in net.steps if s.kind == "layer")
     if not isinstance(first, (QConv2d, QConvBNReLU, QLinear, QInput)):
         raise TypeError("the first layer must be a QConv2d, QConvBNReLU, QLinear or QInput")

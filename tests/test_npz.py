@@ -134,3 +134,56 @@ def test_to_npz_refuses_what_it_cannot_write(written, tmp_path):
     wide.freeze()
     with pytest.raises(ValueError, match="uint8 activations; this QParam has range \\[0, 4095\\]"):
         to_npz(wide, tmp_path / "net.npz")
+
+
+class _Permute(nn.Module):
+    """A channel permutation by indexing between two convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 2, 3)
+        self.fc = nn.Linear(2 * 24 * 24, 10)
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(x)[:, [3, 1, 0, 2]]).flatten(1))
+
+
+class _Crop(_Permute):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2 * 22 * 22, 10)
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(x))[:, :, 1:-1, 1:-1].flatten(1))   # a spatial crop
+
+
+class _LinearOnLastDim(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 2, 3), nn.Linear(26, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x))                             # on (N, 2, 26, 26)'s last dim
+
+
+def _frozen(model):
+    import quantlab
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 28, 28)
+    return quantlab.quantize_model(model.eval()).calibrate([x]).freeze()
+
+
+@pytest.mark.parametrize("cls", [_Permute, _Crop])
+def test_to_npz_refuses_a_graph_step_it_cannot_hold_by_name(cls, tmp_path):
+    qnet = _frozen(cls())
+    with pytest.raises(TypeError, match=r"graph step getitem \(getitem\) has no .npz export"):
+        to_npz(qnet, tmp_path / "m.npz")
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_linear_on_the_last_dimension_is_refused_by_both_exports(tmp_path):
+    from quantlab.export import to_onnx
+    qnet = _frozen(_LinearOnLastDim())
+    for export, path in ((to_npz, "m.npz"), (to_onnx, "m.onnx")):
+        with pytest.raises(TypeError, match="graph step fc \\(QLinear\\) reads 'conv'"):
+            export(qnet, tmp_path / path)
