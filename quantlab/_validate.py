@@ -176,3 +176,30 @@ def images_and_labels(batch, name: str):
         raise ValueError(f"{name} must yield labels of shape (N,) for images of shape (N, ...); "
                          f"got images {tuple(images.shape)} and labels {tuple(labels.shape)}")
     return images, labels
+
+
+#: the smallest normal float32: a smaller scale has an infinite float32 reciprocal
+FLOAT32_TINY = 1.1754943508222875e-38
+
+
+def check_scale(value, name: str) -> torch.Tensor:
+    """A quantization scale or step (a number or a tensor of any shape): every value finite and
+    at least the smallest normal float32 (so that ``1 / scale`` is finite in float32)."""
+    t = as_real_tensor(value, name)
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty")
+    f = t.detach().to(torch.float32)
+    if not bool(torch.isfinite(f).all()) or not bool((f >= FLOAT32_TINY).all()):
+        bad = f[~(torch.isfinite(f) & (f >= FLOAT32_TINY))].flatten()[0].item()
+        raise ValueError(f"{name} must be finite and >= {FLOAT32_TINY:.4g} (a positive, normal "
+                         f"float32); got {bad!r}")
+    return t
+
+
+def check_int_range(quant_min, quant_max, low_name: str = "quant_min",
+                    high_name: str = "quant_max") -> tuple[int, int]:
+    """Two ints with ``quant_min < quant_max`` (an integer range of at least two values)."""
+    lo, hi = check_int(quant_min, low_name), check_int(quant_max, high_name)
+    if lo >= hi:
+        raise ValueError(f"{low_name} must be below {high_name}; got {lo} and {hi}")
+    return lo, hi

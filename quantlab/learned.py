@@ -45,6 +45,7 @@ import warnings
 import torch
 from torch import nn
 
+from ._validate import check_int, check_int_range, check_real, check_scale
 from .observer import QParam
 from .qparams import calc_scale_zero_point, check_axis, check_float_tensor
 
@@ -126,6 +127,12 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point, quant_mi
         float32 tensor of ``x``'s shape; see the module docstring for the gradients.
     """
     check_float_tensor(x, "x")
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"scale must be a tensor (usually an nn.Parameter); got "
+                        f"{type(scale).__name__}")
+    check_scale(scale, "scale")
+    quant_min, quant_max = check_int_range(quant_min, quant_max)
+    grad_scale = check_real(grad_scale, "grad_scale", 0, low_open=True)
     axis = check_axis(axis, x.dim())
     shape = _channel_shape(scale, x.dim(), axis)
     s = scale.to(torch.float32).reshape(shape)
@@ -137,12 +144,19 @@ def pact_fake_quantize(x: torch.Tensor, alpha: torch.Tensor, quant_max: int) -> 
     """PACT fake quantization: ``s clamp(round(x / s), 0, quant_max)`` with ``s = alpha /
     quant_max`` and PACT's gradients (``d/d alpha = 1`` where ``x >= alpha``, else 0)."""
     check_float_tensor(x, "x")
+    if not isinstance(alpha, torch.Tensor) or alpha.numel() != 1:
+        got = tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
+        raise TypeError(f"alpha must be a one-value tensor (usually an nn.Parameter); got {got}")
+    check_scale(alpha, "alpha")
+    quant_max = check_int(quant_max, "quant_max", 1)
     return _PACT.apply(x.to(torch.float32), alpha.to(torch.float32).reshape(()), quant_max)
 
 
 def lsq_grad_scale(num_values: int, quant_max_above_zero: int) -> float:
     """LSQ's ``g = 1 / sqrt(N * Q_p)`` (``Q_p`` at least 1)."""
-    return 1.0 / math.sqrt(max(num_values, 1) * max(quant_max_above_zero, 1))
+    num_values = check_int(num_values, "num_values", 1)
+    quant_max_above_zero = check_int(quant_max_above_zero, "quant_max_above_zero", 0)
+    return 1.0 / math.sqrt(num_values * max(quant_max_above_zero, 1))
 
 
 class LearnedQParam(QParam):
@@ -290,8 +304,11 @@ class LearnedQParam(QParam):
         key = prefix + "learned"
         if key in state_dict:
             value = state_dict[key]
-            if not isinstance(value, torch.Tensor) or value.dim() > 1:
-                error_msgs.append(f"{key}: expected a tensor of shape () or (C,)")
+            if not isinstance(value, torch.Tensor) or value.dim() > 1 or value.is_complex():
+                error_msgs.append(f"{key}: expected a real tensor of shape () or (C,)")
+            elif value.numel() and not bool((torch.isfinite(value) & (value > 0)).all()):
+                error_msgs.append(f"{key}: a learned step (or PACT clip) must be finite and "
+                                  f"positive; got {value.flatten()[:4].tolist()}")
             else:
                 with torch.no_grad():
                     self.learned.data = value.detach().to(torch.float32).clone()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._validate import as_real_tensor, check_int, check_int_range, check_scale
 from .modules import QModule, _copy_qparam, _QUnweighted, check_integer_input, relu6_limit
 from .observer import QParam
 
@@ -162,6 +163,17 @@ def avg_pool_requantize(acc: torch.Tensor, count, scale_x, scale_y, zero_point_y
     *before* rounding, ``clamp(rne(f32(f32(acc) * M) + Z_y))``: an exact tie such as 63.5 is then
     broken by the parity of ``63.5 + Z_y`` instead of 63.5's.
     """
+    if not isinstance(acc, torch.Tensor):
+        raise TypeError(f"acc must be a torch.Tensor of window sums; got {type(acc).__name__}")
+    if not bool(torch.isfinite(acc.to(torch.float64)).all()):
+        raise ValueError("acc must hold finite window sums (no NaN or inf)")
+    n = as_real_tensor(count, "count")
+    if not bool(torch.isfinite(n.double()).all()) or not bool((n >= 1).all()):
+        raise ValueError("count must be the number of values in each window: finite and >= 1")
+    check_scale(scale_x, "scale_x")
+    check_scale(scale_y, "scale_y")
+    zero_point_y = check_int(zero_point_y, "zero_point_y")
+    quant_min, quant_max = check_int_range(quant_min, quant_max)
     m = avg_pool_multiplier(scale_x, scale_y, count, formula)
     if formula == "reference":
         y = torch.round(acc.to(torch.float32) * m + float(int(zero_point_y)))
@@ -257,6 +269,14 @@ def requantize_to(q_x: torch.Tensor, scale_x, zero_point_x: int, scale_y, zero_p
     """Move integers onto another grid: ``q_y = clamp(Z_y + rne(f32(S_x * (q_x - Z_x)) * f32(1/S_y)))``
     (dequantize, then quantize as ``torch.quantize_per_tensor``: PyTorch's quantized cat).
     The identity when the qparams are equal."""
+    if not isinstance(q_x, torch.Tensor) or q_x.is_floating_point() or q_x.dtype == torch.bool:
+        raise TypeError(f"q_x must be an integer tensor; got "
+                        f"{q_x.dtype if isinstance(q_x, torch.Tensor) else type(q_x).__name__}")
+    check_scale(scale_x, "scale_x")
+    check_scale(scale_y, "scale_y")
+    zero_point_x, zero_point_y = check_int(zero_point_x, "zero_point_x"), check_int(
+        zero_point_y, "zero_point_y")
+    quant_min, quant_max = check_int_range(quant_min, quant_max)
     x = (q_x.to(torch.int64) - int(zero_point_x)).to(torch.float32) * _f32(scale_x)
     y = torch.round(x * (1.0 / _f32(scale_y))) + int(zero_point_y)
     return torch.clamp(y, quant_min, quant_max).to(torch.int32)

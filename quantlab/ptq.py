@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import check_int
+from ._validate import check_float_tensor, check_int, check_real
 from .models import Net, NetBN, QuantizedNet
 from .modules import QConvBNReLU, QModule, _QWeighted, fold_bn
 from .ops import QAdd, QCat, QInput
@@ -113,6 +113,10 @@ def _check_qnet(qnet):
         raise RuntimeError("qnet is frozen: apply bias correction / AdaRound before freeze()")
 
 
+def _check_max_images(max_images) -> int | None:
+    return None if max_images is None else check_int(max_images, "max_images", 1)
+
+
 def _images(data, max_images: int | None) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         x = data
@@ -194,6 +198,7 @@ def bias_correction(qnet: QuantizedNet, data, max_images: int | None = 2000) -> 
         ``{layer index: delta}``.
     """
     _check_qnet(qnet)
+    max_images = _check_max_images(max_images)
     qnet.eval()
     images = _images(data, max_images)
     deltas = {}
@@ -260,6 +265,25 @@ def adaround_layer(layer, x_q: torch.Tensor, x_f: torch.Tensor, iterations: int 
     is off for the first ``warm_start`` of the iterations, then ``beta`` decays from 20 to 2 on a
     cosine. Finally each weight rounds up where ``h(V) >= 0.5`` (``V >= 0``).
     """
+    if not isinstance(layer, _QWeighted):
+        raise TypeError(f"layer must be a quantized conv or linear layer; got {type(layer).__name__}")
+    iterations = check_int(iterations, "iterations", 0)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    lr = check_real(lr, "lr", 0, low_open=True)
+    reg = check_real(reg, "reg", 0)
+    warm_start = check_real(warm_start, "warm_start", 0, 1)
+    if not isinstance(beta_range, (tuple, list)) or len(beta_range) != 2:
+        raise TypeError(f"beta_range must be a pair (start, end); got {beta_range!r}")
+    beta_start = check_real(beta_range[0], "beta_range[0]", 0, low_open=True)
+    beta_end = check_real(beta_range[1], "beta_range[1]", 0, low_open=True)
+    if beta_end > beta_start:
+        raise ValueError(f"beta_range must decay (start >= end, as the paper's (20, 2)); got "
+                         f"{tuple(beta_range)}")
+    for t, name in ((x_q, "x_q"), (x_f, "x_f")):
+        check_float_tensor(t, name)
+    if x_q.shape != x_f.shape:
+        raise ValueError(f"x_q and x_f must have the same shape; got {tuple(x_q.shape)} and "
+                         f"{tuple(x_f.shape)}")
     w, b = layer.float_weight_bias()
     w, b = w.detach(), None if b is None else b.detach()
     q_w = layer.q_w
@@ -329,8 +353,7 @@ def adaround(qnet: QuantizedNet, data, iterations: int = 1000, max_images: int |
     _check_qnet(qnet)
     iterations = check_int(iterations, "iterations", 0)
     seed = check_int(seed, "seed")
-    if max_images is not None:
-        max_images = check_int(max_images, "max_images", 1)
+    max_images = _check_max_images(max_images)
     qnet.eval()
     gen = torch.Generator().manual_seed(seed)
     images = _images(data, max_images)
