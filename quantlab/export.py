@@ -73,7 +73,7 @@ from .modules import (
     relu6_limit,
     requantization_multiplier,
 )
-from .npz import write
+from .npz import write, write_atomically
 from .ops import QAdd, QAvgPool2d, QCat, QInput, QReLU6
 
 #: metadata keys that tell quantlab.engine how quantlab requantized (ONNX has no field for it)
@@ -377,8 +377,8 @@ def to_onnx(model, path: str | os.PathLike | None = None, *, input_dtype: str = 
         + (" and fixed-point (Q31) requantization, which ONNX cannot express: ONNX Runtime "
            "requantizes in float" if True in fixed else "") + ".")
     onnx.checker.check_model(onnx_model, full_check=True)
-    if path is not None:
-        onnx.save(onnx_model, os.fspath(path))
+    if path is not None:            # atomically: never a truncated file under the final name
+        write_atomically(path, lambda f: f.write(onnx_model.SerializeToString()))
     return onnx_model
 
 

@@ -47,7 +47,9 @@ version, a member whose CRC fails).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import zipfile
 import zlib
 
@@ -83,12 +85,30 @@ GLOBALS = {"format": (np.str_, [()]), "version": (np.int64, [()]),
            "layers": (np.str_, [("L",)])}
 
 
+def write_atomically(path, write_to) -> None:
+    """Call ``write_to(file_object)`` on a temporary file beside ``path``, then rename it to
+    ``path``: an interrupted or failed write never leaves a truncated file under the final name
+    (``os.replace`` is atomic on one file system)."""
+    name = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(name))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(name), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_to(f)
+        os.replace(tmp, name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def write(path, arrays: dict) -> None:
-    """Check ``arrays`` (the keys above, without format and version) and save them to ``path``."""
+    """Check ``arrays`` (the keys above, without format and version) and save them to ``path``
+    (atomically: see :func:`write_atomically`)."""
     arrays = {"format": np.array(FORMAT), "version": np.array(VERSION, np.int64), **arrays}
     _check(arrays, os.fspath(path))
-    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a str path
-        np.savez_compressed(f, **arrays)
+    # a file object: np.savez would append ".npz" to a str path
+    write_atomically(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def read(path) -> dict:

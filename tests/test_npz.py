@@ -187,3 +187,24 @@ def test_linear_on_the_last_dimension_is_refused_by_both_exports(tmp_path):
     for export, path in ((to_npz, "m.npz"), (to_onnx, "m.onnx")):
         with pytest.raises(TypeError, match="graph step fc \\(QLinear\\) reads 'conv'"):
             export(qnet, tmp_path / path)
+
+
+def test_an_interrupted_write_leaves_no_file_under_the_final_name(written, tmp_path, monkeypatch):
+    qnet, _, _ = written
+    path = tmp_path / "net.npz"
+
+    def interrupted(f, **arrays):
+        f.write(b"PK\x03\x04 half an archive")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        to_npz(qnet, path)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+    path.write_bytes(b"the previous file")           # a failed write keeps what was there
+    with pytest.raises(KeyboardInterrupt):
+        to_npz(qnet, path)
+    assert path.read_bytes() == b"the previous file" and len(list(tmp_path.iterdir())) == 1
+    monkeypatch.undo()
+    to_npz(qnet, path)
+    assert Engine(path)(np.zeros((1, 1, 28, 28), np.float32)).shape == (1, 10)
