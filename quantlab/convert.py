@@ -436,8 +436,11 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
             if p["dilation"] not in (1, (1, 1)) or p["ceil_mode"] or p["return_indices"]:
                 raise _unsupported(node, modules, "max-pooling with dilation, ceil_mode or "
                                    "return_indices")
-            add_layer(node, QMaxPool2d(p["kernel_size"], p["stride"], p["padding"], num_bits),
-                      (ref(tensor_args[0]),))
+            try:
+                pool = QMaxPool2d(p["kernel_size"], p["stride"], p["padding"], num_bits)
+            except (TypeError, ValueError) as e:   # e.g. a non-square window
+                raise _unsupported(node, modules, str(e)) from e
+            add_layer(node, pool, (ref(tensor_args[0]),))
         elif kind == "avgpool":
             p = _pool_args(node, modules, kind)
             if p["divisor_override"] is not None:

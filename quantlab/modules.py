@@ -825,10 +825,22 @@ class QReLU(_QUnweighted):
         return torch.clamp(q_x.to(torch.int32), min=int(self.q_in.zero_point))
 
 
+def _square(value, name: str):
+    """``(k, k)`` -> ``k`` (nn.MaxPool2d's pairs); a pair of two different sizes raises."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name} must be an int or a pair of equal ints (square pooling); "
+                             f"got {tuple(value)}")
+        return value[0]
+    return value
+
+
 class QMaxPool2d(_QUnweighted):
     """Max-pooling on the integers (max commutes with any increasing map, so q and r agree)."""
 
     def __init__(self, kernel_size=2, stride=None, padding=0, num_bits: int = 8):
+        kernel_size, stride, padding = (_square(v, name) for v, name in (
+            (kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding")))
         kernel_size = check_int(kernel_size, "kernel_size", 1)
         stride = None if stride is None else check_int(stride, "stride", 1)
         padding = check_int(padding, "padding", 0, kernel_size // 2)

@@ -385,3 +385,18 @@ def test_quantize_model_observer_that_has_seen_data_starts_empty_in_every_layer(
     seen = quantize_model(pretrained("net"), observer=used).calibrate([x]).freeze()
     q_x = fresh.q_in.quantize_tensor(x)
     assert torch.equal(fresh.integer_inference(q_x), seen.integer_inference(q_x))
+
+
+def test_max_pool_with_a_square_pair_converts_and_a_rectangle_is_refused_by_name(digits):
+    # nn.MaxPool2d(kernel_size=(2, 2)) is a valid square window (was refused: "must be an int")
+    square = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d((2, 2), (2, 2)),
+                           nn.Flatten(), nn.Linear(4 * 13 * 13, 10)).eval()
+    plain = nn.Sequential(square[0], square[1], nn.MaxPool2d(2), square[3], square[4]).eval()
+    x = digits[0][:64]
+    a, b = (quantize_model(m).calibrate([x]).freeze() for m in (square, plain))
+    q_x = a.q_in.quantize_tensor(x)
+    assert torch.equal(a.integer_inference(q_x), b.integer_inference(q_x))
+    rect = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d((2, 3)), nn.Flatten(),
+                         nn.Linear(4 * 13 * 8, 10))
+    with pytest.raises(UnsupportedModelError, match=r"node '.*' \(call_module MaxPool2d\).*square"):
+        quantize_model(rect)
