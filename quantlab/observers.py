@@ -134,8 +134,15 @@ class _HistogramBase(Observer):
 
     def observe(self, x):
         super().observe(x)  # exact min and max
+        # float32 bins as ONNX Runtime's collector; float64 when the width 2t would overflow
+        # float32 (values near +-2e38)
         a = x.detach().to(torch.float32).flatten().numpy()
         t = np.float32(max(abs(a.min()), abs(a.max())))
+        wide = self.threshold is not None and self.threshold.dtype == np.float64
+        if wide or t > np.finfo(np.float32).max / 4:
+            a, t = a.astype(np.float64), np.float64(t)
+            if self.hist is not None:
+                self.threshold = np.float64(self.threshold)
         if self.hist is None:
             self.hist, self.edges = np.histogram(a, self.bins, range=(-t, t))
             self.threshold = t
@@ -149,9 +156,17 @@ class _HistogramBase(Observer):
             n_old = len(self.hist)
             stride = 2 * self.threshold / n_old
             half = int((t - self.threshold) // stride + 1)
-            t = half * stride + self.threshold
-            hist, self.edges = np.histogram(a, n_old + 2 * half, range=(-t, t))
-            hist[half:n_old + half] += self.hist
+            if half <= 4 * n_old:
+                t = half * stride + self.threshold
+                hist, self.edges = np.histogram(a, n_old + 2 * half, range=(-t, t))
+                hist[half:n_old + half] += self.hist
+            else:  # a range 9x wider or more: whole bins of a tiny first batch would need
+                # millions of bins; re-bin instead, each old bin counted at its centre
+                hist, self.edges = np.histogram(a, n_old, range=(-t, t))
+                old_edges = np.linspace(-self.threshold, self.threshold, n_old + 1)
+                centres = (old_edges[:-1] + old_edges[1:]) / 2
+                hist += np.histogram(centres, n_old, range=(-t, t), weights=self.hist)[0].astype(
+                    hist.dtype)
             self.hist, self.threshold = hist, t
 
     def abs_histogram(self):
@@ -184,7 +199,9 @@ class PercentileObserver(_HistogramBase):
         hi = self.edges[np.searchsorted(cdf, 1.0 - cut)]
         lo = torch.maximum(self.min_val, torch.tensor(float(lo)))
         hi = torch.minimum(self.max_val, torch.tensor(float(hi)))
-        return lo, hi
+        # a constant tensor puts every count in one bin, whose left edge lies below the value:
+        # the range is then the value itself
+        return lo, torch.maximum(hi, lo)
 
     def __repr__(self):
         return f"PercentileObserver(percentile={self.percentile})"

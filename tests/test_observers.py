@@ -272,3 +272,22 @@ def test_minmax_model_is_identical_to_the_default(loaders):
     images = next(iter(test))[0]
     q = a.q_in.quantize_tensor(images)
     assert torch.equal(a.integer_inference(q), b.integer_inference(q))
+
+
+@pytest.mark.parametrize("name", ["percentile", "entropy", "histogram", "mse"])
+@pytest.mark.parametrize("first", [0.0, 3.0, 1e-30])
+def test_histogram_observers_survive_a_constant_or_tiny_first_batch(name, first):
+    # a constant batch (every count in one bin), then a wide one: a finite range and a
+    # histogram of bounded size (whole bins of a 1e-30 first batch would need ~1e32 bins)
+    qp = QParam(8, observer=name)
+    qp.update(torch.full((100,), first))
+    qp.update(torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 5)
+    assert torch.isfinite(qp.scale).all() and 0.01 < float(qp.scale) < 1.0
+    assert len(qp.observer.hist) <= 9 * qp.observer.bins
+
+
+@pytest.mark.parametrize("name", ["percentile", "entropy", "histogram", "mse"])
+def test_histogram_observers_take_values_near_the_float32_limit(name):
+    qp = QParam(8, observer=name)
+    qp.update(torch.tensor([-2e38, 0.0, 2e38]))
+    assert torch.isfinite(qp.scale).all() and float(qp.scale) > 1e35
