@@ -140,7 +140,14 @@ def _onnx_graph(model):
     from onnx import numpy_helper
 
     if isinstance(model, (str, os.PathLike)):
-        model = onnx.load(os.fspath(model))
+        name = os.fspath(model)
+        if not os.path.isfile(name):
+            raise ValueError(f"{name}: no such file")
+        try:
+            model = onnx.load(name)
+        except Exception as e:  # protobuf's DecodeError, a truncated file
+            raise ValueError(f"{name}: not a readable ONNX model (damaged or truncated? "
+                             f"{type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(model, onnx.ModelProto):
         raise TypeError(f"model must be a path (.onnx or .npz) or an onnx.ModelProto; got "
                         f"{type(model).__name__}")
@@ -151,6 +158,11 @@ def _onnx_graph(model):
              for n in g.node]
     inputs = [i.name for i in g.input if i.name not in consts]
     meta = {p.key: p.value for p in model.metadata_props}
+    for i in g.input:
+        if i.name in inputs:
+            t = i.type.tensor_type
+            meta["input_shape"] = [d.dim_value if d.HasField("dim_value") else None
+                                   for d in t.shape.dim] if t.HasField("shape") else None
     return nodes, consts, inputs, [o.name for o in g.output], meta
 
 
@@ -159,7 +171,8 @@ def _npz_graph(path):
     arrays = npz.read(path)
     nodes, consts, x_in, outputs = npz.graph(arrays)
     meta = {META_MULTIPLIER: str(arrays["multiplier"]),
-            META_REQUANTIZATION: str(arrays["requantization"])}
+            META_REQUANTIZATION: str(arrays["requantization"]),
+            "input_range": tuple(int(v) for v in arrays["input.range"])}
     return [Node(*n) for n in nodes], consts, [x_in], outputs, meta
 
 
@@ -275,6 +288,15 @@ class Engine:
         self.chunk_size = chunk_size
         if len(self.inputs) != 1:
             raise ValueError(f"the graph must have one input; it has {self.inputs}")
+        first = next((n for n in self.nodes if self.inputs[0] in n.input), None)
+        #: "float32" (images, quantized by the graph's QuantizeLinear) or "uint8" (integers)
+        self.input_dtype = "float32" if first is not None and \
+            first.op_type == "QuantizeLinear" else "uint8"
+        #: the input's shape without the batch (None: a dimension the file does not fix)
+        shape = meta.get("input_shape")
+        self.input_shape = tuple(shape[1:]) if shape else None
+        #: the integers a uint8 input may hold (the .npz file's input range)
+        self.input_range = meta.get("input_range", (0, 255))
         consumers: dict[str, int] = {}
         for node in self.nodes:
             if node.op_type not in self.OPS:
@@ -297,12 +319,48 @@ class Engine:
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Run the graph on a batch (NCHW images or their integers); ``{output name: array}``."""
-        x = np.asarray(x)
-        if x.ndim == 0 or x.shape[0] == 0:
-            raise ValueError(f"x must be a non-empty batch; got shape {x.shape}")
-        parts = [self._run_chunk(x[i:i + self.chunk_size])
-                 for i in range(0, x.shape[0], self.chunk_size)]
+        x = self._check_input(x)
+        try:
+            parts = [self._run_chunk(x[i:i + self.chunk_size])
+                     for i in range(0, x.shape[0], self.chunk_size)]
+        except ValueError as e:  # NumPy's shape errors, deep in a layer
+            if "shape" not in str(e) and "broadcast" not in str(e) and "reshape" not in str(e):
+                raise
+            raise ValueError(f"x of shape {x.shape} does not fit the model ({e})") from None
         return {name: np.concatenate([p[name] for p in parts]) for name in self.outputs}
+
+    def _check_input(self, x) -> np.ndarray:
+        """A batch (N, C, H, W) of what the model takes: finite float images, or integers in the
+        input's range (as ``QuantizedNet.integer_inference`` requires), of the file's shape."""
+        want = "float32 images" if self.input_dtype == "float32" else \
+            f"integers in [{self.input_range[0]}, {self.input_range[1]}]"
+        try:
+            x = np.asarray(x)
+        except Exception as e:
+            raise TypeError(f"x must be an array of {want}; got {type(x).__name__}") from e
+        if x.dtype.kind not in "fiu" or x.dtype == np.float16 and self.input_dtype == "uint8":
+            raise TypeError(f"x must be an array of {want}; got dtype {x.dtype}")
+        if x.ndim not in (2, 4) or x.shape[0] == 0:
+            raise ValueError(f"x must be a non-empty batch (N, C, H, W), or (N, features) for a "
+                             f"model that starts with a Linear; got shape {x.shape}")
+        if self.input_shape is not None and (len(self.input_shape) != x.ndim - 1 or any(
+                w is not None and d != w for d, w in zip(x.shape[1:], self.input_shape))):
+            shape = ", ".join("?" if w is None else str(w) for w in self.input_shape)
+            raise ValueError(f"x must have shape (N, {shape}); got {x.shape}")
+        if self.input_dtype == "float32":
+            if x.dtype.kind != "f":
+                raise TypeError(f"x must be {want} (this model quantizes its input); got dtype "
+                                f"{x.dtype}: pass images, or export with input_dtype='uint8'")
+            if not np.isfinite(x).all():
+                raise ValueError("x must hold only finite values (no NaN or inf)")
+            return x
+        if x.dtype.kind == "f":
+            raise TypeError(f"x must be {want} (this model takes the input's integers); got "
+                            f"dtype {x.dtype}")
+        lo, hi = self.input_range
+        if x.min() < lo or x.max() > hi:
+            raise ValueError(f"x must hold {want}; got values from {x.min()} to {x.max()}")
+        return x.astype(np.uint8)
 
     def _run_chunk(self, x: np.ndarray) -> dict[str, np.ndarray]:
         env = dict(self.consts)

@@ -164,3 +164,43 @@ def test_engine_runs_with_torch_blocked(calibrated_nets, data, tmp_path, suffix,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"ok without {blocked.replace(',', '+')} (200, 10)" in out.stdout
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".npz"])
+@pytest.mark.parametrize("input_dtype", ["float32", "uint8"])
+def test_engine_refuses_inputs_integer_inference_refuses(frozen_nets, tmp_path, suffix, input_dtype):
+    # the engine returned other logits for NaN pixels, out-of-range or float integers and wrong
+    # dtypes, and raw NumPy errors for a wrong shape: each is now refused, naming x
+    qnet = frozen_nets["net", True]
+    path = tmp_path / f"net{suffix}"
+    (to_onnx if suffix == ".onnx" else to_npz)(qnet, path, input_dtype=input_dtype)
+    engine = Engine(path)
+    assert engine.input_dtype == input_dtype
+    images = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    q = qnet.q_in.quantize_tensor(torch.from_numpy(images)).numpy().astype(np.uint8)
+    good = images if input_dtype == "float32" else q
+    assert engine(good).shape == (2, 10)
+    bad_values = images.copy()
+    bad_values[0, 0, 3, 3] = np.nan
+    if input_dtype == "uint8":
+        bad_values = q.astype(np.int64)
+        bad_values[0, 0, 3, 3] = 300
+    with pytest.raises(ValueError, match="x must hold"):
+        engine(bad_values)
+    other = q.astype(np.int64) if input_dtype == "float32" else images
+    with pytest.raises(TypeError, match="x must be"):
+        engine(other)
+    with pytest.raises(ValueError, match="x .*shape"):   # .onnx: its input shape; .npz: the fc's
+        engine(good[:, :, :20, :20])
+    with pytest.raises(ValueError, match="x must be a non-empty batch"):
+        engine(good[0])
+
+
+def test_engine_names_a_damaged_onnx_file(frozen_nets, tmp_path):
+    path = tmp_path / "net.onnx"
+    to_onnx(frozen_nets["net", True], path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="net.onnx: not a readable ONNX model"):
+        Engine(path)
+    with pytest.raises(ValueError, match="no such file"):
+        Engine(tmp_path / "missing.onnx")
