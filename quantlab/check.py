@@ -289,9 +289,14 @@ def import_notebook(path) -> tuple[dict, str | None]:
     saved_ns = shell.user_ns
     shell.user_ns = mod.__dict__
     try:
-        with open(path, encoding="utf-8") as f:
-            nb = read(f, 4)
-        code_cells = [c for c in nb.cells if c.cell_type == "code"]
+        try:
+            with open(path, encoding="utf-8") as f:
+                nb = read(f, 4)
+            code_cells = [c for c in nb.cells if c.cell_type == "code"]
+        except Exception as e:  # not JSON, truncated, not UTF-8, not a notebook ({})
+            return {}, (f"cannot read {path.name} as a notebook ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+                        "is it a saved .ipynb file?")
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for i, cell in enumerate(code_cells, 1):
@@ -348,8 +353,9 @@ def _worker(path: str, lesson: str | None) -> int:
     torch.set_num_threads(1)
     fr = grade_notebook(path, lesson)
     fr.results = [asdict(r) for r in fr.results]
-    print(_MARK + json.dumps(asdict(fr)))
-    return 0
+    print(_MARK + json.dumps(asdict(fr)), flush=True)
+    sys.stderr.flush()
+    os._exit(0)  # do not wait for threads the notebook left running
 
 
 def _grade_in_subprocess(path: str, lesson: str | None, timeout: float) -> FileResult:
@@ -373,9 +379,10 @@ def _grade_in_subprocess(path: str, lesson: str | None, timeout: float) -> FileR
             fr = FileResult(**d)
             fr.seconds = time.perf_counter() - start
             return fr
-    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-    return FileResult(str(path), lesson, [], f"the checker process failed: {tail}",
-                      time.perf_counter() - start)
+    tail = (p.stderr.strip().splitlines() or ["no error output"])[-1]
+    return FileResult(str(path), lesson, [], f"the notebook's process ended before reporting a "
+                      f"result (exit code {p.returncode}; did the notebook or a function call "
+                      f"sys.exit or os._exit?): {tail[:300]}", time.perf_counter() - start)
 
 
 def _status_counts(fr: FileResult) -> str:
@@ -415,7 +422,8 @@ def main(argv=None) -> int:
                    "notebook's metadata or file name")
     p.add_argument("--jobs", "-j", type=int, default=min(2, os.cpu_count() or 1),
                    help="notebooks checked at the same time (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per notebook")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds per notebook, one or many (default: %(default)s)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="with several notebooks, also print every exercise of each")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -426,15 +434,13 @@ def main(argv=None) -> int:
     for path in paths:
         if not path.is_file():
             p.error(f"no such notebook: {path}")
-    if len(paths) == 1:  # this process is fresh: import the notebook here
-        import torch
-
-        torch.set_num_threads(1)
-        frs = [grade_notebook(paths[0], args.lesson)]
-    else:  # one fresh process per notebook, so notebooks cannot disturb each other
-        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            frs = list(pool.map(lambda q: _grade_in_subprocess(str(q), args.lesson,
-                                                               args.timeout), paths))
+    if args.timeout <= 0:
+        p.error(f"--timeout must be a positive number of seconds; got {args.timeout}")
+    # one fresh process per notebook (also for one): a notebook cannot disturb another, an
+    # endless one is stopped after --timeout, and one that exits early is reported, not passed
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        frs = list(pool.map(lambda q: _grade_in_subprocess(str(q), args.lesson, args.timeout),
+                            paths))
     ok = all(file_ok(fr, args.strict) for fr in frs)
     if len(frs) == 1 or args.verbose:
         for fr in frs:

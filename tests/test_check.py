@@ -205,3 +205,54 @@ def test_exercise_notebooks_are_stored_executed_clean(path):
     expect = "passed" if path.parent == SOLUTIONS else "not attempted"
     for ex in check.exercises()[lesson]:
         assert f"{ex.id} {ex.name}: {expect}" in text
+
+
+def _notebook(path: pathlib.Path, *cells: str) -> pathlib.Path:
+    """A minimal lesson-a exercise notebook with these code cells."""
+    nb = {"cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+                     "source": c} for c in cells],
+          "metadata": {"quantlab": {"lesson": "a"}}, "nbformat": 4, "nbformat_minor": 5}
+    path.write_text(json.dumps(nb))
+    return path
+
+
+def _check_cli(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "quantlab.check", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("kind", ["endless", "os_exit", "sys_exit_in_exercise", "not_json",
+                                  "empty_object", "thread"])
+def test_the_checker_always_ends_and_reports_one_notebook(tmp_path, kind):
+    # a single notebook runs in its own process too: an endless one is stopped by --timeout, one
+    # that exits early is reported (never "passed"), a malformed file is named, and a thread the
+    # notebook leaves running does not keep the checker waiting
+    path = tmp_path / "a_exercises.ipynb"
+    solution = (SOLUTIONS / "a_exercises.ipynb").read_text()
+    if kind == "endless":
+        _notebook(path, "while True:\n    pass")
+    elif kind == "os_exit":
+        _notebook(path, "import os\nos._exit(0)")
+    elif kind == "sys_exit_in_exercise":
+        _notebook(path, "import sys\n\ndef quant_range(num_bits, signed=False):\n    sys.exit(0)")
+    elif kind == "not_json":
+        path.write_text(solution[: len(solution) // 2])          # truncated
+    elif kind == "empty_object":
+        path.write_text("{}")
+    else:
+        _notebook(path, "import threading, time\n"
+                        "threading.Thread(target=lambda: time.sleep(3600)).start()\n"
+                        "def quant_range(num_bits, signed=False):\n"
+                        "    return (-2**(num_bits-1), 2**(num_bits-1)-1) if signed else (0, 2**num_bits-1)")
+    p = _check_cli(path, "--timeout", 20)
+    out = p.stdout + p.stderr
+    if kind == "thread":
+        assert p.returncode == 0 and "a1 quant_range: passed" in out, out
+        return
+    assert p.returncode == 1, out
+    assert "passed" not in out.replace("0 passed", ""), out
+    want = {"endless": "timed out after 20 s", "os_exit": "ended before reporting",
+            "sys_exit_in_exercise": "ended before reporting", "not_json": "cannot read",
+            "empty_object": "cannot read"}[kind]
+    assert want in out, out
