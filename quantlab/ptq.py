@@ -378,15 +378,30 @@ def adaround(qnet: QuantizedNet, data, iterations: int = 1000, max_images: int |
 
 def recalibrate(qnet: QuantizedNet, data, num_batches: int | None = None) -> QuantizedNet:
     """Forget the activation ranges and observe them again (e.g. after AdaRound or bias
-    correction changed the weights); pinned weight qparams stay."""
+    correction changed the weights); pinned weight qparams stay. Learned steps (LSQ, PACT) are
+    initialised again by their observers. If the calibration fails (bad data), every range is
+    restored as it was, so a frozen model stays usable."""
+    from .learned import LearnedQParam
     from .observer import QParam
 
-    for layer in qnet.layers:
-        if isinstance(layer, QModule):
-            for name in ("q_in", "q_out"):
-                qp = getattr(layer, name, None)
-                if isinstance(qp, QParam):
-                    qp.observer.reset()
-                    for buf in ("min_val", "max_val", "scale", "zero_point"):
-                        setattr(qp, buf, torch.empty(0))
-    return qnet.calibrate(data, num_batches)
+    if not isinstance(qnet, QuantizedNet):
+        raise TypeError(f"qnet must be a QuantizedNet (quantize_model); got {type(qnet).__name__}")
+    qparams = [qp for layer in qnet.layers if isinstance(layer, QModule)
+               for qp in (getattr(layer, "q_in", None), getattr(layer, "q_out", None))
+               if isinstance(qp, QParam)]
+    saved = [(qp, copy.deepcopy(qp.state_dict()), copy.deepcopy(qp.observer), qp.version)
+             for qp in dict.fromkeys(qparams)]
+    for qp in dict.fromkeys(qparams):
+        qp.observer.reset()
+        if isinstance(qp, LearnedQParam):
+            qp.learned.data = torch.empty(0)       # unobserved: calibrate() initialises it
+        else:
+            for buf in ("min_val", "max_val", "scale", "zero_point"):
+                setattr(qp, buf, torch.empty(0))
+    try:
+        return qnet.calibrate(data, num_batches)
+    except BaseException:
+        for qp, state, observer, version in saved:  # as before the call
+            qp.load_state_dict(state)
+            qp.observer, qp.version = observer, version
+        raise

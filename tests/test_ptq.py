@@ -289,3 +289,22 @@ def test_adaround_follows_the_graph_on_branches_and_adds(data, monkeypatch):
     qnet.freeze()
     q_x = qnet.q_in.quantize_tensor(calib)
     assert qnet.integer_inference(q_x).shape == (len(calib), 10)
+
+
+def test_recalibrate_reinitialises_learned_steps(data):
+    calib, _, _ = data
+    qnet = quantlab.quantize_model(pretrained("net"), 4, qat=True, learn_ranges=True)
+    qnet.calibrate([calib])
+    before = float(qnet.layers[0].q_out.scale)
+    ptq.recalibrate(qnet, [calib * 0.5])             # crashed: LearnedQParam has no min_val setter
+    assert float(qnet.layers[0].q_out.scale) < before
+
+
+def test_a_failed_recalibrate_keeps_a_frozen_models_ranges(data):
+    calib, test, _ = data
+    qnet = quantlab.quantize_model(pretrained("net")).calibrate([calib]).freeze()
+    q_x = qnet.q_in.quantize_tensor(test)
+    want = qnet.integer_inference(q_x)
+    with pytest.raises(ValueError, match="batch of images of shape"):
+        ptq.recalibrate(qnet, [calib[:, :, :27, :27]])
+    assert qnet.frozen and torch.equal(qnet.integer_inference(q_x), want)
