@@ -149,12 +149,40 @@ def _check_choice(value, key, choices, name):
         raise ValueError(f"{name}: key {key!r} must be one of {choices}; got {str(value)!r}")
 
 
+#: the scales a file may hold: normal float32 (a denormal one has an infinite reciprocal) and
+#: small enough that the product of two of them, S_x S_w, stays a finite float32
+SCALE_RANGE = (1.1754943508222875e-38, 1e19)
+
+
 def _check_positive(arrays, key, name, low=1):
     a = arrays[key]
-    bad = ~np.isfinite(a) | (a <= 0) if a.dtype.kind == "f" else a < low
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a) | (a < SCALE_RANGE[0]) | (a > SCALE_RANGE[1])
+        want = f"finite, in [{SCALE_RANGE[0]:.4g}, {SCALE_RANGE[1]:g}] (a normal float32 scale)"
+    else:
+        bad, want = a < low, f">= {low}"
     if np.any(bad):
-        raise ValueError(f"{name}: key {key!r} must be {'finite > 0' if a.dtype.kind == 'f' else f'>= {low}'}"
-                         f"; got {a.tolist()}")
+        raise ValueError(f"{name}: key {key!r} must be {want}; got {a.tolist()}")
+
+
+def _check_chain(arrays, kinds, name) -> None:
+    """Each conv/linear layer's input qparams must be those of the tensor it reads: the model's
+    input for the first, else the previous conv/linear layer's output (max-pool, flatten and clip
+    keep their input's qparams); the model's output qparams are the last layer's."""
+    scale, zp, where = arrays["input.scale"], arrays["input.zero_point"], "'input.scale'"
+    for i, kind in enumerate(kinds):
+        if kind not in ("conv", "linear"):
+            continue
+        p = f"{i}."
+        if arrays[p + "x_scale"] != scale or arrays[p + "x_zero_point"] != zp:
+            raise ValueError(f"{name}: keys {p + 'x_scale'!r}/{p + 'x_zero_point'!r} "
+                             f"({float(arrays[p + 'x_scale'])}, {int(arrays[p + 'x_zero_point'])}) "
+                             f"must equal the qparams of the tensor the layer reads, {where} "
+                             f"({float(scale)}, {int(zp)})")
+        scale, zp, where = arrays[p + "y_scale"], arrays[p + "y_zero_point"], repr(p + "y_scale")
+    if arrays["output.scale"] != scale or arrays["output.zero_point"] != zp:
+        raise ValueError(f"{name}: keys 'output.scale'/'output.zero_point' must equal the last "
+                         f"layer's output qparams, {where}")
 
 
 def _check_range(arrays, key, name):
@@ -211,6 +239,7 @@ def _check(arrays: dict, name: str) -> None:
     unexpected = sorted(set(arrays) - expected)
     if unexpected:
         raise ValueError(f"{name}: unexpected key {unexpected[0]!r} (layers: {kinds})")
+    _check_chain(arrays, kinds, name)
 
 
 def graph(arrays: dict):

@@ -68,8 +68,14 @@ DAMAGES = [  # (key, new value or None to delete, what the error names)
     ("0.weight", lambda a: a[0], "key '0.weight' must have shape"),
     ("5.weight_scale", lambda a: a[:3], r"key '5.weight_scale' must have shape \(\) or \(10,\)"),
     ("5.weight_scale", lambda a: np.where(np.arange(10) == 4, np.nan, a).astype(np.float32),
-     "key '5.weight_scale' must be finite > 0"),
-    ("0.x_scale", lambda a: np.float32(0), "key '0.x_scale' must be finite > 0"),
+     "key '5.weight_scale' must be finite, in"),
+    ("0.x_scale", lambda a: np.float32(0), "key '0.x_scale' must be finite, in"),
+    ("0.x_scale", lambda a: np.float32(1e-40), "key '0.x_scale' must be finite, in"),   # denormal
+    ("2.y_scale", lambda a: np.float32(1e30), "key '2.y_scale' must be finite, in"),
+    ("2.x_scale", lambda a: a * np.float32(1.5), "keys '2.x_scale'/'2.x_zero_point' .* must equal "
+     "the qparams of the tensor the layer reads, '0.y_scale'"),
+    ("5.x_zero_point", lambda a: a + np.uint8(1), "keys '5.x_scale'/'5.x_zero_point'"),
+    ("output.scale", lambda a: a * np.float32(2), "keys 'output.scale'/'output.zero_point' must equal"),
     ("0.y_range", lambda a: np.array([200, 10], np.uint8), "key '0.y_range' must be .* low <= high"),
     ("0.groups", lambda a: np.int64(3), "key '0.groups' \\(3\\) must divide the 40"),
     ("2.stride", lambda a: np.array([1, 0]), "key '2.stride' must be >= 1"),
