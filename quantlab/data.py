@@ -13,6 +13,7 @@ Taught in notebook ``b_model``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -278,3 +279,67 @@ def official_test_set(root) -> Dataset:
     ds = TensorDataset(normalize(tensors["images"]), tensors["labels"].to(torch.int64))
     ds.source = "official-test"
     return ds
+
+
+def portable_randn(*shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``torch.randn(*shape)``'s numbers (float32), computed the same way on every CPU.
+
+    ``torch.randn`` draws uniform numbers and turns pairs of them into normal ones with the
+    Box-Muller transform, ``sqrt(-2 log(1 - u1)) * (cos, sin)(2 pi u2)`` in blocks of 16; it
+    evaluates the transform in float32 with the CPU's vector math library (x86 with AVX2: Sleef),
+    whose last bits differ between CPUs and instruction sets. This draws the same uniform numbers
+    (``torch.rand``, so the generator ends in the same state) and evaluates the transform in
+    float64 with Python's ``math`` (the platform's libm), then rounds once to float32: the values
+    agree with ``torch.randn``'s to about 1e-6, and are the same on every CPU unless a float64
+    result lies within its own last bit of a float32 rounding boundary (about one value in 2**29).
+
+    Args:
+        shape: the tensor's shape; its number of elements must be a multiple of 16.
+        generator: as ``torch.randn``'s (None: the global one).
+    """
+    import math
+
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise ValueError(f"shape must be positive ints; got {shape}")
+    n = math.prod(shape)
+    if n % 16:
+        raise ValueError(f"portable_randn needs a number of elements that is a multiple of 16 "
+                         f"(torch.randn's blocks); got {n}")
+    u = torch.rand(n, generator=generator, dtype=torch.float32).view(-1, 2, 8).tolist()
+    out = []
+    for first, second in u:                       # one block of 16: 8 pairs (u1, u2)
+        r = [math.sqrt(-2.0 * math.log(1.0 - u1)) for u1 in first]
+        t = [2.0 * math.pi * u2 for u2 in second]
+        out.extend(ri * math.cos(ti) for ri, ti in zip(r, t))
+        out.extend(ri * math.sin(ti) for ri, ti in zip(r, t))
+    return torch.tensor(out, dtype=torch.float64).to(torch.float32).reshape(shape)
+
+
+@contextlib.contextmanager
+def portable_init():
+    """Within the block, PyTorch's default initialisation of new layers (``Tensor.uniform_``, which
+    ``nn.Linear`` and ``nn.Conv2d`` use) gives the same numbers on every CPU.
+
+    ``uniform_(a, b)`` draws ``u`` in [0, 1) and returns ``a + (b - a) u``; its vectorized kernels
+    round that in float32 in a way that depends on the instruction set (with or without a fused
+    multiply-add). Here the same ``u`` (``torch.rand``: the generator advances exactly as before)
+    goes through the exact value, computed in float64, rounded once: the numbers of PyTorch's
+    AVX2/AVX-512 kernels, on any CPU. Notebook e uses it for its conv.
+    """
+    original = torch.Tensor.uniform_
+
+    def uniform_(self, a=0.0, b=1.0, *, generator=None):
+        if self.dtype != torch.float32:
+            return original(self, a, b, generator=generator)
+        u = torch.rand(self.numel(), generator=generator, dtype=torch.float32).double()
+        lo, hi = (torch.tensor(v, dtype=torch.float32).double() for v in (a, b))
+        with torch.no_grad():   # u (b - a) + a is exact in float64: 24-bit u, float32 a and b
+            self.copy_((u * (hi - lo) + lo).to(torch.float32).view_as(self))
+        return self
+
+    torch.Tensor.uniform_ = uniform_
+    try:
+        yield
+    finally:
+        torch.Tensor.uniform_ = original

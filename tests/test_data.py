@@ -109,3 +109,34 @@ def test_full_mnist_from_files_in_the_data_folder(official_mnist_root, tmp_path)
     official = data.official_test_set(official_mnist_root)
     torch.testing.assert_close(images, official.tensors[0][:1000])
     assert torch.equal(labels, official.tensors[1][:1000])
+
+
+def test_portable_random_numbers_are_torchs_and_the_same_under_other_kernels():
+    # notebook e's input and conv weights: torch.randn's and Conv2d's numbers (to 1e-6 and, on
+    # AVX2/AVX-512, exactly), with the generator left in the same state, and bit-identical when
+    # ATen runs its default (non-vector) kernels, where torch's own differ in the last bits
+    import subprocess
+    import sys
+
+    from quantlab.data import portable_init, portable_randn
+
+    torch.manual_seed(0)
+    want_x, want_conv, want_next = torch.randn(64, 16), torch.nn.Conv2d(3, 8, 3), torch.rand(4)
+    torch.manual_seed(0)
+    x = portable_randn(64, 16)
+    with portable_init():
+        conv = torch.nn.Conv2d(3, 8, 3)
+    assert torch.equal(torch.rand(4), want_next)
+    assert (x - want_x).abs().max() < 1e-5
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert torch.equal(conv.weight, want_conv.weight) and torch.equal(conv.bias, want_conv.bias)
+    code = ("import torch\nfrom quantlab.data import portable_init, portable_randn\n"
+            "torch.manual_seed(0)\nx = portable_randn(64, 16)\n"
+            "with portable_init():\n    c = torch.nn.Conv2d(3, 8, 3)\n"
+            "print([v.hex() for v in x.flatten().double().tolist() + c.weight.flatten().double().tolist()])")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, **extra}).stdout
+            for extra in ({}, {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"})]
+    assert runs[0] == runs[1] and len(runs[0]) > 1000
+    with pytest.raises(ValueError, match="multiple of 16"):
+        portable_randn(3, 5)
