@@ -214,11 +214,14 @@ def _check_linear_inputs(net: QuantizedNet) -> None:
             src = by_name.get(_refs(src.args)[0])
         if src is None:                   # the model's input: 2-D unless its shape says otherwise
             shape = getattr(net, "input_shape", None)
-            flat = shape is None or len(shape) == 1
-        else:
-            flat = _is_flatten(src) or src.kind == "layer" and isinstance(
-                net.layers[src.index], (QFlatten, QLinear))
-        if not flat:
+            four_d = shape is not None and len(shape) != 1
+        else:                             # the output of a conv, pool, add or cat is (N, C, H, W)
+            four_d = src.kind == "layer" and isinstance(net.layers[src.index], (
+                QConv2d, QConvBNReLU, QMaxPool2d, QAvgPool2d, QAdd, QCat, QInput))
+            if isinstance(net.layers[src.index] if src.kind == "layer" else None, QInput):
+                shape = getattr(net, "input_shape", None)
+                four_d = shape is not None and len(shape) != 1
+        if four_d:
             raise TypeError(f"graph step {step.name} (QLinear) reads '{src.name if src else 'the input'}', "
                             "which is not a flattened (N, features) tensor: a Linear on the last "
                             "dimension of an (N, C, H, W) tensor has no exact QLinearConv export")
