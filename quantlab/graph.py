@@ -160,8 +160,9 @@ class QuantizedNet(nn.Module):
         return all(layer.frozen for layer in self.layers if isinstance(layer, QModule))
 
     # -- running the graph --------------------------------------------------------------------
-    def _run(self, x: torch.Tensor, integer: bool, keep: bool = False):
-        values = {self.input_name: x}
+    def _layer_steps(self, values: dict):
+        """Walk the steps in order, computing aliases and shape steps into ``values``; yield
+        ``(step, layer, args)`` for each layer step, whose caller stores its output."""
         for step in self.steps:
             if step.kind == "alias":
                 values[step.name] = values[_refs(step.args)[0]]
@@ -170,12 +171,19 @@ class QuantizedNet(nn.Module):
             if step.kind == "shape":
                 values[step.name] = step.fn(*args, **_subst(step.kwargs, values))
                 continue
-            layer = self.layers[step.index]
+            yield step, self.layers[step.index], args
+
+    def _forward_step(self, step, layer, args):
+        """One layer step of ``forward`` (fake-quantized float values)."""
+        if isinstance(layer, (QAvgPool2d, QReLU6)):
+            return layer(args[0], self._qparam(_refs(step.args)[0]))
+        return layer(*args)
+
+    def _run(self, x: torch.Tensor, integer: bool, keep: bool = False):
+        values = {self.input_name: x}
+        for step, layer, args in self._layer_steps(values):
             if not integer:
-                if isinstance(layer, (QAvgPool2d, QReLU6)):
-                    values[step.name] = layer(args[0], self._qparam(_refs(step.args)[0]))
-                else:
-                    values[step.name] = layer(*args)
+                values[step.name] = self._forward_step(step, layer, args)
             elif step.pool_of is not None:
                 values[step.name] = None  # computed by the max-pool that follows (pool_of)
             elif step.name in self._pool_fused:
@@ -195,23 +203,11 @@ class QuantizedNet(nn.Module):
         own branch's output (PTQ methods that work layer by layer use it)."""
         index = check_int(index, "index", 0)
         values = {self.input_name: x}
-        for step in self.steps:
-            if step.kind == "alias":
-                values[step.name] = values[_refs(step.args)[0]]
-                continue
-            args = _subst(step.args, values)
-            if step.kind == "shape":
-                values[step.name] = step.fn(*args, **_subst(step.kwargs, values))
-                continue
+        for step, layer, args in self._layer_steps(values):
             if step.index == index:
                 return tuple(args)
-            layer = self.layers[step.index]
-            if compute is not None:
-                values[step.name] = compute(layer, args)
-            elif isinstance(layer, (QAvgPool2d, QReLU6)):
-                values[step.name] = layer(args[0], self._qparam(_refs(step.args)[0]))
-            else:
-                values[step.name] = layer(*args)
+            values[step.name] = compute(layer, args) if compute is not None else \
+                self._forward_step(step, layer, args)
         raise ValueError(f"index must be the index of one of the {len(self.layers)} layers of "
                          f"the graph; got {index}")
 
