@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
 from quantlab import training
@@ -123,3 +125,67 @@ def test_wilson_interval_rejects_bad_counts():
         training.wilson_interval(11, 10)
     with pytest.raises(TypeError, match="ints"):
         training.wilson_interval(0.9, 10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 400), st.integers(0, 400))
+def test_mcnemar_p_value_matches_scipy_binomtest(only_a, only_b):
+    stats = pytest.importorskip("scipy.stats")
+    n = only_a + only_b
+    ref = 1.0 if n == 0 else stats.binomtest(only_a, n, 0.5).pvalue
+    assert training.mcnemar_p_value(only_a, only_b) == pytest.approx(ref, rel=1e-9, abs=1e-300)
+
+
+def test_mcnemar_exact_values_by_hand():
+    # 0 against 5 discordant digits: 2 * (1/2)^5 = 1/16
+    assert training.mcnemar_p_value(0, 5) == 1 / 16
+    assert training.mcnemar_p_value(5, 0) == 1 / 16
+    assert training.mcnemar_p_value(3, 3) == 1.0
+    assert training.mcnemar_p_value(0, 0) == 1.0
+    # huge counts stay finite and tiny, not NaN or an overflow
+    assert 0 < training.mcnemar_p_value(0, 3000) < 1e-300 or training.mcnemar_p_value(0, 3000) == 0.0
+    assert training.mcnemar_p_value(1500, 1500) == 1.0
+
+
+def test_compare_predictions_counts_only_discordant_digits():
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9] * 3)
+    a = labels.clone()
+    b = labels.clone()
+    b[:7] = (b[:7] + 1) % 10          # b wrong on 7 digits a gets right
+    a[21] = 0                         # both wrong on digit 21 (label 1): not discordant
+    b[21] = 2
+    a[29] = 0                         # a wrong on one digit b gets right
+    c = training.compare_predictions(a, b, labels)
+    assert (c.only_a, c.only_b) == (7, 1)
+    assert c.p_value == pytest.approx(2 * (1 + 8) / 2 ** 8)     # 0.0703: not significant at 5%
+    assert c.verdict == "no measurable difference"
+    b[7:10] = (b[7:10] + 1) % 10      # three more digits only a gets right: 10 against 1
+    c = training.compare_predictions(a, b, labels)
+    assert (c.only_a, c.only_b, c.verdict) == (10, 1, "better")
+    assert training.compare_predictions(b, a, labels).verdict == "worse"
+    assert "right only in a: 10" in str(c) and "p = 0.0117" in str(c)
+    # wider alpha: 7 against 1 becomes "better" at 10%
+    assert training.compare_predictions(a, b, labels, alpha=0.5).verdict == "better"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"pred_a": torch.zeros(3, dtype=torch.long), "pred_b": torch.zeros(4, dtype=torch.long)},
+     "same length"),
+    ({"pred_a": torch.zeros(3)}, "integer tensor"),
+    ({"pred_a": torch.zeros(3, 2, dtype=torch.long)}, "1-D"),
+    ({"alpha": 0.0}, "alpha"),
+    ({"alpha": 1.5}, "alpha"),
+    ({"alpha": float("nan")}, "alpha"),
+    ({"pred_a": "abc"}, "pred_a"),
+])
+def test_compare_predictions_rejects_bad_input(kwargs, match):
+    args = {"pred_a": torch.zeros(3, dtype=torch.long), "pred_b": torch.zeros(3, dtype=torch.long),
+            "labels": torch.zeros(3, dtype=torch.long), **kwargs}
+    with pytest.raises((ValueError, TypeError), match=match):
+        training.compare_predictions(**args)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
+def test_mcnemar_p_value_rejects_bad_counts(bad):
+    with pytest.raises(ValueError, match="only_a"):
+        training.mcnemar_p_value(bad, 2)
