@@ -1,6 +1,7 @@
 """The exercise checker: grade the functions of ``exercises/*.ipynb`` against quantlab and PyTorch.
 
-From a shell (each notebook is imported with import-ipynb in a fresh process, in its own folder)::
+From a shell (each notebook is imported with import-ipynb in a process of its own, in its own
+folder, and graded from another process its code cannot reach: see ``quantlab.sandbox``)::
 
     python -m quantlab.check exercises/a_exercises.ipynb          # one notebook: every exercise
     python -m quantlab.check submissions/*.ipynb --strict         # many: one line each and a table
@@ -27,16 +28,14 @@ import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 import time
 import types
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not attempted"
-_MARK = "QUANTLAB_CHECK_RESULT "
 _EXERCISES = None
 
 
@@ -96,48 +95,86 @@ def _clone(v):
     return v.clone() if isinstance(v, torch.Tensor) else v
 
 
-def _try_case(ex, fn, case, first: bool):
-    """Run one case; raise _NotAttempted or _Failure, return None when it passes."""
-    from .exercise_checks import Mismatch, describe, show
+@dataclass
+class Returned:
+    """What a learner's function returned."""
+    value: object
 
-    expected = ex.oracle(**{k: _clone(v) for k, v in case.kwargs.items()})
-    args = [_clone(v) for v in case.kwargs.values()]
+
+@dataclass
+class Raised:
+    """What a learner's function raised: the exception's type and first line, the function and
+    module it was raised in, and whether it was raised in the exercise's own body."""
+    type: str
+    message: str
+    where: str
+    module: str
+    in_function: bool
+
+
+def call_function(ex, fn, args: list) -> Returned | Raised:
+    """Call the learner's ``fn`` for exercise ``ex`` on ``args`` (through the exercise's own
+    calling convention, e.g. with autograd for a gradient), its output discarded."""
     call = ex.extra.get("call")
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            got = call(fn, *args) if call else fn(*args)
-    except NotImplementedError as e:
-        if first and _raised_by(fn, e):
-            raise _NotAttempted from None
+            return Returned(call(fn, *args) if call else fn(*args))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # the learner's code raised (or called sys.exit): a failure here
         where, module = _last_function(e)
-        if where == ex.name:
-            msg, hint = "raised NotImplementedError", "part of the function is still a stub"
-        else:
-            msg = f"calls {where}(), which still raises NotImplementedError"
-            hint = f"finish {where} first" + (f" (in {module}.ipynb)" if module.endswith(
-                "_exercises") else "")
-        raise _Failure(Result(ex.id, ex.name, FAILED, describe(case), show(expected), msg,
-                              hint)) from None
-    except Exception as e:  # the learner's code raised: that is a failure on this input
         first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        return Raised(type(e).__name__, first_line, where, module, _raised_by(fn, e))
+
+
+def _try_case(ex, runner, case, first: bool):
+    """Run one case through ``runner(ex, args)``; raise _NotAttempted or _Failure, return None
+    when it passes. The oracle and the comparison run here, never in the learner's process."""
+    from .exercise_checks import Mismatch, describe, show
+
+    expected = ex.oracle(**{k: _clone(v) for k, v in case.kwargs.items()})
+    outcome = runner(ex, [_clone(v) for v in case.kwargs.values()])
+    if isinstance(outcome, Raised):
+        if outcome.type == "NotImplementedError":
+            if first and outcome.in_function:
+                raise _NotAttempted from None
+            if outcome.where == ex.name:
+                msg, hint = "raised NotImplementedError", "part of the function is still a stub"
+            else:
+                msg = f"calls {outcome.where}(), which still raises NotImplementedError"
+                hint = f"finish {outcome.where} first" + (
+                    f" (in {outcome.module}.ipynb)" if outcome.module.endswith("_exercises") else "")
+            raise _Failure(Result(ex.id, ex.name, FAILED, describe(case), show(expected), msg,
+                                  hint))
         raise _Failure(Result(ex.id, ex.name, FAILED, describe(case), show(expected),
-                              f"raised {type(e).__name__}: {first_line}",
-                              case.hint or ex.hint)) from None
-    m = ex.compare(expected, got)
+                              f"raised {outcome.type}: {outcome.message}", case.hint or ex.hint))
+    m = ex.compare(expected, outcome.value)
     if isinstance(m, Mismatch):
         raise _Failure(Result(ex.id, ex.name, FAILED, describe(case), m.expected, m.got,
                               m.hint or case.hint or ex.hint))
 
 
+def _local(fn):
+    return lambda ex, args: call_function(ex, fn, args)
+
+
 def check_function(ex, fn) -> Result:
-    """Grade one function: the tricky cases first, then random inputs (hypothesis, shrunk)."""
+    """Grade one function: the tricky cases first, then random inputs (hypothesis, shrunk).
+
+    ``fn`` is the learner's function, called in this process; :func:`grade_isolated` passes a
+    runner that calls it in another process instead (``runner(ex, args)`` -> Returned/Raised).
+    """
+    return _check(ex, _local(fn))
+
+
+def _check(ex, runner) -> Result:
     from hypothesis import HealthCheck, Phase, Verbosity, given, settings
     from hypothesis.errors import Flaky, FlakyFailure
 
     try:
         for i, case in enumerate(ex.cases()):
-            _try_case(ex, fn, case, first=(i == 0))
+            _try_case(ex, runner, case, first=(i == 0))
     except _NotAttempted:
         return Result(ex.id, ex.name, NOT_ATTEMPTED, note="the stub raises NotImplementedError")
     except _Failure as f:
@@ -148,7 +185,7 @@ def check_function(ex, fn) -> Result:
               report_multiple_bugs=False, phases=(Phase.generate, Phase.shrink))
     @given(ex.strategy())
     def prop(case):
-        _try_case(ex, fn, case, first=False)
+        _try_case(ex, runner, case, first=False)
 
     try:
         prop()
@@ -331,7 +368,12 @@ class FileResult:
 
 
 def grade_notebook(path, lesson: str | None = None, names=None) -> FileResult:
-    """Import one notebook (in this process) and grade every exercise of its lesson."""
+    """Import one notebook in this process and grade every exercise of its lesson.
+
+    The notebook's code runs beside the grader here and could change it: for grades use
+    :func:`grade_isolated` (what ``python -m quantlab.check`` does); this is for notebooks you
+    trust, e.g. the solutions with a planted mistake in the tests.
+    """
     start = time.perf_counter()
     path = pathlib.Path(path)
     lesson = lesson or lesson_of(path)
@@ -347,42 +389,58 @@ def grade_notebook(path, lesson: str | None = None, names=None) -> FileResult:
     return FileResult(str(path), lesson, results, error, time.perf_counter() - start)
 
 
-def _worker(path: str, lesson: str | None) -> int:
-    import torch
-
-    torch.set_num_threads(1)
-    fr = grade_notebook(path, lesson)
-    fr.results = [asdict(r) for r in fr.results]
-    print(_MARK + json.dumps(asdict(fr)), flush=True)
-    sys.stderr.flush()
-    os._exit(0)  # do not wait for threads the notebook left running
+class _Abort(BaseException):
+    """The learner's process timed out or ended: stop this exercise (not a hypothesis failure)."""
 
 
-def _grade_in_subprocess(path: str, lesson: str | None, timeout: float) -> FileResult:
+def grade_isolated(path, lesson: str | None = None, names=None,
+                   timeout: float = 300.0) -> FileResult:
+    """Grade one notebook with its code in a separate process (see :mod:`quantlab.sandbox`).
+
+    The learner's functions run in a child process that imported the notebook; the oracles, the
+    cases, the comparisons and this report stay here, out of its reach. ``timeout`` seconds
+    bound the whole notebook (import and every call); an exercise running at the time limit, or
+    when the child ends early, fails, and the ones after it are reported as not checked.
+    """
+    from .sandbox import Sandbox, SandboxError
+
     start = time.perf_counter()
-    env = dict(os.environ)
-    root = str(pathlib.Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("MPLBACKEND", "Agg")
-    cmd = [sys.executable, "-m", "quantlab.check", "--worker", str(path)]
-    if lesson:
-        cmd += ["--lesson", lesson]
+    path = pathlib.Path(path)
+    lesson = lesson or lesson_of(path)
+    if lesson is None or lesson not in exercises():
+        return FileResult(str(path), lesson, [], f"cannot tell the lesson of {path.name}: name it "
+                          "<lesson>_exercises.ipynb or pass --lesson")
+    chosen = [ex for ex in exercises()[lesson]
+              if not names or ex.name in names or ex.id in names]
+    results, error = [], None
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return FileResult(str(path), lesson, [], f"timed out after {timeout:.0f} s",
-                          time.perf_counter() - start)
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith(_MARK):
-            d = json.loads(line[len(_MARK):])
-            d["results"] = [Result(**r) for r in d["results"]]
-            fr = FileResult(**d)
-            fr.seconds = time.perf_counter() - start
-            return fr
-    tail = (p.stderr.strip().splitlines() or ["no error output"])[-1]
-    return FileResult(str(path), lesson, [], f"the notebook's process ended before reporting a "
-                      f"result (exit code {p.returncode}; did the notebook or a function call "
-                      f"sys.exit or os._exit?): {tail[:300]}", time.perf_counter() - start)
+        with Sandbox(str(path), lesson, timeout) as box:
+            error = box.ready.error
+
+            def runner(ex, args):
+                try:
+                    return box.call(ex, args)
+                except SandboxError as e:
+                    raise _Abort(str(e)) from None
+
+            for i, ex in enumerate(chosen):
+                if ex.name not in box.ready.defined:
+                    note = "not reached: the import stopped earlier" if error else "not defined"
+                    results.append(Result(ex.id, ex.name, NOT_ATTEMPTED, note=note))
+                    continue
+                try:
+                    results.append(_check(ex, runner))
+                except _Abort as e:
+                    results.append(Result(ex.id, ex.name, FAILED, got=str(e),
+                                          hint="the function must return within the time limit"
+                                          " and must not end its process"))
+                    results += [Result(r.id, r.name, NOT_ATTEMPTED, note="not checked: the "
+                                       "notebook's process was stopped") for r in chosen[i + 1:]]
+                    error = f"{ex.id} {ex.name}: {e}"
+                    break
+    except SandboxError as e:  # while importing the notebook
+        error = str(e)
+    return FileResult(str(path), lesson, results, error, time.perf_counter() - start)
 
 
 def _status_counts(fr: FileResult) -> str:
@@ -426,20 +484,24 @@ def main(argv=None) -> int:
                    help="seconds per notebook, one or many (default: %(default)s)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="with several notebooks, also print every exercise of each")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--fds", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
-        return _worker(args.notebooks[0], args.lesson)
+    if args.serve:
+        from .sandbox import serve
+
+        return serve(args.notebooks[0], args.lesson, args.fds)
     paths = [pathlib.Path(n) for n in args.notebooks]
     for path in paths:
         if not path.is_file():
             p.error(f"no such notebook: {path}")
     if args.timeout <= 0:
         p.error(f"--timeout must be a positive number of seconds; got {args.timeout}")
-    # one fresh process per notebook (also for one): a notebook cannot disturb another, an
-    # endless one is stopped after --timeout, and one that exits early is reported, not passed
+    # each notebook's code runs in a process of its own (also for one notebook), apart from the
+    # grading: it cannot reach the oracles or the report, an endless one is stopped after
+    # --timeout, and one that exits early is reported, never passed
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        frs = list(pool.map(lambda q: _grade_in_subprocess(str(q), args.lesson, args.timeout),
+        frs = list(pool.map(lambda q: grade_isolated(q, args.lesson, timeout=args.timeout),
                             paths))
     ok = all(file_ok(fr, args.strict) for fr in frs)
     if len(frs) == 1 or args.verbose:
@@ -463,5 +525,7 @@ def main(argv=None) -> int:
     return 0 if ok else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as quantlab.check, not as a second copy named __main__
+    from quantlab import check as _check_module
+
+    sys.exit(_check_module.main())

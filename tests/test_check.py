@@ -90,7 +90,7 @@ def test_blank_templates_are_not_attempted_and_fail_strict(lesson, capsys):
     assert fr.error is None and len(fr.results) == n
     assert all(r.status == check.NOT_ATTEMPTED for r in fr.results), fr.results
     assert check.file_ok(fr, strict=False) and not check.file_ok(fr, strict=True)
-    if lesson == "a":  # the command line on one file runs in this process
+    if lesson == "a":  # the command line (the notebook in a process of its own)
         assert check.main([str(path)]) == 0
         assert check.main([str(path), "--strict"]) == 1
         out = capsys.readouterr().out
@@ -253,6 +253,75 @@ def test_the_checker_always_ends_and_reports_one_notebook(tmp_path, kind):
     assert p.returncode == 1, out
     assert "passed" not in out.replace("0 passed", ""), out
     want = {"endless": "timed out after 20 s", "os_exit": "ended before reporting",
-            "sys_exit_in_exercise": "ended before reporting", "not_json": "cannot read",
+            "sys_exit_in_exercise": "raised SystemExit", "not_json": "cannot read",
             "empty_object": "cannot read"}[kind]
     assert want in out, out
+
+
+# -- grading from a process the learner's code cannot reach -------------------------------------
+
+WRONG_QUANTIZE = ("import torch\n"
+                  "def quantize(x, scale, zero_point, num_bits=8, signed=False):\n"
+                  "    return torch.round(x / scale).to(torch.int32)   # no zero point, no clamp\n")
+
+
+@pytest.mark.parametrize("attack", ["replace_try_case", "patch_the_oracle", "forge_the_report",
+                                    "patch_torch"])
+def test_a_notebook_cannot_grade_itself(tmp_path, attack):
+    # each attack gets a wrong quantize "passed" when the notebook runs beside the grader (shown
+    # for the first two), never when it is graded from another process
+    tamper = {
+        "replace_try_case": "import quantlab.check\nquantlab.check._try_case = lambda *a, **k: None",
+        "patch_the_oracle": "import quantlab.exercise_checks as xc\nxc.quantize = quantize",
+        "forge_the_report": "import os\nos.write(1, b'a5 quantize: passed\\n')\n"
+                            "print('QUANTLAB_CHECK_RESULT {}', flush=True)",
+        "patch_torch": "import torch\ntorch.round = lambda x, **k: x.floor()",
+    }[attack]
+    path = _notebook(tmp_path / "a_exercises.ipynb", WRONG_QUANTIZE, tamper)
+    if attack in ("replace_try_case", "patch_the_oracle"):
+        import quantlab.exercise_checks as xc
+        saved = (check._try_case, xc.quantize)
+        try:
+            inside = check.grade_notebook(path, names=["quantize"])
+        finally:
+            check._try_case, xc.quantize = saved
+        assert inside.results[0].status == check.PASSED   # the attack works in one process
+    fr = check.grade_isolated(path, names=["quantize"], timeout=120)
+    assert fr.error is None, fr.error
+    (r,) = fr.results
+    assert r.status == check.FAILED and r.expected and r.got, r
+    p = _check_cli(path, "--timeout", 120)
+    assert p.returncode == 1 and "a5 quantize: failed" in p.stdout, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_grading_in_another_process_gives_the_same_results(tmp_path, lesson):
+    # the solutions, and a copy with one planted mistake: the same verdicts, failing inputs,
+    # expected and got values and hints as grading in one process (so the mutant tests above,
+    # run in one process, speak for the command line too)
+    fr = check.grade_isolated(SOLUTIONS / f"{lesson}_exercises.ipynb", timeout=300)
+    assert fr.error is None and check.file_ok(fr, strict=True), fr
+    _, _, old, new = next(m for m in MUTANTS if m[0] == lesson)
+    name = next(m[1] for m in MUTANTS if m[0] == lesson)
+    folder = _copy_solutions(tmp_path)
+    path = folder / f"{lesson}_exercises.ipynb"
+    _substitute(path, old, new)
+    inside = check.grade_notebook(path)
+    apart = check.grade_isolated(path, timeout=300)
+    assert apart.results == inside.results
+    assert any(r.name == name and r.status == check.FAILED for r in apart.results)
+
+
+@pytest.mark.parametrize("kind", ["os_exit_in_exercise", "endless_exercise"])
+def test_an_exercise_that_ends_its_process_or_never_returns_fails(tmp_path, kind):
+    body = {"os_exit_in_exercise": "    import os\n    os._exit(0)",
+            "endless_exercise": "    while True:\n        pass"}[kind]
+    path = _notebook(tmp_path / "a_exercises.ipynb",
+                     "def quant_range(num_bits, signed=False):\n" + body)
+    fr = check.grade_isolated(path, timeout=15)
+    r = fr.results[0]
+    assert r.name == "quant_range" and r.status == check.FAILED, r
+    want = "ended before reporting" if kind == "os_exit_in_exercise" else "timed out after 15 s"
+    assert want in r.got and want in fr.error, (r, fr.error)
+    assert all(x.status == check.NOT_ATTEMPTED for x in fr.results[1:])
+    assert not check.file_ok(fr, strict=False)

@@ -1,0 +1,288 @@
+"""Grading in two processes: the learner's code runs in a child the grade cannot be reached from.
+
+``python -m quantlab.check`` grades each notebook like this. The parent process holds everything
+that decides a grade: the oracles, the cases (hypothesis draws them), the comparisons and the
+report. The child imports the learner's notebook and does one thing: call a function on the
+arguments the parent sends and send back what it returned or raised. So a notebook that replaces
+the checker's functions, patches torch or quantlab, prints a forged result, or exits early can only
+change its own answers; those are still compared with oracles it cannot touch.
+
+The two talk over a pair of pipes (not stdin/stdout, which the learner's code may use), one JSON
+message per line, in a data-only encoding (:func:`encode` / :func:`decode`: tensors as dtype,
+shape and bytes; no pickle, which would run the child's code in the parent). Every read and write
+has the notebook's deadline; at the deadline, or when the child ends early, the child's process
+group is killed and the notebook is reported with what happened.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+#: the most bytes one message may hold (a tensor of 50M float32 values, base64-encoded)
+MAX_MESSAGE = 300_000_000
+
+
+# -- the data-only encoding ----------------------------------------------------------------------
+
+class Opaque:
+    """A value the encoding does not carry (a module, a generator, ...): its type name and repr."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _opaque_type(name: str) -> type:
+    safe = name if name.isidentifier() else "object"
+    return type(safe, (Opaque,), {})
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def encode(v):
+    """A JSON-ready form of ``v``: None, bool, int, float, str, list, tuple, dict, torch tensors,
+    NumPy arrays and scalars exactly (dtype, shape and bytes); anything else by type name and
+    repr."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, list):
+        return [encode(x) for x in v]
+    if isinstance(v, tuple):
+        return {"$": "tuple", "items": [encode(x) for x in v]}
+    if isinstance(v, dict):
+        return {"$": "dict", "items": [[encode(k), encode(x)] for k, x in v.items()]}
+    try:
+        if isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_quantized:
+            return {"$": "tensor", "dtype": str(v.dtype).replace("torch.", ""),
+                    "shape": list(v.shape), "data": base64.b64encode(_tensor_bytes(v)).decode()}
+        if isinstance(v, (np.ndarray, np.generic)) and v.dtype.kind in "biufc":
+            a = np.ascontiguousarray(v) if isinstance(v, np.ndarray) else np.asarray(v)
+            return {"$": "ndarray" if isinstance(v, np.ndarray) else "npscalar",
+                    "dtype": a.dtype.str, "shape": list(a.shape),
+                    "data": base64.b64encode(a.tobytes()).decode()}
+    except (RuntimeError, TypeError, ValueError):
+        pass
+    try:
+        text = repr(v)[:300]
+    except Exception:  # a learner's object whose repr raises
+        text = f"<{type(v).__name__}>"
+    return {"$": "object", "type": type(v).__name__, "repr": text}
+
+
+def decode(v):
+    """The value :func:`encode` described (an :class:`Opaque` for what it could not carry).
+    Builds only data: nothing in the message is executed."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, list):
+        return [decode(x) for x in v]
+    if not isinstance(v, dict) or "$" not in v:
+        raise ValueError(f"not a message value: {str(v)[:100]}")
+    kind = v["$"]
+    if kind == "tuple":
+        return tuple(decode(x) for x in v["items"])
+    if kind == "dict":
+        return {decode(k): decode(x) for k, x in v["items"]}
+    if kind == "tensor":
+        dtype = getattr(torch, str(v["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown tensor dtype {v['dtype']!r}")
+        shape = [int(s) for s in v["shape"]]
+        data = base64.b64decode(v["data"])
+        if not data:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape).clone()
+    if kind in ("ndarray", "npscalar"):
+        a = np.frombuffer(base64.b64decode(v["data"]), dtype=np.dtype(str(v["dtype"])))
+        a = a.reshape([int(s) for s in v["shape"]]).copy()
+        return a if kind == "ndarray" else a[()]
+    if kind == "object":
+        return _opaque_type(str(v["type"]))(str(v["repr"]))
+    raise ValueError(f"unknown value kind {kind!r}")
+
+
+# -- the child: import the notebook, then answer calls ------------------------------------------
+
+def serve(path: str, lesson: str, fds: str) -> int:
+    """The child's side (``python -m quantlab.check --serve NB --lesson L --fds R,W``)."""
+    from . import check
+
+    torch.set_num_threads(1)
+    read_fd, write_fd = (int(x) for x in fds.split(","))
+    requests, replies = os.fdopen(read_fd, "rb"), os.fdopen(write_fd, "wb")
+
+    def send(msg: dict) -> None:
+        replies.write(json.dumps(msg).encode() + b"\n")
+        replies.flush()
+
+    exercises = {ex.id: ex for ex in check.exercises().get(lesson, [])}
+    namespace, error = check.import_notebook(path)
+    send({"op": "ready", "error": error,
+          "defined": [ex.name for ex in exercises.values() if callable(namespace.get(ex.name))]})
+    for line in requests:
+        msg = json.loads(line)
+        if msg.get("op") != "call":
+            break
+        ex = exercises[msg["id"]]
+        outcome = check.call_function(ex, namespace.get(ex.name), decode(msg["args"]))
+        if isinstance(outcome, check.Returned):
+            send({"op": "returned", "value": encode(outcome.value)})
+        else:
+            send({"op": "raised", **outcome.__dict__})
+    sys.stdout.flush()
+    os._exit(0)  # do not wait for threads the notebook left running
+
+
+# -- the parent: start the child, send calls, read answers --------------------------------------
+
+class SandboxError(Exception):
+    """The child timed out, ended early or sent something that is not a message."""
+
+
+@dataclass
+class Ready:
+    error: str | None
+    defined: list
+
+
+class Sandbox:
+    """A child process that imported one notebook; :meth:`call` runs one of its functions there.
+
+    Use as a context manager; every operation raises :class:`SandboxError` after ``timeout``
+    seconds from the start (the notebook's time limit) or when the child ends.
+    """
+
+    def __init__(self, path: str, lesson: str, timeout: float):
+        import pathlib
+
+        self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
+        req_r, self._req_w = os.pipe()
+        self._rep_r, rep_w = os.pipe()
+        env = dict(os.environ)
+        root = str(pathlib.Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("MPLBACKEND", "Agg")
+        cmd = [sys.executable, "-m", "quantlab.check", "--serve", str(path), "--lesson", lesson,
+               "--fds", f"{req_r},{rep_w}"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, pass_fds=(req_r, rep_w), env=env,
+                                     start_new_session=True)
+        os.close(req_r)
+        os.close(rep_w)
+        for fd in (self._req_w, self._rep_r, self.proc.stderr.fileno()):
+            os.set_blocking(fd, False)
+        self._buffer = b""
+        self._stderr_tail = b""
+        self.ready = None
+
+    def __enter__(self) -> Sandbox:
+        msg = self._receive()
+        if msg.get("op") != "ready":
+            raise SandboxError(f"the notebook's process sent {str(msg)[:100]} instead of 'ready'")
+        self.ready = Ready(msg.get("error"), list(msg.get("defined", [])))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        for fd in (self._req_w, self._rep_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.proc.stderr.close()
+
+    def stderr_tail(self) -> str:
+        lines = self._stderr_tail.decode(errors="replace").strip().splitlines()
+        return lines[-1][:300] if lines else "no error output"
+
+    def _ended(self) -> SandboxError:
+        code = self.proc.poll()
+        return SandboxError(f"the notebook's process ended before reporting a result (exit code "
+                            f"{code}; did the notebook or a function call sys.exit or os._exit?): "
+                            f"{self.stderr_tail()}")
+
+    def _wait(self, fd: int, event) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise SandboxError(f"timed out after {self.timeout:.0f} s")
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, event)
+            sel.register(self.proc.stderr.fileno(), selectors.EVENT_READ)
+            for key, _ in sel.select(min(left, 1.0)):
+                if key.fd == self.proc.stderr.fileno():
+                    chunk = os.read(key.fd, 65536)
+                    self._stderr_tail = (self._stderr_tail + chunk)[-4096:]
+
+    def _send(self, msg: dict) -> None:
+        data = json.dumps(msg).encode() + b"\n"
+        while data:
+            self._wait(self._req_w, selectors.EVENT_WRITE)
+            try:
+                data = data[os.write(self._req_w, data):]
+            except BlockingIOError:
+                continue
+            except BrokenPipeError:
+                raise self._ended() from None
+
+    def _receive(self) -> dict:
+        while b"\n" not in self._buffer:
+            self._wait(self._rep_r, selectors.EVENT_READ)
+            try:
+                chunk = os.read(self._rep_r, 1 << 20)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise self._ended()
+            self._buffer += chunk
+            if len(self._buffer) > MAX_MESSAGE:
+                raise SandboxError("the notebook's process sent a message over "
+                                   f"{MAX_MESSAGE:,} bytes")
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            raise SandboxError(f"the notebook's process sent a line that is not a message: "
+                               f"{line[:100]!r}") from None
+        if not isinstance(msg, dict):
+            raise SandboxError(f"the notebook's process sent {str(msg)[:100]}")
+        return msg
+
+    def call(self, ex, args: list):
+        """Run exercise ``ex``'s function in the child on ``args``: a check.Returned or Raised."""
+        from . import check
+
+        self._send({"op": "call", "id": ex.id, "args": encode(list(args))})
+        msg = self._receive()
+        try:
+            if msg.get("op") == "returned":
+                return check.Returned(decode(msg["value"]))
+            if msg.get("op") == "raised":
+                return check.Raised(str(msg["type"]), str(msg["message"]), str(msg["where"]),
+                                    str(msg["module"]), bool(msg["in_function"]))
+        except (KeyError, ValueError, TypeError) as e:
+            raise SandboxError(f"the notebook's process sent a malformed answer ({e})") from None
+        raise SandboxError(f"the notebook's process sent {str(msg)[:100]} instead of an answer")
