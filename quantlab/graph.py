@@ -292,7 +292,13 @@ class QuantizedNet(nn.Module):
         try:
             for step in self.steps:
                 if step.kind == "layer":
-                    self._freeze_step(step, multiplier)
+                    try:
+                        self._freeze_step(step, multiplier)
+                    except (ValueError, RuntimeError) as e:
+                        label = self.layers[step.index].label()
+                        if label in str(e):
+                            raise
+                        raise type(e)(f"{label}: {e}") from e
         except BaseException:
             self.train(was_training)
             raise

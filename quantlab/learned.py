@@ -198,11 +198,35 @@ class LearnedQParam(QParam):
         self.learned = nn.Parameter(torch.empty(0))
 
     # -- the learned value seen as ordinary qparams ------------------------------------------
+    def _floor(self) -> float:
+        return MIN_STEP * (self.quant_max if self.method == "pact" else 1)
+
+    def _learned_floored(self) -> torch.Tensor:
+        """The learned value, floored at MIN_STEP in the forward pass only: its gradient passes
+        the floor unchanged (straight through), so a step an optimizer pushed to 0 or below still
+        learns and can come back, instead of sitting at the floor with a zero gradient."""
+        p = self.learned.to(torch.float32)
+        return p + (p.clamp_min(self._floor()) - p).detach()
+
     def _step(self) -> torch.Tensor:
         """The step as a differentiable float32 tensor (> 0)."""
-        p = self.learned.to(torch.float32).clamp_min(
-            MIN_STEP * (self.quant_max if self.method == "pact" else 1))
+        p = self._learned_floored()
         return p / self.quant_max if self.method == "pact" else p
+
+    def check_usable(self, owner: str = "") -> None:
+        """Refuse a learned step (or clip) that is not finite or sits at or below the floor
+        ``MIN_STEP``: training pushed it there, and integer inference would use the floor."""
+        super().check_usable(owner)
+        value = self.learned.detach()
+        bad = ~torch.isfinite(value) | (value <= self._floor())
+        if value.numel() and bool(bad.any()):
+            what = "clip alpha" if self.method == "pact" else "step"
+            where = f" of {owner}" if owner else ""
+            shown = ", ".join(f"{v:.4g}" for v in value.flatten()[bad.flatten()][:4].tolist())
+            raise ValueError(f"the learned {what}{where} is {shown} (at or below "
+                             f"{self._floor():.3g}, or not finite): training pushed it there; "
+                             "lower the learning rate of the steps, or re-initialise them with "
+                             "calibrate() before freeze()")
 
     @property
     def scale(self) -> torch.Tensor:
@@ -288,8 +312,7 @@ class LearnedQParam(QParam):
         and ``pact_fake_quantize`` always check ``x``)."""
         self._check_observed()
         if self.method == "pact":
-            return pact_fake_quantize(x, self.learned.clamp_min(MIN_STEP * self.quant_max),
-                                      self.quant_max)
+            return pact_fake_quantize(x, self._learned_floored(), self.quant_max)
         return lsq_fake_quantize(x, self._step(), self.zero_point, self.quant_min,
                                  self.quant_max, self.axis, self.grad_scale(x))
 

@@ -89,6 +89,12 @@ class QParam(nn.Module):
         """True once a batch has been observed (or qparams were loaded or set)."""
         return self.scale.numel() > 0
 
+    def check_usable(self, owner: str = "") -> None:
+        """Raise unless these qparams can be frozen into integers (a learned step checks more)."""
+        if not self.observed:
+            raise RuntimeError(f"the qparams{' of ' + owner if owner else ''} have observed "
+                               "nothing: calibrate() first")
+
     def _check_observed(self):
         if not self.observed:
             raise RuntimeError("this QParam has observed nothing: call update(x) with a batch "

@@ -262,3 +262,45 @@ def test_learned_qparam_arguments_are_validated():
         q.set_range(torch.tensor(-1.0), torch.tensor(1.0))
     with pytest.raises(AttributeError, match="learned"):
         q.scale = torch.tensor(1.0)
+
+
+@pytest.mark.parametrize("method", ["lsq", "pact"])
+def test_a_step_pushed_below_zero_still_learns_and_freeze_refuses_it(method):
+    # an optimizer step can push the learned value to 0 or below: the forward pass floors it,
+    # but its gradient passes the floor, so the loss can pull it back up; until it has, freeze()
+    # refuses it by name instead of freezing the floor into integers
+    gen = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(32, 4, 3, 3, generator=gen)) * 3
+    q = LearnedQParam(4, method=method)
+    q.train()
+    q(x)                                                  # initialised by the observer
+    with torch.no_grad():
+        q.learned.fill_(-0.01)                            # what a too-large optimizer step does
+    loss = (q(x) - x).pow(2).mean()                       # wants a larger step: x is clipped
+    loss.backward()
+    assert q.learned.grad is not None and q.learned.grad.item() < 0, q.learned.grad
+    opt = torch.optim.SGD([q.learned], lr=1.0)
+    for _ in range(50):
+        if q.learned.item() > 0.05:
+            break
+        opt.zero_grad()
+        (q(x) - x).pow(2).mean().backward()
+        opt.step()
+    assert q.learned.item() > 0.05                        # recovered
+    with torch.no_grad():
+        q.learned.fill_(-0.01)
+    with pytest.raises(ValueError, match=r"learned (step|clip alpha) of conv1 is -0\.01 "):
+        q.check_usable("conv1")
+    with torch.no_grad():
+        q.learned.fill_(float("nan"))
+    with pytest.raises(ValueError, match="not finite"):
+        q.check_usable()
+
+
+def test_freeze_names_the_layer_whose_learned_step_collapsed(loaders):
+    qnet, _, _ = lsq_model(loaders, "net", 3, steps=1)
+    with torch.no_grad():
+        qnet.layers[2].q_w.learned[1] = 0.0
+    with pytest.raises(ValueError, match=r"learned step of q_w of layers\[2\] \(QConv2d\)"):
+        qnet.freeze()
+    assert not qnet.frozen
