@@ -221,3 +221,16 @@ def test_8_failed_freeze_restores_mode_and_names_the_weight():
     with pytest.raises(ValueError, match=r"layers\[2\] \(QConv2d\)'s weight must hold only finite"):
         qnet.freeze()
     assert qnet.training
+
+
+def test_8_an_add_that_refuses_to_freeze_is_named():
+    from quantlab.models import ResNet
+    from quantlab.observer import QParam
+    from quantlab.ops import QAdd
+    torch.manual_seed(0)
+    qnet = quantize_model(ResNet(), num_bits=8)
+    qnet.calibrate([_images(4)])
+    i, add = next((i, m) for i, m in enumerate(qnet.layers) if isinstance(m, QAdd))
+    add.q_out = QParam(8)                       # as if the add's output had never been observed
+    with pytest.raises(RuntimeError, match=rf"layers\[{i}\] \(QAdd\): QAdd has no observed output"):
+        qnet.freeze()
