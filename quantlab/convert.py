@@ -322,9 +322,16 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
                         f"{list(WEIGHT_OBSERVERS)}; got an Observer instance")
     if example_input is not None:
         check_tensor(example_input, "example_input")
-        if example_input.dim() < 2:
-            raise ValueError(f"example_input must be a batch (N, ...); got "
-                             f"{tuple(example_input.shape)}")
+        if example_input.dim() < 2 or len(example_input) == 0:
+            raise ValueError(f"example_input must be a batch (N, ...) of at least one input, e.g. "
+                             f"torch.zeros(1, 1, 28, 28); got shape {tuple(example_input.shape)}")
+        if not example_input.is_floating_point():
+            raise TypeError(f"example_input must be a float tensor like the model's inputs (the "
+                            f"normalized images, e.g. torch.zeros(1, 1, 28, 28)); got dtype "
+                            f"{example_input.dtype}")
+        if not bool(torch.isfinite(example_input).all()):
+            raise ValueError("example_input must hold finite values: it checks the traced graph "
+                             "against the model, which NaN or inf cannot show")
     if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in net.modules()):
         raise TypeError(f"net must hold at least one Conv2d or Linear layer to quantize; "
                         f"{type(net).__name__} has none")

@@ -117,7 +117,26 @@ CASES = {
         (lambda: ptq.bias_correction(QNET, _IMAGES, max_images=-5), V, "max_images"),
         (lambda: ptq.bias_correction(QNET, _IMAGES, max_images=True), T, "max_images"),
     ],
+    "quantize_model(example_input=...)": [
+        (lambda: _qm(torch.zeros(1, 1, 28, 28, dtype=torch.uint8)), T, "example_input"),
+        (lambda: _qm(torch.zeros(1, 1, 28, 28, dtype=torch.int64)), T, "example_input"),
+        (lambda: _qm(torch.zeros(1, 1, 28, 28, dtype=torch.bool)), T, "example_input"),
+        (lambda: _qm(torch.zeros(1, 1, 28, 28, dtype=torch.complex64)), T, "example_input"),
+        (lambda: _qm(torch.zeros(0, 1, 28, 28)), V, "example_input"),
+        (lambda: _qm(torch.zeros(28)), V, "example_input"),
+        (lambda: _qm(torch.full((1, 1, 28, 28), NAN)), V, "example_input"),
+        (lambda: _qm(torch.full((1, 1, 28, 28), INF)), V, "example_input"),
+        (lambda: _qm([[0.0]]), T, "example_input"),
+        (lambda: _qm((torch.zeros(1, 1, 28, 28),)), T, "example_input"),
+        (lambda: _qm(torch.zeros(1, 3, 28, 28)), quantlab.UnsupportedModelError, "example input"),
+        (lambda: _qm(torch.zeros(1, 1, 20, 20)), quantlab.UnsupportedModelError, "example input"),
+    ],
 }
+
+
+def _qm(example_input):
+    return quantlab.quantize_model(pretrained("net"), 8, example_input=example_input)
+
 
 test_bad_input_raises_naming_the_argument = bad_input_test(CASES)
 
