@@ -55,6 +55,8 @@ def check_idx_file(path, kind: str, count: int | None = None) -> int:
     (``"images"`` or ``"labels"``): magic number, item count, 28x28 images, exact file size, and
     for labels every value in 0..9. Returns the number of items."""
     path = pathlib.Path(path)
+    if not isinstance(kind, str) or kind not in IDX_KINDS:
+        raise ValueError(f"kind must be one of {sorted(IDX_KINDS)}; got {kind!r}")
     magic, dims = IDX_KINDS[kind]
     header_len = 8 + 4 * len(dims)
     data = path.read_bytes()

@@ -39,6 +39,7 @@ Taught in notebook ``g_deploy``.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import NamedTuple
 
@@ -57,7 +58,10 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 def quantize_multiplier(multiplier: float) -> tuple[int, int]:
     """``M ~= M0 * 2**(-31 - shift)``, M0 in [2**30, 2**31) (as quantlab.fixed_point)."""
-    if multiplier <= 0:
+    if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real) \
+            or not math.isfinite(multiplier) or multiplier < 0:
+        raise ValueError(f"multiplier must be a finite real number >= 0; got {multiplier!r}")
+    if multiplier == 0:
         return 0, 0
     q, exponent = math.frexp(float(multiplier))
     q_fixed = int(math.floor(q * 2**31 + 0.5))

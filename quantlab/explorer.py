@@ -90,6 +90,10 @@ def explore(x: torch.Tensor, setting: Setting = Setting(), ch_axis: int = 0) -> 
     if not isinstance(setting, Setting):
         raise TypeError(f"setting must be a quantlab.explorer.Setting; got {type(setting).__name__}")
     x = x.detach().to(torch.float32)
+    if isinstance(ch_axis, bool) or not isinstance(ch_axis, int) \
+            or not -max(x.dim(), 1) <= ch_axis < max(x.dim(), 1):
+        raise ValueError(f"ch_axis must be an int in [{-max(x.dim(), 1)}, {max(x.dim(), 1)}) "
+                         f"(an axis of x); got {ch_axis!r}")
     axis = ch_axis % x.dim() if setting.per_channel else None
     signed = setting.symmetric
     quant_min, quant_max = quant_range(setting.num_bits, signed)
@@ -119,6 +123,9 @@ def _values(v: torch.Tensor, fmt: str) -> str:
 
 def report(result: Result, name: str = "x", channel: int = 0) -> str:
     """The explorer's printed numbers (scale, zero point, error in real units and in LSB)."""
+    if not isinstance(result, Result):
+        raise TypeError(f"result must be an explorer Result (from explore(...)); got "
+                        f"{type(result).__name__}")
     s = result.setting
     scheme = "symmetric (signed" if s.symmetric else "affine (unsigned"
     lines = [

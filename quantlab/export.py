@@ -89,6 +89,9 @@ def multiplier_formula(layer) -> str:
     Read from the multipliers themselves (a loaded state_dict carries them, not the formula);
     when both formulas give the same float32 values, the layer's own ``multiplier_formula``.
     """
+    if not isinstance(layer, (QConv2d, QConvBNReLU, QLinear)) or not layer.frozen:
+        raise TypeError(f"layer must be a frozen QConv2d, QConvBNReLU or QLinear; got "
+                        f"{type(layer).__name__}")
     matches = [f for f in MULTIPLIER_FORMULAS if torch.equal(
         requantization_multiplier(layer.q_in.scale, layer.q_w.scale, layer.q_out.scale,
                                   f).expand_as(layer.multiplier), layer.multiplier)]

@@ -203,10 +203,9 @@ class QModule(nn.Module):
     def _mark_frozen(self):
         """Set the frozen flag and remember the qparams' versions: any later observation
         (calibrate, a training-mode forward, QAT) un-freezes the layer, loudly."""
-        for name in ("q_in", "q_w", "q_out"):
-            p = getattr(self, name, None)
-            if p is not None:
-                p.check_usable(f"{name} of {self.label()}")
+        names = {id(m): n for n, m in self.named_children()}
+        for p in self._qparams():
+            p.check_usable(f"{names.get(id(p), 'a qparam')} of {self.label()}")
         self.frozen_flag = torch.tensor(True)
         self._frozen_versions = tuple(p.version for p in self._qparams())
         for p in self._qparams():

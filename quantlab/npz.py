@@ -85,11 +85,19 @@ GLOBALS = {"format": (np.str_, [()]), "version": (np.int64, [()]),
            "layers": (np.str_, [("L",)])}
 
 
+def _check_path(path) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")
+    return os.fspath(path)
+
+
 def write_atomically(path, write_to) -> None:
     """Call ``write_to(file_object)`` on a temporary file beside ``path``, then rename it to
     ``path``: an interrupted or failed write never leaves a truncated file under the final name
     (``os.replace`` is atomic on one file system)."""
-    name = os.fspath(path)
+    name = _check_path(path)
+    if not callable(write_to):
+        raise TypeError(f"write_to must be a function of a file object; got {type(write_to).__name__}")
     folder = os.path.dirname(os.path.abspath(name))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(name), dir=folder)
     try:
@@ -105,6 +113,9 @@ def write_atomically(path, write_to) -> None:
 def write(path, arrays: dict) -> None:
     """Check ``arrays`` (the keys above, without format and version) and save them to ``path``
     (atomically: see :func:`write_atomically`)."""
+    _check_path(path)
+    if not isinstance(arrays, dict):
+        raise TypeError(f"arrays must be a dict of NumPy arrays; got {type(arrays).__name__}")
     arrays = {"format": np.array(FORMAT), "version": np.array(VERSION, np.int64), **arrays}
     _check(arrays, os.fspath(path))
     # a file object: np.savez would append ".npz" to a str path
@@ -113,7 +124,7 @@ def write(path, arrays: dict) -> None:
 
 def read(path) -> dict:
     """Load and check a version-1 file: ``{key: array}`` (raises ValueError naming the bad key)."""
-    name = os.fspath(path)
+    name = _check_path(path)
     if not os.path.isfile(name):
         raise ValueError(f"{name}: no such file")
     if not zipfile.is_zipfile(name):
@@ -249,6 +260,8 @@ def graph(arrays: dict):
         ``(nodes, consts, input name, output names)``, each node ``(op_type, name, inputs,
         outputs, attributes)`` with ONNX's operators and attribute names.
     """
+    if not isinstance(arrays, dict):
+        raise TypeError(f"arrays must be the dict npz.read returns; got {type(arrays).__name__}")
     nodes, consts = [], {}
 
     def const(name, value):

@@ -56,6 +56,8 @@ def fold_batchnorm(net: NetBN) -> Net:
 def input_channel_ranges(conv: nn.Conv2d) -> torch.Tensor:
     """``r2_i = max |W[o, i % (C_in/groups)]|`` over the output channels ``o`` of input channel
     ``i``'s group: the weight range each input channel of a (grouped) conv meets."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv must be a torch.nn.Conv2d; got {type(conv).__name__}")
     w = conv.weight.detach().abs()
     g = conv.groups
     c_out, c_in_g = w.shape[0], w.shape[1]

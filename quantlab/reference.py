@@ -31,6 +31,7 @@ from .modules import (
     QReLU,
     check_integer_input,
 )
+from .observer import QParam
 from .ops import QAdd, QAvgPool2d, QCat, QInput, QReLU6
 
 #: the deprecation warnings of torch.ao's quantized tensors and workflow (torch 2.14)
@@ -150,6 +151,10 @@ def narrow(x: torch.Tensor, qparam) -> torch.Tensor:
 
     PyTorch's kernels always clamp to [0, 255]; a kernel with a narrower output clamps further.
     """
+    if not isinstance(x, torch.Tensor) or not x.is_quantized:
+        raise TypeError(f"x must be a quantized torch tensor; got {type(x).__name__}")
+    if not isinstance(qparam, QParam):
+        raise TypeError(f"qparam must be a quantlab QParam; got {type(qparam).__name__}")
     if (qparam.quant_min, qparam.quant_max) == (0, 255):
         return x
     q = x.int_repr().clamp(qparam.quant_min, qparam.quant_max)
@@ -195,6 +200,9 @@ def x86_conv_kernel(layer: QModule | None = None) -> str:
     symmetric weights and ``groups <= 100``). Linear layers always run in fbgemm.
     """
     import sys
+    if layer is not None and not isinstance(layer, QModule):
+        raise TypeError(f"layer must be None or a quantlab layer (QConv2d, QLinear, ...); got "
+                        f"{type(layer).__name__}")
     vnni = bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
     if layer is not None:
         if not isinstance(layer, (QConv2d, QConvBNReLU)):

@@ -203,6 +203,8 @@ CHECKPOINT_FORMAT = "quantlab-checkpoint/1"
 
 def tensors_sha256(state: dict) -> str:
     """sha256 over a state_dict's keys, dtypes, shapes and tensor bytes (in key order)."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TypeError(f"state must be a dict of tensors (a state_dict); got {type(state).__name__}")
     h = hashlib.sha256()
     for key in sorted(state):
         t = state[key]
@@ -214,6 +216,8 @@ def tensors_sha256(state: dict) -> str:
 def model_config(model: nn.Module) -> dict:
     """What a state_dict's integers depend on beyond its tensors: the model class, and per
     QParam its bits/signedness/symmetry/axis, per quantized layer per_channel/fixed_point/relu."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     config = {"class": type(model).__name__}
     for name, m in model.named_modules():
         if isinstance(m, QParam):
@@ -329,6 +333,8 @@ def save_checkpoint(model: nn.Module, path) -> str:
     (see :func:`model_config`); returns the file's sha256."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -7,6 +7,12 @@ import torch
 from bad_input import bad_input_test
 
 import quantlab
+import quantlab.data
+import quantlab.engine
+import quantlab.explorer
+import quantlab.export
+import quantlab.npz
+import quantlab.reference
 from quantlab import ptq
 from quantlab.learned import LearnedQParam, lsq_fake_quantize, lsq_grad_scale, pact_fake_quantize
 from quantlab.ops import avg_pool_requantize, requantize_to
@@ -130,6 +136,30 @@ CASES = {
         (lambda: _qm((torch.zeros(1, 1, 28, 28),)), T, "example_input"),
         (lambda: _qm(torch.zeros(1, 3, 28, 28)), quantlab.UnsupportedModelError, "example input"),
         (lambda: _qm(torch.zeros(1, 1, 20, 20)), quantlab.UnsupportedModelError, "example input"),
+    ],
+    # the public helpers of the newer modules, found by calling each with wrong kinds of values
+    "helpers": [
+        (lambda: quantlab.engine.quantize_multiplier(-0.5), V, "multiplier"),
+        (lambda: quantlab.engine.quantize_multiplier(NAN), V, "multiplier"),
+        (lambda: quantlab.engine.quantize_multiplier("0.5"), V, "multiplier"),
+        (lambda: quantlab.export.multiplier_formula(QNET), T, "layer"),
+        (lambda: quantlab.export.multiplier_formula(None), T, "layer"),
+        (lambda: ptq.input_channel_ranges(torch.nn.Linear(2, 3)), T, "conv"),
+        (lambda: quantlab.reference.narrow(torch.zeros(2), QNET.layers[0].q_out), T, "x"),
+        (lambda: quantlab.reference.x86_conv_kernel("conv1"), T, "layer"),
+        (lambda: quantlab.npz.graph(None), T, "arrays"),
+        (lambda: quantlab.npz.read(None), T, "path"),
+        (lambda: quantlab.npz.write(3, {}), T, "path"),
+        (lambda: quantlab.npz.write("/nonexistent/x.npz", [1, 2]), T, "arrays"),
+        (lambda: quantlab.npz.write_atomically("/tmp/never.bin", None), T, "write_to"),
+        (lambda: quantlab.explorer.report(None), T, "result"),
+        (lambda: quantlab.explorer.explore(X, quantlab.explorer.Setting(per_channel=True), ch_axis=2),
+         V, "ch_axis"),
+        (lambda: quantlab.explorer.explore(X, ch_axis="0"), V, "ch_axis"),
+        (lambda: quantlab.data.check_idx_file("x", "pixels"), V, "kind"),
+        (lambda: quantlab.training.tensors_sha256([1]), T, "state"),
+        (lambda: quantlab.training.model_config(None), T, "model"),
+        (lambda: quantlab.training.save_checkpoint(QNET, None), T, "path"),
     ],
 }
 
