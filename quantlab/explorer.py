@@ -266,5 +266,5 @@ class QuantExplorer:
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.panel._repr_mimebundle_(**kwargs) or {}
         bundle["text/plain"] = ("QuantExplorer: the sliders work in a live notebook (make lab); "
-                                "its default state is printed and drawn below")
+                                "its state is printed and drawn below")
         return bundle

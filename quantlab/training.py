@@ -234,8 +234,9 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
 
     ``(p + z^2/2n -/+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)`` with ``p = correct/total``:
     unlike ``p -/+ z sqrt(p(1-p)/n)`` it stays inside [0, 1] and is not empty at 0% or 100%.
-    On 1,000 test digits at 98% it is about [97.0%, 98.7%]: differences of a few tenths of a
-    point are noise. Taught in notebook ``d_post_training_quantize``.
+    On 1,000 test digits at 98% it is about [97.0%, 98.7%]. It describes one accuracy; two models
+    scored on the same digits are compared with :func:`compare_predictions`. Taught in notebook
+    ``c_train_and_test``.
     """
     if isinstance(correct, bool) or isinstance(total, bool) or not isinstance(correct, int) \
             or not isinstance(total, int):
