@@ -224,11 +224,11 @@ def _a1():
     def compare(e, g):
         if not isinstance(g, (tuple, list)) or len(g) != 2:
             return Mismatch(show(e), show(g), "return the tuple (quant_min, quant_max)")
-        try:
-            gi = tuple(int(v) for v in g)
-        except (TypeError, ValueError):
-            return Mismatch(show(e), show(g), "return two Python ints")
-        return None if gi == e else Mismatch(show(e), show(gi))
+        if not all(type(v) is int for v in g):  # exactly int: not a float, a bool or a tensor
+            return Mismatch(show(e), f"{show(tuple(g))} ({', '.join(type(v).__name__ for v in g)})",
+                            "return two Python ints (int(...) of an exact integer, never of a "
+                            "float that is not whole)")
+        return None if tuple(g) == e else Mismatch(show(e), show(tuple(g)))
 
     return Exercise("a", 1, "quant_range", qparams.quant_range, compare, lambda: cases,
                     lambda: strat, "unsigned: [0, 2**b - 1]; signed: [-2**(b-1), 2**(b-1) - 1]")
@@ -517,7 +517,7 @@ def _d2():
     cases = [
         Case(dict(bias=t([0.2471, -0.2625, 0.0754]), scale_x=t(0.034925),
                   scale_w=t([0.0025, 0.0024, 0.0025])),
-             "q_b = round(b / (S_x * S_w)) is far larger than 127: keep it in int32, never clamp "
+             "q_b = round(b * (1 / (S_x * S_w))) is far larger than 127: keep it in int32, never clamp "
              "it to int8"),
         Case(dict(bias=t([0.5, 1.5, 2.5, -0.5]), scale_x=t(1.0), scale_w=t(1.0)),
              "ties at .5: round half to even (torch.round)"),
@@ -628,7 +628,7 @@ def _d4():
                                ("multiplier", close(1e-6))),
                     lambda: cases, strat,
                     "per-channel symmetric int8 weights (scale max|w_c| / 127.5, zero point 0); "
-                    "q_b = round(b / (S_x * S_w)); M = (S_x * S_w) * (1 / S_y) in float32")
+                    "q_b = round(b * (1 / (S_x * S_w))); M = (S_x * S_w) * (1 / S_y) in float32")
 
 
 # ==== lesson e: integer conv, fixed-point requantization, the whole pipeline =====================
@@ -725,6 +725,10 @@ def _e4():
              "M > 1: shift is negative, a left shift of acc before the high multiply"),
         Case(dict(acc=_int_vec(INT32_MAX, INT32_MIN), multiplier=1e-7, zero_point=128),
              "int32 limits"),
+        Case(dict(acc=_int_vec(2**30, -(2**30), 2**29 + 7), multiplier=3.0, zero_point=0,
+                  quant_min=INT32_MIN, quant_max=INT32_MAX),
+             "M = 3 shifts acc left by 2 bits: 2**30 << 2 leaves int32, so clamp the shifted value "
+             "to [-2**31, 2**31 - 1] before the high multiply"),
         Case(dict(acc=_int_vec(10**6, -(10**6)), multiplier=0.01, zero_point=128),
              "clamp to [quant_min, quant_max] after adding the zero point"),
     ]
@@ -895,6 +899,10 @@ def _f1():
         Case(dict(x=t([0.1, -0.2, 0.3]), scale=t(0.1), zero_point=zp(0), num_bits=8, signed=True,
                   grad=t([2.0, -3.0, 0.5])), "pass the incoming gradient through (multiply it by "
              "the mask), do not replace it by 1"),
+        Case(dict(x=t([RECIPROCAL_CASES[0][0]]), scale=t(RECIPROCAL_CASES[0][1]), zero_point=zp(0),
+                  num_bits=8, signed=False),
+             "multiply by the float32 reciprocal (1 / scale) as a5 and PyTorch do; dividing by the "
+             "scale rounds this value to the other integer"),
     ]
 
     @st.composite
@@ -928,8 +936,9 @@ def _f1():
         return same_floats(e[1], grad, "gradient")
 
     return Exercise("f", 1, "fake_quantize", _fq_oracle, compare, lambda: cases, strat,
-                    "forward: scale * (clamp(round(x / scale) + Z) - Z); backward: the incoming "
-                    "gradient where round(x / scale) + Z is inside [quant_min, quant_max], else 0",
+                    "forward: scale * (clamp(round(x * (1 / scale)) + Z) - Z); backward: the "
+                    "incoming gradient where round(x * (1 / scale)) + Z is inside [quant_min, "
+                    "quant_max], else 0",
                     extra={"call": call})
 
 

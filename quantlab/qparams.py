@@ -96,7 +96,8 @@ def calc_scale_zero_point(min_val, max_val, num_bits: int = 8, signed: bool = Fa
     Affine:     ``scale = (max - min) / (quant_max - quant_min)``,
                 ``zero_point = quant_min - round(min / scale)``, clamped to the range.
     Symmetric:  ``scale = max(|min|, |max|) / ((quant_max - quant_min) / 2)``; zero point 0 when
-                ``signed``, the middle ``2**(num_bits-1)`` when unsigned (as PyTorch).
+                ``signed``, the middle ``2**(num_bits-1)`` when unsigned (PyTorch's 128 for its default
+                8-bit range; its observers take ``(quant_min + quant_max) // 2`` for other ranges).
 
     ``scale`` is floored at ``EPS`` so that ``min == max`` and all-zero channels give finite qparams;
     rounding is half to even (``torch.round``), as every PyTorch engine. The arithmetic is float32,

@@ -99,10 +99,14 @@ EPS = torch.finfo(torch.float32).eps  # the smallest scale we ever return (as Py
            The range $[-\max(|r_{min}|, |r_{max}|),\ \max(|r_{min}|, |r_{max}|)]$ is symmetric around 0, so it always
            contains 0 (no widening step as in a3 is needed):
            $S = \dfrac{\max(|r_{min}|, |r_{max}|)}{(q_{max} - q_{min})/2}$, floored at `EPS`, and $Z = 0$ when `signed`,
-           the middle $2^{n_{bits}-1}$ when unsigned (as PyTorch). The zero point is an int32 tensor of the scale's shape.
+           the middle $2^{n_{bits}-1}$ when unsigned (128 for 8 bits, as PyTorch's default `quint8` range; for other
+           widths PyTorch's observers take $\lfloor(q_{min} + q_{max})/2\rfloor$, one less: quantlab keeps $2^{n_{bits}-1}$ at
+           every width, and so must you). The zero point is an int32 tensor of the scale's shape.
 
-           Note where the largest $|x|$ lands: at $\pm(q_{max} - q_{min})/2 = \pm127.5$ for 8 signed bits, exactly a tie.
-           `quantize` (a5) rounds it half to even to $\pm128$; $-128$ is in range, $+128$ is clamped to $127$.""",
+           Note where the largest $|x|$ lands: at $\pm(q_{max} - q_{min})/2 = \pm127.5$ for 8 signed bits in exact
+           arithmetic, a tie. In float32 ($S$ = `amax / 127.5` rounded, then $x \cdot f32(1/S)$ rounded) the product lands
+           on 127.5 or one float32 step either side, depending on `amax`, so `quantize` (a5) gives 127 or 128 there (and
+           $+128$ is clamped to $127$): either way the largest weight is off by about half a step.""",
            '''
            def calc_scale_zero_point_symmetric(min_val, max_val, num_bits=8, signed=True):
                """Symmetric (scale, zero_point): float32 and int32 tensors of min_val's shape."""''',
@@ -312,8 +316,9 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1''',
            `rounding_divide_by_pot` (gemmlowp's `RoundingDivideByPOT`, "rounding divide by power of two"):
            $$ q_y = \mathrm{clamp}\Big(\mathrm{RDBP}\big(\mathrm{SRDHM}(acc \cdot 2^{\max(-\text{shift}, 0)},\ M_0),\ \max(\text{shift}, 0)\big) + Z_y,\ q_{min},\ q_{max}\Big) $$
            A multiplier $M \ge 1$ gives a negative shift: then `acc` is first shifted **left** by $-\text{shift}$ bits and the
-           result clamped to $[-2^{31}, 2^{31}-1]$ (saturated to int32), as TFLite's `MultiplyByQuantizedMultiplier`; for
-           $M < 1$ (every conv in the lesson) there is only the right shift. Return int32.""",
+           result clamped to $[-2^{31}, 2^{31}-1]$ (saturated to int32), as quantlab does. (TFLite's reference
+           `MultiplyByQuantizedMultiplier` shifts in int32 without saturating, so an overflow there is undefined; its callers
+           keep $M$ and acc small enough.) For $M < 1$ (every conv in the lesson) there is only the right shift. Return int32.""",
            '''
            def requantize_fixed_point(acc, multiplier, zero_point, quant_min=0, quant_max=255):
                """Output integers (int32) from an int32 accumulator with integer-only arithmetic."""''',
