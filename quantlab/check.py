@@ -394,13 +394,15 @@ class _Abort(BaseException):
 
 
 def grade_isolated(path, lesson: str | None = None, names=None,
-                   timeout: float = 300.0) -> FileResult:
+                   timeout: float = 300.0, memory_mb: float | None = None) -> FileResult:
     """Grade one notebook with its code in a separate process (see :mod:`quantlab.sandbox`).
 
     The learner's functions run in a child process that imported the notebook; the oracles, the
     cases, the comparisons and this report stay here, out of its reach. ``timeout`` seconds
     bound the whole notebook (import and every call); an exercise running at the time limit, or
     when the child ends early, fails, and the ones after it are reported as not checked.
+    ``memory_mb`` (where the system supports it) bounds what the child may allocate beyond the
+    checker's own imports: past it the notebook's code gets a MemoryError.
     """
     from .sandbox import Sandbox, SandboxError
 
@@ -414,7 +416,7 @@ def grade_isolated(path, lesson: str | None = None, names=None,
               if not names or ex.name in names or ex.id in names]
     results, error = [], None
     try:
-        with Sandbox(str(path), lesson, timeout) as box:
+        with Sandbox(str(path), lesson, timeout, memory_mb) as box:
             error = box.ready.error
 
             def runner(ex, args):
@@ -474,7 +476,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m quantlab.check", description=(
         "Grade exercise notebooks: each is imported with import-ipynb in a fresh process and its "
         "functions are checked against quantlab and PyTorch."))
-    p.add_argument("notebooks", nargs="+", help="exercise notebooks (.ipynb)")
+    p.add_argument("notebooks", nargs="*", help="exercise notebooks (.ipynb)")
     p.add_argument("--strict", action="store_true", help="unattempted exercises fail too")
     p.add_argument("--lesson", help="the lesson (a, d, e, f) instead of reading it from each "
                    "notebook's metadata or file name")
@@ -486,11 +488,24 @@ def main(argv=None) -> int:
                    help="with several notebooks, also print every exercise of each")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fds", help=argparse.SUPPRESS)
+    p.add_argument("--memory", type=float, default=None, metavar="MB",
+                   help="memory each notebook's process may allocate beyond the checker's own, in MB "
+                   "(default: no limit; with --grade: 2048)")
+    p.add_argument("--grade", metavar="DIR", help="grade every exercise notebook under DIR (one "
+                   "folder per learner) into a grade book: a table, and --csv/--json files")
+    p.add_argument("--csv", metavar="FILE", help="with --grade: write the grade book as CSV")
+    p.add_argument("--json", metavar="FILE", help="with --grade: write every result as JSON")
     args = p.parse_args(argv)
     if args.serve:
         from .sandbox import serve
 
-        return serve(args.notebooks[0], args.lesson, args.fds)
+        return serve(args.notebooks[0], args.lesson, args.fds, args.memory)
+    if args.grade:
+        from .gradebook import main as gradebook_main
+
+        return gradebook_main(args, p)
+    if not args.notebooks:
+        p.error("give exercise notebooks to check, or --grade DIR")
     paths = [pathlib.Path(n) for n in args.notebooks]
     for path in paths:
         if not path.is_file():
@@ -501,8 +516,8 @@ def main(argv=None) -> int:
     # grading: it cannot reach the oracles or the report, an endless one is stopped after
     # --timeout, and one that exits early is reported, never passed
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        frs = list(pool.map(lambda q: grade_isolated(q, args.lesson, timeout=args.timeout),
-                            paths))
+        frs = list(pool.map(lambda q: grade_isolated(q, args.lesson, timeout=args.timeout,
+                                                     memory_mb=args.memory), paths))
     ok = all(file_ok(fr, args.strict) for fr in frs)
     if len(frs) == 1 or args.verbose:
         for fr in frs:

@@ -119,7 +119,35 @@ def decode(v):
 
 # -- the child: import the notebook, then answer calls ------------------------------------------
 
-def serve(path: str, lesson: str, fds: str) -> int:
+def _virtual_memory_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def limit_memory(memory_mb: float | None) -> None:
+    """Let this process map at most ``memory_mb`` MB more than it has now (RLIMIT_AS, where the
+    system has it): a notebook that allocates beyond it gets a MemoryError instead of the machine's
+    memory."""
+    if not memory_mb:
+        return
+    try:
+        import resource
+    except ImportError:  # not on this system (Windows): no limit
+        return
+    now = _virtual_memory_bytes()
+    if now is None:
+        return
+    limit = now + int(memory_mb * 2**20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def serve(path: str, lesson: str, fds: str, memory_mb: float | None = None) -> int:
     """The child's side (``python -m quantlab.check --serve NB --lesson L --fds R,W``)."""
     from . import check
 
@@ -132,6 +160,7 @@ def serve(path: str, lesson: str, fds: str) -> int:
         replies.flush()
 
     exercises = {ex.id: ex for ex in check.exercises().get(lesson, [])}
+    limit_memory(memory_mb)
     namespace, error = check.import_notebook(path)
     send({"op": "ready", "error": error,
           "defined": [ex.name for ex in exercises.values() if callable(namespace.get(ex.name))]})
@@ -168,7 +197,7 @@ class Sandbox:
     seconds from the start (the notebook's time limit) or when the child ends.
     """
 
-    def __init__(self, path: str, lesson: str, timeout: float):
+    def __init__(self, path: str, lesson: str, timeout: float, memory_mb: float | None = None):
         import pathlib
 
         self.deadline = time.monotonic() + timeout
@@ -180,7 +209,7 @@ class Sandbox:
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("MPLBACKEND", "Agg")
         cmd = [sys.executable, "-m", "quantlab.check", "--serve", str(path), "--lesson", lesson,
-               "--fds", f"{req_r},{rep_w}"]
+               "--fds", f"{req_r},{rep_w}"] + (["--memory", str(memory_mb)] if memory_mb else [])
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, pass_fds=(req_r, rep_w), env=env,
                                      start_new_session=True)
