@@ -317,7 +317,8 @@ def _a4():
         Case(dict(min_val=t([-1.0, 0.0, -0.25]), max_val=t([2.0, 0.0, 0.5]), num_bits=8,
                   signed=True), "an all-zero channel: floor the scale at EPS"),
         Case(dict(min_val=t(2.0), max_val=t(10.0), num_bits=4, signed=True),
-             "the range includes 0 first: amax = max(|min|, |max|) of the widened range"),
+             "amax = max(|min|, |max|) (10 here), divided by (quant_max - quant_min) / 2, not "
+             "by max - min"),
         Case(dict(min_val=t(-1e-30), max_val=t(1e-30), num_bits=8, signed=True),
              "an extremely small range: the scale is floored at EPS"),
     ]
@@ -349,9 +350,10 @@ def _a5():
     cases = [
         Case(dict(x=t([-1.0, 0.0, 0.5, 1.0]), scale=t(0.01), zero_point=zp(100), num_bits=8,
                   signed=False)),
-        Case(dict(x=t([0.25, 0.75, -0.25, -0.75, 1.25]), scale=t(0.5), zero_point=zp(128),
+        Case(dict(x=t([0.25, 0.75, -0.25, -0.75, 1.25]), scale=t(0.5), zero_point=zp(127),
                   num_bits=8, signed=False),
-             "ties at .5: round half to even (torch.round), as every PyTorch engine"),
+             "ties at .5: round half to even (torch.round), as every PyTorch engine, and only then "
+             "add the zero point (with an odd zero point, adding it first moves each tie)"),
         Case(dict(x=t([-1000.0, 1000.0, 0.0]), scale=t(0.1), zero_point=zp(10), num_bits=8,
                   signed=False), "clamp to [quant_min, quant_max] after adding the zero point"),
         Case(dict(x=t([-1000.0, 1000.0]), scale=t(0.1), zero_point=zp(0), num_bits=4,
@@ -424,8 +426,10 @@ def _a7():
         Case(dict(x=t([[0.0, 0.0], [0.3, -0.3]]), scale=t([EPS, 0.1]), zero_point=zp([0, 0]),
                   axis=0, num_bits=8, signed=True), "an all-zero channel (scale EPS) maps to "
              "its zero point"),
-        Case(dict(x=t([[0.25, 0.75], [-0.25, -0.75]]), scale=t([0.5, 0.5]), zero_point=zp([0, 0]),
-                  axis=0, num_bits=8, signed=True), "ties at .5: round half to even"),
+        Case(dict(x=t([[0.25, 0.75], [-0.25, -0.75]]), scale=t([0.5, 0.5]), zero_point=zp([1, 1]),
+                  axis=0, num_bits=8, signed=True),
+             "ties at .5: round half to even, then add the zero point (an odd zero point added "
+             "before rounding moves each tie)"),
         Case(dict(x=t([[100.0, -100.0]]), scale=t([0.1]), zero_point=zp([3]), axis=0,
                   num_bits=4, signed=False), "clamp to [quant_min, quant_max]"),
     ]
@@ -556,7 +560,7 @@ def _requant_oracle(acc, multiplier, zero_point, quant_min=0, quant_max=255):
 
 def _d3():
     cases = [
-        Case(dict(acc=torch.tensor([[1, 3, 5, -1, -3]]), multiplier=t(0.5), zero_point=10),
+        Case(dict(acc=torch.tensor([[1, 3, 5, -1, -3]]), multiplier=t(0.5), zero_point=11),
              "round M * acc half to even (torch.round) before adding Z_y: casting to int truncates"),
         Case(dict(acc=torch.tensor([[-7, 7, 20]]), multiplier=t(0.3), zero_point=5),
              "round to the nearest integer; casting to int truncates toward zero"),
@@ -894,8 +898,9 @@ def _f1():
         Case(dict(x=t([0.74, 0.76, -0.34, -0.36]), scale=t(0.1), zero_point=zp(3), num_bits=3,
                   signed=False), "the mask is on the rounded value, as torch.fake_quantize_per_"
              "tensor_affine: round(x / S) + Z inside [quant_min, quant_max] has gradient 1"),
-        Case(dict(x=t([0.25, 0.75, -0.25]), scale=t(0.5), zero_point=zp(0), num_bits=8,
-                  signed=True), "ties at .5: round half to even"),
+        Case(dict(x=t([0.25, 0.75, -0.25]), scale=t(0.5), zero_point=zp(1), num_bits=8,
+                  signed=True), "ties at .5: round half to even, then add the zero point (an odd "
+             "zero point added before rounding moves each tie)"),
         Case(dict(x=t([0.1, -0.2, 0.3]), scale=t(0.1), zero_point=zp(0), num_bits=8, signed=True,
                   grad=t([2.0, -3.0, 0.5])), "pass the incoming gradient through (multiply it by "
              "the mask), do not replace it by 1"),
@@ -932,7 +937,8 @@ def _f1():
         if grad is None or isinstance(grad, str):
             return Mismatch("gradient " + show(e[1]), "no gradient (the output does not require "
                             "grad)", "round() has no useful gradient: pass it straight through, "
-                            "e.g. x + (x_hat - x).detach() times the mask, or an autograd.Function")
+                            "e.g. x_hat.detach() + (x - x.detach()) * inside, or an "
+                            "autograd.Function")
         return same_floats(e[1], grad, "gradient")
 
     return Exercise("f", 1, "fake_quantize", _fq_oracle, compare, lambda: cases, strat,

@@ -198,8 +198,8 @@ from quantlab import check''',
            return torch.clamp(q_b.double(), -2**31, 2**31 - 1).to(torch.int32)'''),
         ex(3, "requantize", "float-multiplier requantization",
            r"""
-           From the int32 accumulator (bias included: lesson e's $\mathrm{acc} + q_b$) to the output integers, as qnnpack
-           ($q_y$, $S_y$, $Z_y$ here are lesson e's output $q_a$, $S_a$, $Z_a$):
+           From the int32 accumulator (bias included: $\mathrm{acc} + q_b$, as in lesson d's section 0, the integer layer in
+           one equation) to the output integers, as qnnpack:
            $$ q_y = \mathrm{clamp}\big(\mathrm{round}(\mathrm{float32}(acc) \cdot M) + Z_y,\ q_{min},\ q_{max}\big), \qquad M = \frac{S_x S_w}{S_y} $$
            rounded half to even. `multiplier` is a float32 tensor of shape `()` or `(C,)` for the channels on axis 1
            of `acc` (`(N, C)` or `(N, C, H, W)`). Return int32.""",
@@ -238,8 +238,8 @@ LESSONS["e"] = dict(
          "a Q31 integer multiplier, a rounding doubling high multiply and a rounding right shift. The last "
          "exercise assembles a whole quantized conv from **your own** functions of notebooks a and d, imported "
          "with `import_ipynb` as the original series did; the checker compares it bit for bit with quantlab and "
-         "with PyTorch's qnnpack kernel. (After editing a_exercises or d_exercises, restart this kernel: "
-         "imported notebooks are cached.)\n\n**Names.** The lesson calls the conv's output $a$; these exercises call it "
+         "with PyTorch's qnnpack kernel. (After editing a_exercises or d_exercises, save them, then restart "
+         "this kernel: the import reads the saved files, once per kernel.)\n\n**Names.** The lesson calls the conv's output $a$; these exercises call it "
          "$y$: $q_y, S_y, Z_y$ here are the lesson's $q_a, S_a, Z_a$, and `shift` is the lesson's right shift $n$. "
          "`acc` in e4 is the lesson's $\\mathrm{acc} + q_b$ (bias included).",
     setup='''\

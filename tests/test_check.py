@@ -50,6 +50,10 @@ MUTANTS = [
     ("f", "fake_quantize", "(x - x.detach()) * inside", "(x - x.detach())"),  # STE not zeroed
     ("f", "fake_quantize", "torch.round(x * (1.0 / scale))", "torch.round(x / scale)"),  # divides
     ("a", "quant_range", "return 0, 2**num_bits - 1", "return 0.0, 2.0**num_bits - 1"),  # floats
+    ("a", "quantize", "q = torch.round(x * (1.0 / scale)) + zero_point",
+     "q = torch.round(x * (1.0 / scale) + zero_point)"),                    # Z added before rounding
+    ("f", "fake_quantize", "q = torch.round(x * (1.0 / scale)) + zero_point",
+     "q = torch.round(x * (1.0 / scale) + zero_point)"),                    # Z added before rounding
     ("e", "requantize_fixed_point",
      "acc = torch.clamp(acc.to(torch.int64) << left, INT32_MIN, INT32_MAX)",
      "acc = acc.to(torch.int64) << left"),                                  # left shift unsaturated
