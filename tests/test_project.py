@@ -114,3 +114,14 @@ def test_lower_layers_never_import_higher_ones():
         for high in LAYERS[i + 1:] + ["data", "training", "plots"]:
             assert not re.search(rf"from \.{high} import|import quantlab\.{high}", src), \
                 f"{low}.py imports the higher layer {high}"
+
+
+def test_no_stray_tool_output_is_tracked():
+    # a reading tool once wrote its figures into a folder named by a misread flag ("--help/")
+    import subprocess
+    root = pathlib.Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    assert not [f for f in files if f.startswith("-") or "/-" in f]
+    assert not [f for f in files if f.startswith(("build/", "nbread/"))]
