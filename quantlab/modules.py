@@ -572,8 +572,12 @@ class _QWeighted(QModule):
         return _weight_view(self.q_w.zero_point, self.weight_int.dim())
 
     def accumulator_bound(self) -> int:
-        """The largest |acc| any input in q_in's range can produce (without the bias):
-        ``max_c sum_k |q_w - Z_w| * max(|q_min - Z_x|, |q_max - Z_x|)``."""
+        """An upper bound on |acc| for any input in q_in's range (without the bias):
+        ``max_c sum_k |q_w - Z_w| * max(|q_min - Z_x|, |q_max - Z_x|)``.
+
+        It treats every product as if its two factors' signs could line up, so it is not always
+        reached: after a ReLU (Z_x = 0, q_x - Z_x >= 0) weights of both signs partly cancel, and
+        the largest reachable |acc| is ``q_max * max_c max(sum_k (q_w - Z_w)+, sum_k (q_w - Z_w)-)``."""
         self._check_frozen()
         return int(self._accumulator_bounds(self.weight_int).max())
 

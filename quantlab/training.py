@@ -79,8 +79,9 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
             QAT model: the loss becomes ``(1 - w) CE(logits, labels) + w KL(softmax(teacher) ||
             softmax(logits))`` with ``w = distill_weight`` (in [0, 1]); the teacher is frozen.
     Returns:
-        ``{"loss": [...], "accuracy": [...], "lr": [...]}``, one entry per epoch (training set),
-        plus ``"eval_accuracy"`` when ``eval_loader`` is given.
+        ``{"loss": [...], "accuracy": [...], "lr": [...]}``, one entry per epoch (training set;
+        ``"lr"`` is the rate at each epoch's start), plus ``"eval_accuracy"`` when ``eval_loader``
+        is given, and ``"lr_end"``: the rate after the last batch (0, the cosine schedule's end).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -160,6 +161,7 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
         if eval_loader is not None:
             history["eval_accuracy"].append(evaluate(model, eval_loader))
     bar.close()
+    history["lr_end"] = opt.param_groups[0]["lr"]
     model.eval()
     return history
 

@@ -59,6 +59,7 @@ def test_train_uses_a_models_own_defaults(small):
     model.default_lr = 1e-4
     hist = training.train(model, train, epochs=1, progress=False)
     assert hist["lr"][0] == pytest.approx(1e-4)
+    assert hist["lr_end"] == pytest.approx(0.0, abs=1e-12)   # the cosine schedule ends at 0
     with pytest.raises(ValueError, match="epochs"):
         training.train(model, train, epochs=0)
 
