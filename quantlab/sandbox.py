@@ -219,6 +219,7 @@ class Sandbox:
             os.set_blocking(fd, False)
         self._buffer = b""
         self._stderr_tail = b""
+        self._stderr_open = True
         self.ready = None
 
     def __enter__(self) -> Sandbox:
@@ -260,10 +261,16 @@ class Sandbox:
             raise SandboxError(f"timed out after {self.timeout:.0f} s")
         with selectors.DefaultSelector() as sel:
             sel.register(fd, event)
-            sel.register(self.proc.stderr.fileno(), selectors.EVENT_READ)
+            if self._stderr_open:
+                sel.register(self.proc.stderr.fileno(), selectors.EVENT_READ)
             for key, _ in sel.select(min(left, 1.0)):
                 if key.fd == self.proc.stderr.fileno():
-                    chunk = os.read(key.fd, 65536)
+                    try:
+                        chunk = os.read(key.fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:  # closed: stop watching it (else select would return at once)
+                        self._stderr_open = False
                     self._stderr_tail = (self._stderr_tail + chunk)[-4096:]
 
     def _send(self, msg: dict) -> None:
