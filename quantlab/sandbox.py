@@ -223,9 +223,14 @@ class Sandbox:
         self.ready = None
 
     def __enter__(self) -> Sandbox:
-        msg = self._receive()
-        if msg.get("op") != "ready":
-            raise SandboxError(f"the notebook's process sent {str(msg)[:100]} instead of 'ready'")
+        try:
+            msg = self._receive()
+            if msg.get("op") != "ready":
+                raise SandboxError(f"the notebook's process sent {str(msg)[:100]} instead of "
+                                   "'ready'")
+        except BaseException:  # __exit__ does not run when __enter__ raises: stop the child here
+            self.close()
+            raise
         self.ready = Ready(msg.get("error"), list(msg.get("defined", [])))
         return self
 

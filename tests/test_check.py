@@ -334,3 +334,29 @@ def test_an_exercise_that_ends_its_process_or_never_returns_fails(tmp_path, kind
     assert want in r.got and want in fr.error, (r, fr.error)
     assert all(x.status == check.NOT_ATTEMPTED for x in fr.results[1:])
     assert not check.file_ok(fr, strict=False)
+
+
+def _processes_serving(path) -> list[int]:
+    """PIDs of live processes whose command line names ``path`` (Linux's /proc)."""
+    pids = []
+    for proc in pathlib.Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "--serve" in cmd and str(path) in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/cmdline").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("where", ["import", "exercise"])
+def test_a_stopped_notebook_leaves_no_process_behind(tmp_path, where):
+    # an endless loop while importing (the child never says "ready") or inside an exercise: after
+    # the time limit the child and its process group are killed, not left spinning
+    source = ("while True:\n    pass" if where == "import" else
+              "def quant_range(num_bits, signed=False):\n    while True:\n        pass")
+    path = _notebook(tmp_path / "a_exercises.ipynb", source)
+    fr = check.grade_isolated(path, timeout=10)
+    assert "timed out after 10 s" in fr.error
+    assert _processes_serving(path) == []
