@@ -201,6 +201,9 @@ class QAvgPool2d(_QUnweighted):
     graph passes the input's QParam (``forward(x, qparam)``), as the integers are.
     """
 
+    #: the graph passes the input's QParam to forward (the output keeps the input's grid)
+    takes_input_qparam = True
+
     def __init__(self, kernel_size=None, stride=None, padding=0, ceil_mode=False,
                  count_include_pad=True, output_size=None, num_bits: int = 8):
         super().__init__(num_bits)
@@ -333,12 +336,19 @@ class QReLU6(_QUnweighted):
     """ReLU6 on integers: ``clamp(q, Z, Z + rne(6 / S))`` (see ``modules.relu6_limit``); the
     output keeps the input's qparams."""
 
+    #: the graph passes the input's QParam to forward (the output keeps the input's grid)
+    takes_input_qparam = True
+
     def forward(self, x, qparam: QParam | None = None):
         y = torch.clamp(x, 0.0, 6.0)
         return qparam.fake_quantize(y) if qparam is not None and qparam.observed else y
 
+    def integer_range(self) -> tuple[int, int]:
+        """The clamp on the integers, ``[Z, Z + rne(6 / S)]`` (the export writes it as a Clip)."""
+        return int(self.q_in.zero_point), relu6_limit(self.q_in)
+
     def _integer_op(self, q_x):
-        return torch.clamp(q_x.to(torch.int32), int(self.q_in.zero_point), relu6_limit(self.q_in))
+        return torch.clamp(q_x.to(torch.int32), *self.integer_range())
 
 
 class QInput(QModule):
