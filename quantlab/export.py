@@ -420,10 +420,12 @@ def _input_shape(net: QuantizedNet, first) -> list:
 
 
 def _output_shape(net: QuantizedNet) -> list:
-    """The output's symbolic shape: (N, C) after a linear layer or a flatten, else (N, C, OH, OW)."""
+    """The output's symbolic shape: (N, C) after a linear layer or a flatten, else (N, C, OH, OW)
+    (aliases and clamps keep the rank of their input)."""
     names = {s.name: s for s in net.steps}
     step = names.get(net.output_name)
-    while step is not None and step.kind == "alias":
+    while step is not None and (step.kind == "alias" or step.kind == "layer" and hasattr(
+            net.layers[step.index], "integer_range")):
         step = names.get(_refs(step.args)[0])
     if step is not None and step.kind == "layer" and isinstance(net.layers[step.index],
                                                                 (QLinear, QFlatten)):
