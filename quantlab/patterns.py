@@ -27,7 +27,7 @@ from torch import nn
 
 from .graph import Step
 from .modules import QConv2d, QConvBNReLU, QFlatten, QLinear, QMaxPool2d, QReLU
-from .ops import QAdd, QAvgPool2d, QCat, QReLU6
+from .ops import QAdd, QAvgPool2d, QCat, QHardtanh, QReLU6
 
 
 class Refused(Exception):
@@ -75,6 +75,7 @@ OPS = (
     Op("linear", modules=(nn.Linear,)),
     Op("relu6", modules=(nn.ReLU6, nn.Hardtanh), functions=(F.relu6, F.hardtanh), when=_is_relu6,
        note="Hardtanh only as Hardtanh(0, 6)"),
+    Op("hardtanh", modules=(nn.Hardtanh,), functions=(F.hardtanh,)),
     Op("relu", modules=(nn.ReLU,), functions=(F.relu, torch.relu, torch.relu_),
        methods=("relu", "relu_")),
     Op("maxpool", modules=(nn.MaxPool2d,), functions=(F.max_pool2d,)),
@@ -156,6 +157,11 @@ def _clamp(cls):
     def build(m: Match):
         return cls(m.ctx.num_bits), m.first_input()
     return build
+
+
+def _hardtanh(m: Match):
+    low, high = _hardtanh_range(m.root, m.module)
+    return QHardtanh(low, high, m.ctx.num_bits), m.first_input()
 
 
 def pool_args(node: torch.fx.Node, module, kind: str) -> dict:
@@ -269,6 +275,7 @@ PATTERNS = (
     Pattern(("adaptive",), "QAvgPool2d (adaptive)", _adaptive),
     Pattern(("relu",), "QReLU", _clamp(QReLU)),
     Pattern(("relu6",), "QReLU6", _clamp(QReLU6)),
+    Pattern(("hardtanh",), "QHardtanh", _hardtanh),
     Pattern(("add", "relu"), "QAdd (ReLU the output clamp)", _add(relu=True)),
     Pattern(("add",), "QAdd", _add(relu=False)),
     Pattern(("cat",), "QCat", _cat),
