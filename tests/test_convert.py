@@ -420,7 +420,7 @@ class Clamped(nn.Module):
 
 
 @needs_ao
-def test_hardtanh_converts_bit_exact_with_qnnpack_and_onnxruntime(digits):
+def test_hardtanh_converts_bit_exact_with_qnnpack_and_onnxruntime(digits, tmp_path):
     # one row in OPS, one in PATTERNS and the QHardtanh module: conversion, the graph, the ONNX
     # export (a Clip), the engine and the oracles follow with no other change
     import torch.ao.nn.quantized.functional as qF
@@ -451,4 +451,8 @@ def test_hardtanh_converts_bit_exact_with_qnnpack_and_onnxruntime(digits):
     ours = qnet.integer_inference(q_x)
     assert torch.equal(ort_ints.to(torch.int32), ours)
     engine = Engine(model).run(q_x.to(torch.uint8).numpy())["y_q"]
+    assert torch.equal(torch.from_numpy(engine.astype("int32")), ours)
+    from quantlab.export import to_npz
+    to_npz(qnet, tmp_path / "clamped.npz")                   # a chain: the .npz format holds it
+    engine = Engine(str(tmp_path / "clamped.npz")).run(x_te.numpy())["y_q"]   # float images
     assert torch.equal(torch.from_numpy(engine.astype("int32")), ours)
