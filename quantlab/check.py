@@ -21,16 +21,14 @@ The checks themselves (oracles, tricky cases, random inputs) are in ``quantlab.e
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import pathlib
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from .calls import Raised, Returned, call_function  # noqa: F401  (check's API)
 from .notebook_import import import_notebook, lesson_of  # noqa: F401  (check's API)
 
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not attempted"
@@ -69,61 +67,10 @@ class _NotAttempted(Exception):
     pass
 
 
-def _raised_by(fn, exc: BaseException) -> bool:
-    """True when ``exc`` was raised in ``fn``'s own body (not in a function it called)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code is getattr(fn, "__code__", None)
-
-
-def _last_function(exc: BaseException) -> tuple[str, str]:
-    """(function name, module name) of the frame that raised ``exc``."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return "?", ""
-    return tb.tb_frame.f_code.co_name, str(tb.tb_frame.f_globals.get("__name__", ""))
-
-
 def _clone(v):
     import torch
 
     return v.clone() if isinstance(v, torch.Tensor) else v
-
-
-@dataclass
-class Returned:
-    """What a learner's function returned."""
-    value: object
-
-
-@dataclass
-class Raised:
-    """What a learner's function raised: the exception's type and first line, the function and
-    module it was raised in, and whether it was raised in the exercise's own body."""
-    type: str
-    message: str
-    where: str
-    module: str
-    in_function: bool
-
-
-def call_function(ex, fn, args: list) -> Returned | Raised:
-    """Call the learner's ``fn`` for exercise ``ex`` on ``args`` (through the exercise's own
-    calling convention, e.g. with autograd for a gradient), its output discarded."""
-    call = ex.extra.get("call")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return Returned(call(fn, *args) if call else fn(*args))
-    except KeyboardInterrupt:
-        raise
-    except BaseException as e:  # the learner's code raised (or called sys.exit): a failure here
-        where, module = _last_function(e)
-        first_line = (str(e).strip().splitlines() or [""])[0][:300]
-        return Raised(type(e).__name__, first_line, where, module, _raised_by(fn, e))
 
 
 def _try_case(ex, runner, case, first: bool):

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .calls import Raised, Returned, call_function
+
 #: the most bytes one message may hold (a tensor of 50M float32 values, base64-encoded)
 MAX_MESSAGE = 300_000_000
 
@@ -149,7 +151,8 @@ def limit_memory(memory_mb: float | None) -> None:
 
 def serve(path: str, lesson: str, fds: str, memory_mb: float | None = None) -> int:
     """The child's side (``python -m quantlab.check --serve NB --lesson L --fds R,W``)."""
-    from . import check
+    from .exercise_checks import all_exercises
+    from .notebook_import import import_notebook
 
     torch.set_num_threads(1)
     read_fd, write_fd = (int(x) for x in fds.split(","))
@@ -159,9 +162,9 @@ def serve(path: str, lesson: str, fds: str, memory_mb: float | None = None) -> i
         replies.write(json.dumps(msg).encode() + b"\n")
         replies.flush()
 
-    exercises = {ex.id: ex for ex in check.exercises().get(lesson, [])}
+    exercises = {ex.id: ex for ex in all_exercises().get(lesson, [])}
     limit_memory(memory_mb)
-    namespace, error = check.import_notebook(path)
+    namespace, error = import_notebook(path)
     send({"op": "ready", "error": error,
           "defined": [ex.name for ex in exercises.values() if callable(namespace.get(ex.name))]})
     for line in requests:
@@ -169,8 +172,8 @@ def serve(path: str, lesson: str, fds: str, memory_mb: float | None = None) -> i
         if msg.get("op") != "call":
             break
         ex = exercises[msg["id"]]
-        outcome = check.call_function(ex, namespace.get(ex.name), decode(msg["args"]))
-        if isinstance(outcome, check.Returned):
+        outcome = call_function(ex, namespace.get(ex.name), decode(msg["args"]))
+        if isinstance(outcome, Returned):
             send({"op": "returned", "value": encode(outcome.value)})
         else:
             send({"op": "raised", **outcome.__dict__})
@@ -313,17 +316,15 @@ class Sandbox:
         return msg
 
     def call(self, ex, args: list):
-        """Run exercise ``ex``'s function in the child on ``args``: a check.Returned or Raised."""
-        from . import check
-
+        """Run exercise ``ex``'s function in the child on ``args``: a Returned or Raised."""
         self._send({"op": "call", "id": ex.id, "args": encode(list(args))})
         msg = self._receive()
         try:
             if msg.get("op") == "returned":
-                return check.Returned(decode(msg["value"]))
+                return Returned(decode(msg["value"]))
             if msg.get("op") == "raised":
-                return check.Raised(str(msg["type"]), str(msg["message"]), str(msg["where"]),
-                                    str(msg["module"]), bool(msg["in_function"]))
+                return Raised(str(msg["type"]), str(msg["message"]), str(msg["where"]),
+                              str(msg["module"]), bool(msg["in_function"]))
         except (KeyError, ValueError, TypeError) as e:
             raise SandboxError(f"the notebook's process sent a malformed answer ({e})") from None
         raise SandboxError(f"the notebook's process sent {str(msg)[:100]} instead of an answer")
