@@ -60,3 +60,37 @@ def call_function(ex, fn, args: list) -> Returned | Raised:
         where, module = _last_function(e)
         first_line = (str(e).strip().splitlines() or [""])[0][:300]
         return Raised(type(e).__name__, first_line, where, module, _raised_by(fn, e))
+
+
+def _code_names(code) -> set:
+    """The global names a code object reads, its nested functions' and lambdas' included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _code_names(const)
+    return names
+
+
+def exercise_calls(namespace: dict, names) -> dict:
+    """For each function of ``names`` defined in ``namespace``: the other functions of ``names``
+    it calls, directly or through helper functions of the same namespace (read from the global
+    names their code uses, so a call that is never reached counts too)."""
+    names = set(names)
+    uses = {}
+    for start in names:
+        fn = namespace.get(start)
+        if not callable(fn) or not hasattr(fn, "__code__"):
+            continue
+        seen, todo, found = {start}, [fn], set()
+        while todo:
+            for n in _code_names(todo.pop().__code__):
+                obj = namespace.get(n)
+                if n in names and n != start:
+                    found.add(n)
+                elif n not in seen and hasattr(obj, "__code__") and \
+                        getattr(obj, "__globals__", None) is namespace:
+                    seen.add(n)
+                    todo.append(obj)
+        uses[start] = sorted(found)
+    return uses
+

@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .calls import Raised, Returned, call_function  # noqa: F401  (check's API)
+from .calls import Raised, Returned, call_function, exercise_calls  # noqa: F401  (check's API)
 from .notebook_import import import_notebook, lesson_of  # noqa: F401  (check's API)
 
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not attempted"
@@ -169,7 +169,24 @@ def check_namespace(lesson: str, namespace: dict, names=None, missing: str = "sk
                 results.append(Result(ex.id, ex.name, NOT_ATTEMPTED, note="not defined"))
             continue
         results.append(check_function(ex, fn))
+    blame_dependencies(results, exercise_calls(namespace, [e.name for e in chosen]))
     return results
+
+
+def blame_dependencies(results: list[Result], uses: dict) -> None:
+    """An exercise that failed and calls the function of an exercise that failed before it gets
+    a hint naming that one ("`quantize` (a5) failed above ...") instead of its own: its own
+    hint would send the learner after the wrong bug."""
+    failed = {}
+    for r in results:
+        if r.status != FAILED:
+            continue
+        before = [failed[n] for n in uses.get(r.name, []) if n in failed]
+        if before:
+            named = ", ".join(f"`{d.name}` ({d.id})" for d in before)
+            r.hint = (f"{named} failed above and `{r.name}` calls it: fix "
+                      f"{', '.join(d.id for d in before)} first, then check {r.id} again")
+        failed[r.name] = r
 
 
 def summary(results) -> str:
@@ -292,6 +309,8 @@ def grade_isolated(path, lesson: str | None = None, names=None,
                     break
     except SandboxError as e:  # while importing the notebook
         error = str(e)
+    else:
+        blame_dependencies(results, box.ready.uses)
     return FileResult(str(path), lesson, results, error, time.perf_counter() - start)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .calls import Raised, Returned, call_function
+from .calls import Raised, Returned, call_function, exercise_calls
 
 #: the most bytes one message may hold (a tensor of 50M float32 values, base64-encoded)
 MAX_MESSAGE = 300_000_000
@@ -165,8 +165,9 @@ def serve(path: str, lesson: str, fds: str, memory_mb: float | None = None) -> i
     exercises = {ex.id: ex for ex in all_exercises().get(lesson, [])}
     limit_memory(memory_mb)
     namespace, error = import_notebook(path)
-    send({"op": "ready", "error": error,
-          "defined": [ex.name for ex in exercises.values() if callable(namespace.get(ex.name))]})
+    defined = [ex.name for ex in exercises.values() if callable(namespace.get(ex.name))]
+    send({"op": "ready", "error": error, "defined": defined,
+          "uses": exercise_calls(namespace, [ex.name for ex in exercises.values()])})
     for line in requests:
         msg = json.loads(line)
         if msg.get("op") != "call":
@@ -191,6 +192,8 @@ class SandboxError(Exception):
 class Ready:
     error: str | None
     defined: list
+    #: exercise name -> the other exercises' functions it calls (hints only: not trusted for grades)
+    uses: dict
 
 
 class Sandbox:
@@ -234,7 +237,10 @@ class Sandbox:
         except BaseException:  # __exit__ does not run when __enter__ raises: stop the child here
             self.close()
             raise
-        self.ready = Ready(msg.get("error"), list(msg.get("defined", [])))
+        uses = msg.get("uses") if isinstance(msg.get("uses"), dict) else {}
+        self.ready = Ready(msg.get("error"), list(msg.get("defined", [])),
+                           {str(k): [str(n) for n in v] for k, v in uses.items()
+                            if isinstance(v, list)})
         return self
 
     def __exit__(self, *exc) -> None:

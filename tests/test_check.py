@@ -360,3 +360,29 @@ def test_a_stopped_notebook_leaves_no_process_behind(tmp_path, where):
     fr = check.grade_isolated(path, timeout=10)
     assert "timed out after 10 s" in fr.error
     assert _processes_serving(path) == []
+
+
+def test_a_failure_caused_by_an_earlier_exercise_names_that_one(tmp_path):
+    # quantize (a5) without its clamp: quantize_per_channel (a7), which calls it, fails too, and
+    # its hint says to fix a5 first instead of a7's own hint (reshape the scales ...)
+    folder = _copy_solutions(tmp_path)
+    path = folder / "a_exercises.ipynb"
+    _substitute(path, "return torch.clamp(q, quant_min, quant_max).to(torch.int32)",
+                "return q.to(torch.int32)")
+    for fr in (check.grade_notebook(path), check.grade_isolated(path, timeout=300)):
+        by_id = {r.id: r for r in fr.results}
+        assert by_id["a5"].status == check.FAILED and "a5" not in by_id["a5"].hint
+        assert by_id["a7"].status == check.FAILED, by_id["a7"]
+        assert by_id["a7"].hint.startswith("`quantize` (a5) failed above and "
+                                           "`quantize_per_channel` calls it: fix a5 first")
+
+
+def test_exercise_calls_follows_helpers_and_ignores_other_globals():
+    from quantlab.calls import exercise_calls
+    ns = {}
+    exec("def quantize(x):\n    return x\n"
+         "def _helper(x):\n    return quantize(x)\n"
+         "def per_channel(x):\n    return [_helper(v) for v in x]\n"
+         "def alone(x):\n    return len(x)\n", ns)
+    assert exercise_calls(ns, ["quantize", "per_channel", "alone"]) == {
+        "quantize": [], "per_channel": ["quantize"], "alone": []}
