@@ -57,7 +57,13 @@ MUTANTS = [
     ("e", "requantize_fixed_point",
      "acc = torch.clamp(acc.to(torch.int64) << left, INT32_MIN, INT32_MAX)",
      "acc = acc.to(torch.int64) << left"),                                  # left shift unsaturated
+    ("a", "quantize", "return torch.clamp(q, quant_min, quant_max).to(torch.int32)",
+     "return torch.clamp(q, quant_min, quant_max).to(torch.int64)"),        # int64, not int32
+    ("a", "dequantize", "(q.to(torch.int32) - zero_point).to(torch.float32) * scale",
+     "(q.to(torch.int32) - zero_point).double() * scale.double()"),         # float64 values
 ]
+#: planted dtype mistakes and the hint each must get (the statement names the dtype)
+DTYPE_MUTANTS = [(m, want) for m, want in zip(MUTANTS[-2:], ("int32", "float32"))]
 
 
 def _copy_solutions(tmp_path: pathlib.Path) -> pathlib.Path:
@@ -81,6 +87,7 @@ def _substitute(path: pathlib.Path, old: str, new: str) -> None:
 @pytest.mark.parametrize("lesson,name,old,new", MUTANTS,
                          ids=[f"{m[1]}:{m[3][:30]}" for m in MUTANTS])
 def test_every_mutant_fails_its_exercise(tmp_path, lesson, name, old, new):
+    # the dtype mutants also get a hint naming the dtype (test_dtype_mistakes_are_named)
     folder = _copy_solutions(tmp_path)
     path = folder / f"{lesson}_exercises.ipynb"
     _substitute(path, old, new)
@@ -386,3 +393,14 @@ def test_exercise_calls_follows_helpers_and_ignores_other_globals():
          "def alone(x):\n    return len(x)\n", ns)
     assert exercise_calls(ns, ["quantize", "per_channel", "alone"]) == {
         "quantize": [], "per_channel": ["quantize"], "alone": []}
+
+
+@pytest.mark.parametrize("mutant,want", DTYPE_MUTANTS, ids=lambda v: str(v)[:24])
+def test_dtype_mistakes_are_named(tmp_path, mutant, want):
+    lesson, name, old, new = mutant
+    folder = _copy_solutions(tmp_path)
+    path = folder / f"{lesson}_exercises.ipynb"
+    _substitute(path, old, new)
+    (r,) = check.grade_notebook(path, names=[name]).results
+    assert r.status == check.FAILED and r.hint.startswith(f"the statement asks for {want}"), r
+

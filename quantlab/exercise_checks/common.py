@@ -98,9 +98,23 @@ def _diff_texts(expected: torch.Tensor, got: torch.Tensor, bad: torch.Tensor) ->
     return (f"{expected[idx].item()!r}{where}{more}", f"{got[idx].item()!r}{where}")
 
 
+def _dtype_mismatch(expected, got, pre: str) -> Mismatch | None:
+    """A tensor of the right values but another dtype than the statement's (``expected``'s)."""
+    if isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor) and \
+            got.dtype != expected.dtype:
+        want = str(expected.dtype).replace("torch.", "")
+        return Mismatch(pre + f"a {want} tensor", pre + f"the right values as "
+                        f"{str(got.dtype).replace('torch.', '')}",
+                        f"the statement asks for {want}: compute in {want} (or convert with "
+                        f".to(torch.{want})); another dtype rounds differently or costs memory")
+    return None
+
+
 def same_integers(expected: torch.Tensor, got, what: str = "") -> Mismatch | None:
-    """``got`` must be an integer tensor (or Python int) with exactly ``expected``'s values."""
+    """``got`` must be an integer tensor (or Python int) with exactly ``expected``'s values; a
+    tensor must have ``expected``'s dtype too (the statements name it: int32 for integers)."""
     pre = f"{what}: " if what else ""
+    dtype_mismatch = _dtype_mismatch(expected, got, pre)
     got = _tensorish(got)
     if not isinstance(got, torch.Tensor):
         return Mismatch(pre + show(expected), pre + f"a {type(got).__name__}: {show(got)}",
@@ -115,13 +129,14 @@ def same_integers(expected: torch.Tensor, got, what: str = "") -> Mismatch | Non
     if bool(bad.any()):
         e, g = _diff_texts(expected, got, bad)
         return Mismatch(pre + e, pre + g)
-    return None
+    return dtype_mismatch
 
 
 def same_floats(expected: torch.Tensor, got, what: str = "", rtol: float = 0.0,
                 atol: float = 0.0) -> Mismatch | None:
     """``got`` must be a float tensor (or float) equal to ``expected`` within rtol/atol."""
     pre = f"{what}: " if what else ""
+    dtype_mismatch = _dtype_mismatch(expected, got, pre)
     got = _tensorish(got)
     if not isinstance(got, torch.Tensor) or not got.is_floating_point():
         return Mismatch(pre + show(expected), pre + show(got), "return a float32 tensor")
@@ -132,7 +147,7 @@ def same_floats(expected: torch.Tensor, got, what: str = "", rtol: float = 0.0,
     if bool(bad.any()):
         et, gt = _diff_texts(expected, got.detach(), bad)
         return Mismatch(pre + et, pre + gt)
-    return None
+    return dtype_mismatch
 
 
 def same_tuple(*parts: tuple[str, Callable]) -> Callable[[Any, Any], Mismatch | None]:

@@ -185,7 +185,7 @@ def _d4():
             qp.scale, qp.zero_point = s.clone(), torch.tensor(0, dtype=torch.int32)
             qp.min_val, qp.max_val = t(0.0), t(0.0)
         layer.freeze()
-        return layer.weight_int, layer.q_w.scale, layer.bias_int, layer.multiplier
+        return layer.weight_int, layer.q_w.scale, layer.bias_int.to(torch.int32), layer.multiplier
 
     return Exercise("d", 4, "freeze_linear", oracle,
                     same_tuple(("q_w", exact_ints), ("scale_w", close(1e-6)), ("q_b", exact_ints),
