@@ -171,10 +171,17 @@ def local_targets(markdown: str) -> list[str]:
     return [t for t in targets if not re.match(r"[a-z]+:", t)]
 
 
+def readme_text() -> str:
+    """The README as the book's landing page: without the line linking README.zh-CN.md (for readers on
+    GitHub; every page of the book links to the same page of the other edition)."""
+    text = (ROOT / "README.md").read_text()
+    return re.sub(r"^.*\(README\.zh-CN\.md\).*\n\n?", "", text, flags=re.M)
+
+
 def stage(src: pathlib.Path, language: str = "en") -> dict:
     """Write the book's sources into ``src``; return what was staged (for the report). The Chinese
     edition's exercise notes name the Chinese exercise notebooks (exercises/zh/)."""
-    readme = (ROOT / "README.md").read_text()
+    readme = readme_text()
     table = readme_functions(readme)
     staged = {"lessons": [], "exercises": [], "modules": modules(), "missing": {}}
     wanted = {"index.md", "api", "notebooks"}
