@@ -37,7 +37,10 @@ myst_dmath_double_inline = True
 # --- the Chinese edition (scripts/translations.py; build_book.py --language zh_CN) ----------------
 # one catalog per document (docs/locale/zh_CN/LC_MESSAGES/<docname>.po), without source line numbers
 # (they would change with every edit of a notebook); the English book reads no catalog
-locale_dirs = ["locale"]
+locale_dirs = [str(pathlib.Path(__file__).resolve().parent / "locale")]  # Sphinx: relative to the sources
+# the search index of either edition splits words as English does: Sphinx's Chinese splitter needs jieba
+# (not installed; Chinese words are then not indexed) and its page script fails (ChineseStemmer undefined)
+html_search_language = "en"
 gettext_compact = False
 gettext_location = False
 

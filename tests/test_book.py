@@ -244,9 +244,9 @@ def visits(edition, browser):
     """Visit every page of an edition once: {page: state (see PAGE_STATE) + console errors};
     screenshots saved."""
     shots = edition["shots"]
-    if shots.exists():
-        shutil.rmtree(shots)
-    shots.mkdir(parents=True)
+    shots.mkdir(parents=True, exist_ok=True)
+    for old in shots.glob("*.png"):  # this edition's (the Chinese edition's are in a folder of their own)
+        old.unlink()
     results = {}
     t0 = time.perf_counter()
     browser.get_log("browser")  # drop anything logged before the first page
@@ -331,7 +331,9 @@ def test_search_finds_a_lesson(browser, edition):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(server + "search.html?q=zero+point")
+    # the Chinese edition's index splits words as English does (conf.py): Chinese runs are not words
+    query = "zero+point" if edition["language"] == "en" else "quantize_per_tensor"
+    browser.get(server + "search.html?q=" + query)
     WebDriverWait(browser, 30).until(
         lambda d: d.find_elements(By.CSS_SELECTOR, "#search-results ul.search li"))
     hits = [a.get_attribute("href") for a in
