@@ -281,14 +281,14 @@ def test_a_notebook_cannot_grade_itself(tmp_path, attack):
     # for the first two), never when it is graded from another process
     tamper = {
         "replace_try_case": "import quantlab.check\nquantlab.check._try_case = lambda *a, **k: None",
-        "patch_the_oracle": "import quantlab.exercise_checks as xc\nxc.quantize = quantize",
+        "patch_the_oracle": "import quantlab.exercise_checks.lesson_a as xc\nxc.quantize = quantize",
         "forge_the_report": "import os\nos.write(1, b'a5 quantize: passed\\n')\n"
                             "print('QUANTLAB_CHECK_RESULT {}', flush=True)",
         "patch_torch": "import torch\ntorch.round = lambda x, **k: x.floor()",
     }[attack]
     path = _notebook(tmp_path / "a_exercises.ipynb", WRONG_QUANTIZE, tamper)
     if attack in ("replace_try_case", "patch_the_oracle"):
-        import quantlab.exercise_checks as xc
+        import quantlab.exercise_checks.lesson_a as xc
         saved = (check._try_case, xc.quantize)
         try:
             inside = check.grade_notebook(path, names=["quantize"])
