@@ -45,6 +45,8 @@ def _catalog_entries(doc):
 
 
 def _fenced_code_removed(text: str) -> str:
+    """Without fenced code and HTML comments (neither is a message: neither is prose for the reader)."""
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
     return re.sub(r"^(`{3,}|~{3,}).*?^\1[ \t]*$", "", text, flags=re.S | re.M)
 
 
