@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed-stamp
 DOCS_STAMP := $(VENV)/.installed-docs-stamp
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: all setup run test test-portable lint unit nbval notebooks exercises lab weights benchmark book chromium clean
+.PHONY: all setup run test test-portable lint unit nbval notebooks exercises lab weights benchmark book book-zh \
+	translations chromium clean
 
 all: run
 
@@ -37,7 +38,18 @@ chromium:
 
 ## The HTML book from the stored notebooks (no execution, no network): build/book/html/index.html
 book: $(DOCS_STAMP)
-	$(PY) scripts/build_book.py
+	$(PY) scripts/build_book.py $(if $(filter zh_CN,$(LANG)),--language zh_CN)
+
+## The Chinese book beside it, from the catalogs in docs/locale/zh_CN: build/book/zh_CN/html/index.html
+## (`make book LANG=zh_CN` builds only that one); every page links to the same page of the other edition
+book-zh: $(DOCS_STAMP)
+	$(PY) scripts/build_book.py --language zh_CN
+
+## The Chinese edition's sources: re-extract the English prose into the catalogs (new messages
+## untranslated, changed ones fuzzy), then regenerate notebooks/zh and exercises/zh from them.
+## Translating = filling msgstr entries in docs/locale/zh_CN/LC_MESSAGES/*.po, then `make translations`.
+translations: $(DOCS_STAMP)
+	$(PY) scripts/translations.py
 
 ## Execute every notebook in order into build/notebooks (the committed ones are not touched).
 run: $(STAMP)
@@ -52,7 +64,8 @@ run: $(STAMP)
 NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 test: $(DOCS_STAMP) chromium
 	$(PY) -m ruff check .
-	QUANTLAB_MNIST=embedded OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -p no:cacheprovider $(NBVAL) notebooks exercises/solutions tests
+	QUANTLAB_MNIST=embedded OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -p no:cacheprovider $(NBVAL) notebooks exercises/solutions tests \
+		--ignore=notebooks/zh
 
 ## The portability pass (CI runs it after `make test`): the notebooks, the exercise solutions and the
 ## unit tests once more with this machine's float kernels limited to another CPU's instruction set
@@ -63,7 +76,7 @@ test-portable: $(STAMP)
 	@echo "portability pass under: $(or $(KERNEL_CONFIG),the native configuration)"
 	env $(KERNEL_CONFIG) $(PY) -c "import torch; print('ATen CPU capability:', torch.backends.cpu.get_cpu_capability())"
 	env $(KERNEL_CONFIG) QUANTLAB_MNIST=embedded OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -p no:cacheprovider $(NBVAL) \
-		notebooks exercises/solutions tests --ignore=tests/test_book.py
+		notebooks exercises/solutions tests --ignore=tests/test_book.py --ignore=notebooks/zh
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

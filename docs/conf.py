@@ -34,6 +34,30 @@ myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
 myst_dmath_double_inline = True
 
+# --- the Chinese edition (scripts/translations.py; build_book.py --language zh_CN) ----------------
+# one catalog per document (docs/locale/zh_CN/LC_MESSAGES/<docname>.po), without source line numbers
+# (they would change with every edit of a notebook); the English book reads no catalog
+locale_dirs = [str(pathlib.Path(__file__).resolve().parent / "locale")]  # Sphinx: relative to the sources
+# the search index of either edition splits words as English does: Sphinx's Chinese splitter needs jieba
+# (not installed; Chinese words are then not indexed) and its page script fails (ChineseStemmer undefined)
+html_search_language = "en"
+gettext_compact = False
+gettext_location = False
+
+# The two editions sit side by side: build/book/html (English) and build/book/zh_CN/html (Chinese);
+# every page links to the same page of the other one.
+EDITIONS = {"en": ("zh_CN/html", "zh-CN", "中文", "本页的中文版"),
+            "zh_CN": ("html", "en", "English", "This page in English")}
+
+
+def _other_edition(app, pagename, templatename, context, doctree):
+    folder, lang, label, title = EDITIONS.get(app.config.language, EDITIONS["en"])
+    # from this page up to build/book/html (or build/book/zh_CN/html), then to the other edition
+    up = "../" * pagename.count("/") + ("../" if app.config.language == "en" else "../../")
+    context.update(other_edition_url=f"{up}{folder}/{pagename}.html", other_edition_lang=lang,
+                   other_edition_label=label, other_edition_title=title)
+
+
 # --- API reference --------------------------------------------------------------------------------
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
@@ -55,7 +79,10 @@ html_theme_options = {
     "use_download_button": True,
     "use_fullscreen_button": False,
     "navigation_with_keys": True,
+    # the link to the same page in the other edition (English <-> Chinese), on every page
+    "article_header_end": ["article-header-buttons.html", "language-switch.html"],
 }
+templates_path = ["_templates"]
 html_context = {"default_mode": "light"}  # an empty default logs a console error on the first visit
 html_favicon = "favicon.png"
 html_static_path = ["_static"]
@@ -104,3 +131,4 @@ def setup(app):
     app.connect("build-finished", _copy_mathjax)
     app.connect("build-finished", _favicon_at_root)
     app.connect("autodoc-process-docstring", _escape_bars)
+    app.connect("html-page-context", _other_edition)

@@ -1,13 +1,125 @@
-"""The figures the notebooks show (matplotlib). Each function returns the Figure."""
+"""The figures the notebooks show (matplotlib). Each function returns the Figure.
+
+Titles, axis labels and legends are in English or in Chinese, from one setting:
+``set_language("zh_CN")`` (or the environment variable ``QUANTLAB_LANGUAGE=zh_CN`` when quantlab is
+imported); the default is English. In Chinese, a CJK font installed on the machine (WenQuanYi Zen Hei,
+Noto Sans CJK, Source Han Sans, ...) is added after matplotlib's own font as a fallback, so Latin text,
+digits and math look as in the English figures and Chinese characters are not drawn as empty boxes.
+Labels passed by the caller are translated when they are one of this module's defaults.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+
+import matplotlib
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.ticker import MaxNLocator
 
 from ._validate import check_bool, check_float_tensor, check_int, check_int_tensor, check_real
 from .qparams import quant_range
+
+# --- language ----------------------------------------------------------------------------------------
+
+ENV_VAR = "QUANTLAB_LANGUAGE"
+LANGUAGES = ("en", "zh_CN")
+CJK_FONTS = ("WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC",
+             "Source Han Sans CN", "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "Arial Unicode MS")
+
+# every fixed text of the figures, English -> Chinese (a {field} is filled in after translation)
+ZH_CN = {
+    "real value": "实数值",
+    "count": "计数",
+    "values": "数值",
+    "representable range, {levels} levels": "可表示范围，{levels} 个级别",
+    " (every {step}th shown)": "（每 {step} 个画一条）",
+    "real 0 = integer {zero_point}": "实数 0 = 整数 {zero_point}",
+    "{num_bits}-bit grid: scale={scale:.4g}, zero_point={zero_point}":
+        "{num_bits} 位量化网格：缩放因子 scale={scale:.4g}，零点 zero_point={zero_point}",
+    "RMS error": "RMS 误差",
+    "num_bits": "位宽 num_bits",
+    "float {accuracy:.2f}%": "浮点 {accuracy:.2f}%",
+    "num_bits (weights and activations)": "位宽 num_bits（权重与激活）",
+    "num_bits (weights and activations; the measured widths only)":
+        "位宽 num_bits（权重与激活；仅测量过的位宽）",
+    "test accuracy (%)": "测试准确率 (%)",
+    "outputs per bin": "每个区间的输出数",
+    "\u00b10.5 LSB: the output rounding alone": "\u00b10.5 LSB：仅输出舍入造成",
+    "error (LSB of the output scale)": "误差（以输出缩放因子的 LSB 为单位）",
+    "count (log scale)": "计数（对数坐标）",
+    "training loss": "训练损失",
+    "epoch": "轮次（epoch）",
+    "cross-entropy": "交叉熵",
+    "training (augmented)": "训练集（数据增强）",
+    "test": "测试集",
+    "accuracy (%)": "准确率 (%)",
+    "misclassified digits (off-diagonal)": "误分类的数字（非对角线）",
+    "predicted": "预测",
+    "true": "真实",
+    "confusion matrix (errors shaded)": "混淆矩阵（阴影为错误）",
+}
+_TABLES = {"en": {}, "zh_CN": ZH_CN}
+_language = "en"
+
+
+def set_language(language: str = "en") -> str | None:
+    """Draw the figures' texts in ``language`` ("en" or "zh_CN"); returns the CJK font used for
+    Chinese (None for English, or when no CJK font is installed: the characters then show as boxes)."""
+    global _language
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {LANGUAGES}; got {language!r}")
+    _language = language
+    return _use_cjk_font() if language == "zh_CN" else None
+
+
+def get_language() -> str:
+    return _language
+
+
+def cjk_font() -> str | None:
+    """The first installed font of ``CJK_FONTS`` (None when there is none). matplotlib's font cache
+    may predate the font's installation: the system's font files are then looked at once."""
+    from matplotlib import font_manager
+
+    def first():
+        installed = {f.name for f in font_manager.fontManager.ttflist}
+        return next((name for name in CJK_FONTS if name in installed), None)
+
+    global _scanned
+    if first() is None and not _scanned:
+        _scanned = True
+        for path in font_manager.findSystemFonts():
+            if re.search(r"wqy|cjk|sourcehan|simhei|msyh|pingfang|heiti", os.path.basename(path).lower()):
+                try:
+                    font_manager.fontManager.addfont(path)
+                except (OSError, RuntimeError, ValueError):  # a file FreeType cannot read
+                    continue
+    return first()
+
+
+_scanned = False
+
+
+def _use_cjk_font() -> str | None:
+    font = cjk_font()
+    if font is not None:
+        # matplotlib falls back glyph by glyph only along the families named in font.family (a
+        # generic "sans-serif" stands for one font): its default sans-serif first, then the CJK font
+        first = matplotlib.rcParams["font.sans-serif"][0]
+        matplotlib.rcParams["font.family"] = [first, font, "sans-serif"]
+    return font
+
+
+def tr(text: str, **fields) -> str:
+    """``text`` in the current language, its ``{fields}`` filled in."""
+    text = _TABLES[_language].get(text, text)
+    return text.format(**fields) if fields else text
+
+
+if os.environ.get(ENV_VAR, "").strip():
+    set_language(os.environ[ENV_VAR].strip())
 
 
 def _check_series(bits, series, name="series") -> list:
@@ -50,19 +162,20 @@ def hist_with_grid(x: torch.Tensor, scale: float, zero_point: int, num_bits: int
     _check_ax(ax)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 3.2))
     values = x.detach().flatten().float().numpy()
-    ax.hist(values, bins=bins, color="tab:blue", alpha=0.7, label="values")
+    ax.hist(values, bins=bins, color="tab:blue", alpha=0.7, label=tr("values"))
     levels = quant_max - quant_min + 1
     step = 1 if levels <= 64 else 16
     for q in range(quant_min, quant_max + 1, step):
         ax.axvline(scale * (q - zero_point), color="tab:orange", lw=0.6, alpha=0.8)
     lo, hi = scale * (quant_min - zero_point), scale * (quant_max - zero_point)
     ax.axvspan(lo, hi, color="tab:orange", alpha=0.06,
-               label=f"representable range, {levels} levels"
-                     + ("" if step == 1 else f" (every {step}th shown)"))
-    ax.axvline(0.0, color="black", lw=1.2, label=f"real 0 = integer {zero_point}")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("count")
-    ax.set_title(title or f"{num_bits}-bit grid: scale={scale:.4g}, zero_point={zero_point}")
+               label=tr("representable range, {levels} levels", levels=levels)
+                     + ("" if step == 1 else tr(" (every {step}th shown)", step=step)))
+    ax.axvline(0.0, color="black", lw=1.2, label=tr("real 0 = integer {zero_point}", zero_point=zero_point))
+    ax.set_xlabel(tr(xlabel))
+    ax.set_ylabel(tr("count"))
+    ax.set_title(title or tr("{num_bits}-bit grid: scale={scale:.4g}, zero_point={zero_point}",
+                             num_bits=num_bits, scale=scale, zero_point=zero_point))
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
@@ -75,8 +188,8 @@ def error_vs_bits(bits, series: dict, ylabel: str = "RMS error", title: str = ""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.5))
     for name, values in series.items():
         ax.semilogy(list(bits), list(values), marker="o", label=name)
-    ax.set_xlabel("num_bits")
-    ax.set_ylabel(ylabel)
+    ax.set_xlabel(tr("num_bits"))
+    ax.set_ylabel(tr(ylabel))
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -102,11 +215,12 @@ def accuracy_vs_bits(bits, series: dict, title: str = "", reference: float | Non
     for name, values in series.items():
         ax.plot(xs, [100 * v for v in values], marker="o", label=name, ls="-" if connect else "none")
     if reference is not None:
-        ax.axhline(100 * reference, color="gray", ls="--", label=f"float {100 * reference:.2f}%")
+        ax.axhline(100 * reference, color="gray", ls="--",
+                   label=tr("float {accuracy:.2f}%", accuracy=100 * reference))
     ax.set_xticks(xs, [str(b) for b in bits])
-    ax.set_xlabel("num_bits (weights and activations)" if consecutive
-                  else "num_bits (weights and activations; the measured widths only)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlabel(tr("num_bits (weights and activations)") if consecutive
+                  else tr("num_bits (weights and activations; the measured widths only)"))
+    ax.set_ylabel(tr("test accuracy (%)"))
     ax.set_title(title)
     if consecutive:
         ax.invert_xaxis()   # many bits on the left, as the slots are
@@ -125,15 +239,15 @@ def lsb_error_hist(err_lsb: torch.Tensor, title: str = "", half_lsb: bool = True
     _check_ax(ax)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.6))
     counts, _, _ = ax.hist(err_lsb.flatten().numpy(), bins=81, color="tab:green", log=True,
-                           label=label)
+                           label=tr(label))
     if half_lsb:
         for i, v in enumerate((-0.5, 0.5)):
             ax.axvline(v, color="black", ls="--", lw=1,
-                       label="\u00b10.5 LSB: the output rounding alone" if i == 0 else None)
+                       label=tr("\u00b10.5 LSB: the output rounding alone") if i == 0 else None)
     ax.set_ylim(0.5, counts.max() * 2)  # the y axis ends just above the tallest bar
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, ncol=2, framealpha=1)
-    ax.set_xlabel("error (LSB of the output scale)")
-    ax.set_ylabel("count (log scale)")
+    ax.set_xlabel(tr("error (LSB of the output scale)"))
+    ax.set_ylabel(tr("count (log scale)"))
     ax.set_title(title, pad=26)  # above the legend, which sits above the axes
     fig.tight_layout()
     return fig
@@ -241,17 +355,17 @@ def training_curves(history: dict, title: str = ""):
         raise ValueError("history must hold one loss and one accuracy per epoch (at least one)")
     epochs = range(1, len(history["loss"]) + 1)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
-    ax1.plot(epochs, history["loss"], marker=".", label="training loss")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("cross-entropy")
+    ax1.plot(epochs, history["loss"], marker=".", label=tr("training loss"))
+    ax1.set_xlabel(tr("epoch"))
+    ax1.set_ylabel(tr("cross-entropy"))
     ax1.set_yscale("log")
     ax1.legend()
     ax2.plot(epochs, [100 * a for a in history["accuracy"]], marker=".",
-             label="training (augmented)")
+             label=tr("training (augmented)"))
     if "eval_accuracy" in history:
-        ax2.plot(epochs, [100 * a for a in history["eval_accuracy"]], marker=".", label="test")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("accuracy (%)")
+        ax2.plot(epochs, [100 * a for a in history["eval_accuracy"]], marker=".", label=tr("test"))
+    ax2.set_xlabel(tr("epoch"))
+    ax2.set_ylabel(tr("accuracy (%)"))
     ax2.legend()
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
@@ -279,7 +393,7 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int 
     off = cm.clone().float()
     off.fill_diagonal_(float("nan"))
     im = ax.imshow(off.numpy(), cmap="Reds")
-    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="misclassified digits (off-diagonal)")
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=tr("misclassified digits (off-diagonal)"))
     bar.locator = MaxNLocator(integer=True)   # counts: whole-number ticks only
     bar.update_ticks()
     worst = max(1, int(torch.nan_to_num(off, nan=0.0).max()))
@@ -291,8 +405,8 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int 
                         color="tab:blue" if i == j else ("white" if dark else "black"))
     ax.set_xticks(range(num_classes))
     ax.set_yticks(range(num_classes))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title or "confusion matrix (errors shaded)")
+    ax.set_xlabel(tr("predicted"))
+    ax.set_ylabel(tr("true"))
+    ax.set_title(title or tr("confusion matrix (errors shaded)"))
     fig.tight_layout()
     return fig

@@ -12,7 +12,12 @@ stored with. The sources are staged in ``<out>/src`` from whatever exists at bui
 then Sphinx (docs/conf.py) writes ``<out>/html``. Staged files are rewritten only when their content
 changes, so a second build only re-renders what changed.
 
-Usage: python scripts/build_book.py [--out build/book] [--strict]
+The Chinese edition (``make book-zh``: ``--language zh_CN``) is built from the same staged sources by
+Sphinx's i18n, which replaces each message by its translation in docs/locale/zh_CN/LC_MESSAGES (see
+scripts/translations.py), into ``build/book/zh_CN/html``; every page of either edition links to the
+same page of the other.
+
+Usage: python scripts/build_book.py [--out build/book] [--language zh_CN] [--strict]
 """
 
 from __future__ import annotations
@@ -175,9 +180,17 @@ def local_targets(markdown: str) -> list[str]:
     return [t for t in targets if not re.match(r"[a-z]+:", t)]
 
 
-def stage(src: pathlib.Path) -> dict:
-    """Write the book's sources into ``src``; return what was staged (for the report)."""
-    readme = (ROOT / "README.md").read_text()
+def readme_text() -> str:
+    """The README as the book's landing page: without the line linking README.zh-CN.md (for readers on
+    GitHub; every page of the book links to the same page of the other edition)."""
+    text = (ROOT / "README.md").read_text()
+    return re.sub(r"^.*\(README\.zh-CN\.md\).*\n\n?", "", text, flags=re.M)
+
+
+def stage(src: pathlib.Path, language: str = "en") -> dict:
+    """Write the book's sources into ``src``; return what was staged (for the report). The Chinese
+    edition's exercise notes name the Chinese exercise notebooks (exercises/zh/)."""
+    readme = readme_text()
     table = readme_functions(readme)
     staged = {"lessons": [], "exercises": [], "modules": modules(), "missing": {}}
     wanted = {"index.md", "api", "notebooks"}
@@ -194,10 +207,11 @@ def stage(src: pathlib.Path) -> dict:
     if exercises():
         wanted.add("exercises")
         for path in exercises():
+            where = f"exercises/{'zh/' if language == 'zh_CN' else ''}{path.name}"
             note = ("```{admonition} Check your answers\n:class: note\n"
                     "Open this notebook in Jupyter (`make lab`), fill in the cells marked for you, "
                     "run it, then check it from the repository's folder:\n\n"
-                    f"    python -m quantlab.check exercises/{path.name}\n\n"
+                    f"    python -m quantlab.check {where}\n\n"
                     "The checker runs your notebook and compares your answers with quantlab's.\n```")
             stage_notebook(path, src / "exercises" / path.name, note)
             staged["exercises"].append(path.stem)
@@ -255,14 +269,18 @@ def stage(src: pathlib.Path) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "build" / "book"), help="output folder")
+    parser.add_argument("--out", help="output folder (default: build/book, and build/book/zh_CN for the "
+                        "Chinese edition)")
+    parser.add_argument("--language", default="en", choices=["en", "zh_CN"],
+                        help="the edition: en (the source) or zh_CN (translated by docs/locale/zh_CN)")
     parser.add_argument("--strict", action="store_true",
                         help="fail on any Sphinx warning and on README names that do not resolve")
     args = parser.parse_args(argv)
-    out = pathlib.Path(args.out).resolve()
+    default = ROOT / "build" / "book" / ("" if args.language == "en" else args.language)
+    out = pathlib.Path(args.out or default).resolve()
     sys.path.insert(0, str(ROOT))
     t0 = time.perf_counter()
-    staged = stage(out / "src")
+    staged = stage(out / "src", args.language)
     # viewcode rewrites a module's source page only when the module changed, so its links to the
     # API pages can go stale: regenerate them every time (it takes a second)
     shutil.rmtree(out / "html" / "_modules", ignore_errors=True)
@@ -270,6 +288,8 @@ def main(argv=None) -> int:
     # -E: read every source afresh (an incremental environment keeps stale API cross-references)
     cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-E", "-c", str(ROOT / "docs"),
            "-d", str(out / "doctrees"), "-w", str(warnings), str(out / "src"), str(out / "html")]
+    if args.language != "en":
+        cmd[3:3] = ["-D", f"language={args.language}"]
     if args.strict:
         cmd[3:3] = ["-W", "--keep-going"]
     rc = subprocess.call(cmd, cwd=ROOT)

@@ -73,3 +73,57 @@ def test_confusion_matrix_colorbar_has_integer_ticks():
     ticks = [t for t in bar.get_yticks() if 0 <= t <= 1]
     assert ticks and all(float(t).is_integer() for t in ticks)
     plt.close(fig)
+
+
+# --- the language of the figures (the Chinese edition, #28) ---------------------------------------
+
+def _texts(fig):
+    ax = fig.axes[0]
+    return [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()] + \
+        [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_figures_speak_english_by_default_and_chinese_when_asked():
+    from quantlab import plots
+
+    x = torch.linspace(-1, 1, 200)
+    assert plots.get_language() == "en"
+    english = _texts(plots.hist_with_grid(x, 2 / 255, 128))
+    assert english[:3] == ["8-bit grid: scale=0.007843, zero_point=128", "real value", "count"]
+    try:
+        font = plots.set_language("zh_CN")
+        chinese = _texts(plots.hist_with_grid(x, 2 / 255, 128))
+        assert chinese[:3] == ["8 位量化网格：缩放因子 scale=0.007843，零点 zero_point=128", "实数值", "计数"]
+        assert "实数 0 = 整数 128" in chinese
+        fig = plots.error_vs_bits([8, 4], {"per tensor": [0.1, 1.0]})
+        assert fig.axes[0].get_xlabel() == "位宽 num_bits" and fig.axes[0].get_ylabel() == "RMS 误差"
+        # a CJK font as a fallback after matplotlib's own, when one is installed: no empty boxes
+        import os
+        if os.path.exists("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc"):  # make chromium installs it
+            assert font == "WenQuanYi Zen Hei"
+        if plots.cjk_font() is not None:
+            assert font == plots.cjk_font()
+            assert matplotlib.rcParams["font.family"][1] == font
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # "Glyph ... missing from font(s)" is a warning
+                fig.canvas.draw()
+    finally:
+        plots.set_language("en")
+        matplotlib.rcdefaults()
+        plt.close("all")
+    assert _texts(plots.hist_with_grid(x, 2 / 255, 128))[:3] == english[:3]
+    plt.close("all")
+    with pytest.raises(ValueError, match="language"):
+        plots.set_language("fr")
+
+
+def test_the_language_can_come_from_the_environment():
+    import os
+    import subprocess
+    import sys
+
+    code = "import quantlab.plots as p; print(p.get_language(), p.tr('count'))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "QUANTLAB_LANGUAGE": "zh_CN", "MPLBACKEND": "Agg"})
+    assert run.stdout.split() == ["zh_CN", "计数"], run.stderr
