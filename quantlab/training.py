@@ -83,6 +83,44 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
         ``"lr"`` is the rate at each epoch's start), plus ``"eval_accuracy"`` when ``eval_loader``
         is given, and ``"lr_end"``: the rate after the last batch (0, the cosine schedule's end).
     """
+    epochs, lr, max_shift, weight_decay, seed, progress, distill_weight, n_batches = \
+        _check_train_arguments(model, train_loader, epochs, lr, max_shift, weight_decay, seed,
+                               progress, eval_loader, teacher, distill_weight)
+    torch.manual_seed(seed)
+    if getattr(train_loader, "generator", None) is not None:
+        train_loader.generator.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * n_batches
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    history = {"loss": [], "accuracy": [], "lr": []}
+    if eval_loader is not None:
+        history["eval_accuracy"] = []
+    # one bar for the whole run, refreshed at most once a second: a notebook's progress widget sends
+    # messages per bar and per refresh, and a flood of them overflows the kernel's output queue
+    # (nbval, which reads the queue only after the cell, then loses the end of the cell)
+    bar = tqdm(total=steps, desc=f"epoch 1/{epochs}", disable=not progress, leave=True,
+               mininterval=1.0)
+    for epoch in range(epochs):
+        bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
+        history["lr"].append(opt.param_groups[0]["lr"])
+        loss, accuracy = _train_epoch(model, train_loader, opt, sched, g, max_shift, teacher,
+                                      distill_weight, bar)
+        history["loss"].append(loss)
+        history["accuracy"].append(accuracy)
+        if eval_loader is not None:
+            history["eval_accuracy"].append(evaluate(model, eval_loader))
+    bar.close()
+    history["lr_end"] = opt.param_groups[0]["lr"]
+    model.eval()
+    return history
+
+
+def _check_train_arguments(model, train_loader, epochs, lr, max_shift, weight_decay, seed,
+                           progress, eval_loader, teacher, distill_weight) -> tuple:
+    """train's arguments, checked (an error names the argument) and normalised, the model's
+    defaults filled in; and the number of batches per epoch."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if not any(p.requires_grad for p in model.parameters()):
@@ -114,56 +152,36 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
             from None
     if n_batches == 0:
         raise ValueError("train_loader yielded no batches: training needs at least one")
-    torch.manual_seed(seed)
-    if getattr(train_loader, "generator", None) is not None:
-        train_loader.generator.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * n_batches
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    history = {"loss": [], "accuracy": [], "lr": []}
-    if eval_loader is not None:
-        history["eval_accuracy"] = []
-    # one bar for the whole run, refreshed at most once a second: a notebook's progress widget sends
-    # messages per bar and per refresh, and a flood of them overflows the kernel's output queue
-    # (nbval, which reads the queue only after the cell, then loses the end of the cell)
-    bar = tqdm(total=steps, desc=f"epoch 1/{epochs}", disable=not progress, leave=True,
-               mininterval=1.0)
-    for epoch in range(epochs):
-        model.train()
-        total_loss, correct, seen = 0.0, 0, 0
-        bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
-        history["lr"].append(opt.param_groups[0]["lr"])
-        for batch in train_loader:
-            images, labels = images_and_labels(batch, "train_loader")
-            images = random_shift(images, max_shift, g)
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = F.log_softmax(teacher(images), 1)
-                kl = F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean",
-                              log_target=True)
-                loss = (1 - distill_weight) * loss + distill_weight * kl
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total_loss += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}",
-                            refresh=False)
-            bar.update(1)
-        history["loss"].append(total_loss / seen)
-        history["accuracy"].append(correct / seen)
-        if eval_loader is not None:
-            history["eval_accuracy"].append(evaluate(model, eval_loader))
-    bar.close()
-    history["lr_end"] = opt.param_groups[0]["lr"]
-    model.eval()
-    return history
+    return epochs, lr, max_shift, weight_decay, seed, progress, distill_weight, n_batches
+
+
+def _train_epoch(model, train_loader, opt, sched, g, max_shift, teacher, distill_weight,
+                 bar) -> tuple[float, float]:
+    """One pass over ``train_loader``; returns its mean loss and accuracy."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for batch in train_loader:
+        images, labels = images_and_labels(batch, "train_loader")
+        images = random_shift(images, max_shift, g)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        if teacher is not None:
+            with torch.no_grad():
+                target = F.log_softmax(teacher(images), 1)
+            kl = F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean",
+                          log_target=True)
+            loss = (1 - distill_weight) * loss + distill_weight * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        total_loss += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}",
+                        refresh=False)
+        bar.update(1)
+    return total_loss / seen, correct / seen
 
 
 @torch.no_grad()
