@@ -57,6 +57,18 @@ MUTANTS = [
     ("e", "requantize_fixed_point",
      "acc = torch.clamp(acc.to(torch.int64) << left, INT32_MIN, INT32_MAX)",
      "acc = acc.to(torch.int64) << left"),                                  # left shift unsaturated
+    ("a", "quantize_per_channel",
+     "return quantize(x, scale.reshape(shape), zero_point.reshape(shape), num_bits, signed)",
+     "lo, hi = quant_range(num_bits, signed)\n    return torch.clamp(torch.round(x / scale.reshape(shape))"
+     " + zero_point.reshape(shape), lo, hi).to(torch.int32)"),              # per channel: divides by S
+    ("d", "freeze_linear", "multiplier = (scale_x * scale_w) * (1.0 / scale_y)",
+     "multiplier = scale_x * scale_w / scale_y"),                           # ONNX Runtime's quotient M
+    ("d", "freeze_linear", "multiplier = (scale_x * scale_w) * (1.0 / scale_y)",
+     "multiplier = (scale_x.double() * scale_w.double()) / scale_y.double()"),  # float64 M
+    ("e", "quantized_conv2d", "multiplier = (scale_x * scale_w) * (1.0 / scale_y)",
+     "multiplier = scale_x * scale_w / scale_y"),                           # ONNX Runtime's quotient M
+    ("e", "quantized_conv2d", "multiplier = (scale_x * scale_w) * (1.0 / scale_y)",
+     "multiplier = (scale_x.double() * scale_w.double()) / scale_y.double()"),  # float64 M
 ]
 
 
@@ -360,3 +372,23 @@ def test_a_stopped_notebook_leaves_no_process_behind(tmp_path, where):
     fr = check.grade_isolated(path, timeout=10)
     assert "timed out after 10 s" in fr.error
     assert _processes_serving(path) == []
+
+
+# mistakes whose hint must name them (and not the exercise's general recipe)
+NAMED_HINTS = [
+    (MUTANTS[-5], "dividing by the scale"),
+    (MUTANTS[-4], "ONNX Runtime's formula"),
+    (MUTANTS[-3], "a float64 M"),
+    (MUTANTS[-2], "ONNX Runtime's formula"),
+    (MUTANTS[-1], "a float64 M"),
+]
+
+
+@pytest.mark.parametrize("mutant,words", NAMED_HINTS, ids=[f"{m[1]}:{m[3][:30]}" for m, _ in NAMED_HINTS])
+def test_hint_names_the_mistake(tmp_path, mutant, words):
+    lesson, name, old, new = mutant
+    folder = _copy_solutions(tmp_path)
+    path = folder / f"{lesson}_exercises.ipynb"
+    _substitute(path, old, new)
+    (r,) = check.grade_notebook(path, names=[name]).results
+    assert r.status == check.FAILED and words in r.hint, r
