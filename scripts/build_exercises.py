@@ -200,7 +200,7 @@ from quantlab import check''',
            r"""
            From the int32 accumulator (bias included: $\mathrm{acc} + q_b$, as in lesson d's section 0, the integer layer in
            one equation) to the output integers, as qnnpack:
-           $$ q_y = \mathrm{clamp}\big(\mathrm{round}(\mathrm{float32}(acc) \cdot M) + Z_y,\ q_{min},\ q_{max}\big), \qquad M = \frac{S_x S_w}{S_y} $$
+           $$ q_y = \mathrm{clamp}\big(\mathrm{round}(\mathrm{float32}(acc) \cdot M) + Z_y,\ q_{min},\ q_{max}\big), \qquad M = (S_x S_w) \cdot \tfrac{1}{S_y} $$
            rounded half to even. `multiplier` is a float32 tensor of shape `()` or `(C,)` for the channels on axis 1
            of `acc` (`(N, C)` or `(N, C, H, W)`). Return int32.""",
            '''

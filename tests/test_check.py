@@ -57,6 +57,18 @@ MUTANTS = [
     ("e", "requantize_fixed_point",
      "acc = torch.clamp(acc.to(torch.int64) << left, INT32_MIN, INT32_MAX)",
      "acc = acc.to(torch.int64) << left"),                                  # left shift unsaturated
+    ("a", "quantize_per_channel",
+     "return quantize(x, scale.reshape(shape), zero_point.reshape(shape), num_bits, signed)",
+     "lo, hi = quant_range(num_bits, signed)\n    return torch.clamp(torch.round(x / scale.reshape(shape))"
+     " + zero_point.reshape(shape), lo, hi).to(torch.int32)"),              # per channel: divides by S
+    ("d", "freeze_linear", "multiplier = (scale_x * scale_w) * (1.0 / scale_y)",
+     "multiplier = scale_x * scale_w / scale_y"),                           # ONNX Runtime's quotient M
+    ("d", "freeze_linear", "multiplier = (scale_x * scale_w) * (1.0 / scale_y)",
+     "multiplier = (scale_x.double() * scale_w.double()) / scale_y.double()"),  # float64 M
+    ("e", "quantized_conv2d", "multiplier = (scale_x * scale_w) * (1.0 / scale_y)",
+     "multiplier = scale_x * scale_w / scale_y"),                           # ONNX Runtime's quotient M
+    ("e", "quantized_conv2d", "multiplier = (scale_x * scale_w) * (1.0 / scale_y)",
+     "multiplier = (scale_x.double() * scale_w.double()) / scale_y.double()"),  # float64 M
     ("a", "quantize", "return torch.clamp(q, quant_min, quant_max).to(torch.int32)",
      "return torch.clamp(q, quant_min, quant_max).to(torch.int64)"),        # int64, not int32
     ("a", "dequantize", "(q.to(torch.int32) - zero_point).to(torch.float32) * scale",
@@ -132,10 +144,10 @@ def test_command_line_several_files_one_process_each_and_a_table(tmp_path):
     good = next(x for x in lines if "solutions/e_exercises" in x)
     assert good.startswith("ok") and good.endswith("6 passed, 0 failed, 0 not attempted")
     bad = next(x for x in lines if "submission/a_exercises" in x)
-    assert bad.startswith("FAIL") and bad.endswith("6 passed, 1 failed, 0 not attempted")
-    # the table: one row per file, one column per exercise
+    assert bad.startswith("FAIL") and bad.endswith("5 passed, 2 failed, 0 not attempted")
+    # the table: one row per file, one column per exercise (a7 reuses a5's quantize, so it fails too)
     row = next(x for x in lines if x.startswith(files[1]))
-    assert row.split()[1:] == ["ok", "ok", "ok", "ok", "FAIL", "ok", "ok"]
+    assert row.split()[1:] == ["ok", "ok", "ok", "ok", "FAIL", "ok", "FAIL"]
 
 
 def test_the_first_solution_run_is_reported_with_failing_input_and_hint(tmp_path, capsys):
@@ -404,3 +416,22 @@ def test_dtype_mistakes_are_named(tmp_path, mutant, want):
     (r,) = check.grade_notebook(path, names=[name]).results
     assert r.status == check.FAILED and r.hint.startswith(f"the statement asks for {want}"), r
 
+
+# mistakes whose hint must name them (and not the exercise's general recipe)
+NAMED_HINTS = [
+    (MUTANTS[-7], "dividing by the scale"),
+    (MUTANTS[-6], "ONNX Runtime's formula"),
+    (MUTANTS[-5], "a float64 M"),
+    (MUTANTS[-4], "ONNX Runtime's formula"),
+    (MUTANTS[-3], "a float64 M"),
+]
+
+
+@pytest.mark.parametrize("mutant,words", NAMED_HINTS, ids=[f"{m[1]}:{m[3][:30]}" for m, _ in NAMED_HINTS])
+def test_hint_names_the_mistake(tmp_path, mutant, words):
+    lesson, name, old, new = mutant
+    folder = _copy_solutions(tmp_path)
+    path = folder / f"{lesson}_exercises.ipynb"
+    _substitute(path, old, new)
+    (r,) = check.grade_notebook(path, names=[name]).results
+    assert r.status == check.FAILED and words in r.hint, r

@@ -81,12 +81,15 @@ def _scale_zp_compare():
 def _a3():
     zero_ch = (t([-1.0, 0.0, 2.0]), t([1.0, 0.0, 5.0]))
     cases = [
-        Case(dict(min_val=t(-1.0), max_val=t(3.0), num_bits=8, signed=False)),
+        # first a case where min / scale = -1 exactly (any rounding agrees), then the rounding cases, each
+        # with the hint for its own mistake
+        Case(dict(min_val=t(-1.0), max_val=t(254.0), num_bits=8, signed=False)),
+        Case(dict(min_val=t(-0.7), max_val=t(254.3), num_bits=8, signed=False),
+             "round the zero point (torch.round); int() truncates toward zero"),
         Case(dict(min_val=t(-1.5), max_val=t(253.5), num_bits=8, signed=False),
              "a tie: min/scale = -1.5 exactly; round half to even with torch.round (int() truncates,"
              " floor(x + 0.5) rounds ties up)"),
-        Case(dict(min_val=t(-0.7), max_val=t(254.3), num_bits=8, signed=False),
-             "round the zero point (torch.round); int() truncates toward zero"),
+        Case(dict(min_val=t(-1.0), max_val=t(3.0), num_bits=8, signed=False)),
         Case(dict(min_val=t(2.0), max_val=t(10.0), num_bits=8, signed=False),
              "a range that excludes 0: widen it to include 0 first (min <= 0 <= max), so real 0 "
              "is exactly representable"),
@@ -232,6 +235,11 @@ def _a7():
     cases = [
         Case(dict(x=t([[0.5, -1.0], [2.0, 0.1]]), scale=t([0.01, 0.02]), zero_point=zp([0, 10]),
                   axis=0, num_bits=8, signed=True)),
+        Case(dict(x=t([[RECIPROCAL_CASES[0][0]], [RECIPROCAL_CASES[1][0]]]),
+                  scale=t([RECIPROCAL_CASES[0][1], RECIPROCAL_CASES[1][1]]), zero_point=zp([0, 128]),
+                  axis=0, num_bits=8, signed=False),
+             "multiply by the float32 reciprocal (1 / scale[c]) as PyTorch does; dividing by the "
+             "scale rounds these values to the other integer"),
         Case(dict(x=x3, scale=t([0.1, 0.2, 0.05]), zero_point=zp([1, -2, 0]), axis=1, num_bits=8,
                   signed=True), "per channel along axis 1: reshape scale and zero_point to "
              "broadcast along `axis`, e.g. shape (1, C, 1)"),
