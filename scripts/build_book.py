@@ -236,8 +236,12 @@ def stage(src: pathlib.Path, language: str = "en") -> dict:
            toctree("Modules", staged["modules"])]
     write_if_changed(src / "api" / "index.md", "\n".join(api))
     for name in staged["modules"]:
+        # a package's page shows its docstring; its modules' pages document the members (the
+        # names it re-exports would otherwise be documented twice, under two paths)
+        package = (ROOT / "quantlab" / name.replace(".", "/")).is_dir()
         write_if_changed(src / "api" / f"{name}.md", "\n".join([
-            f"# quantlab.{name}", "", "```{eval-rst}", f".. automodule:: quantlab.{name}", "```", ""]))
+            f"# quantlab.{name}", "", "```{eval-rst}", f".. automodule:: quantlab.{name}",
+            *(["   :no-members:"] if package else []), "```", ""]))
 
     # files the README links to or shows (e.g. docs/screenshot.png), at the same relative place
     for target in local_targets(readme):
