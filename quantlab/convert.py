@@ -34,10 +34,8 @@ from .passes import (
     match,
     trace,
 )
-from .patterns import supported
+from .patterns import supported  # noqa: F401  (the supported list, generated from the table)
 from .qparams import check_num_bits
-
-__all__ = ["quantize_model", "UnsupportedModelError", "supported"]
 
 
 def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
