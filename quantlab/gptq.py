@@ -78,7 +78,7 @@ def input_stats(model: nn.Module, name: str, calib: torch.Tensor, batch_size: in
 
 def output_error(w: torch.Tensor, w_q: torch.Tensor, xtx: torch.Tensor) -> float:
     """Relative output error ``||(W - W_q) X^T||^2 / ||W X^T||^2`` computed from ``X^T X``."""
-    w, d = w.double(), (w - w_q).double()
+    w, d = w.detach().double(), (w.detach() - w_q.detach()).double()
     return float(torch.trace(d @ xtx @ d.T) / torch.trace(w @ xtx @ w.T))
 
 
