@@ -81,18 +81,20 @@ def fold_scales(model: nn.Module, scales: dict) -> nn.Module:
 
 
 def awq_model(model: nn.Module, calib: torch.Tensor, bits: int = 4, group_size: int | None = 128,
-              symmetric: bool = False, grid: int = 20) -> tuple[nn.Module, dict]:
-    """AWQ on a TinyGPT: statistics from the float model on ``calib``, one ``alpha`` per foldable
-    Linear, the scales folded, then every Linear round-to-nearest quantized. Returns
-    ``(quantized copy, report)`` with per layer ``alpha``, ``rtn_error``, ``awq_error``, the
-    folded float model (``"folded"``) and ``"seconds"``."""
+              symmetric: bool = False, grid: int = 20, stats: dict | None = None) -> tuple[nn.Module, dict]:
+    """AWQ on a TinyGPT: statistics from the float model on ``calib`` (or the given ``stats``,
+    ``{name: gptq.input_stats(model, name, calib)}``), one ``alpha`` per foldable Linear, the
+    scales folded, then every Linear round-to-nearest quantized. Returns ``(quantized copy,
+    report)`` with per layer ``alpha``, ``rtn_error``, ``awq_error``, the folded float model
+    (``"folded"``) and ``"seconds"``."""
     start = time.perf_counter()
     scales, report = {}, {"layers": {}}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and FOLDS.get(name.rpartition(".")[2]):
-            stats = input_stats(model, name, calib)
-            found = awq_search(m.weight, stats["xtx"], stats["mean_abs"], bits, group_size,
-                               symmetric, grid)
+            layer_stats = stats[name] if stats is not None and name in stats else \
+                input_stats(model, name, calib)
+            found = awq_search(m.weight, layer_stats["xtx"], layer_stats["mean_abs"], bits,
+                               group_size, symmetric, grid)
             scales[name] = found["scale"]
             report["layers"][name] = {k: found[k] for k in ("alpha", "rtn_error", "awq_error")}
     folded = fold_scales(model, scales)

@@ -20,8 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from quantlab.data import mnist_loaders, official_test_set
-from quantlab.models import MODELS
-from quantlab.models import TinyGPT
+from quantlab.models import MODELS, TinyGPT
 from quantlab.text import CORPUS_SHA256, load_corpus
 from quantlab.training import (
     GPT_RECIPE,

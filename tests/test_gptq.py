@@ -17,7 +17,7 @@ def _layer(seed, out=24, n_in=128, n=600):
     return w, 2 * x.double().T @ x.double() / n, x
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4, 8]),
        group=st.sampled_from([None, 32, 64, 128]), symmetric=st.booleans())
 def test_identity_hessian_gives_round_to_nearest(seed, bits, group, symmetric):
@@ -28,7 +28,7 @@ def test_identity_hessian_gives_round_to_nearest(seed, bits, group, symmetric):
     assert torch.equal(gq.zero_point, rtn.zero_point)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4]), group=st.sampled_from([None, 32]),
        block=st.sampled_from([32, 64, 128]))
 def test_lazy_batches_equal_the_plain_loop(seed, bits, group, block):
