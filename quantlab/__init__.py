@@ -4,13 +4,16 @@ Layers, lowest first (lower layers never import higher ones):
 ``_validate`` (argument checks) <- ``qparams`` (ranges, scale, zero point) <- ``quantize``
 (quantize / dequantize / fake_quantize) <- ``observers`` (range estimators) <- ``observer``
 (QParam) <- ``learned`` (LSQ/PACT: QParams whose step is trained) <- ``fixed_point`` (integer
-requantization) <- ``modules`` (QConv2d, QLinear, ...) <- ``ops`` (add, average pool, cat, ReLU6) <-
-``graph`` (QuantizedNet) <- ``convert`` (quantize_model: torch.fx) <- ``models`` (Net, NetBN,
-ResNet) <- ``ptq`` (cross-layer equalization, bias correction,
-AdaRound).
-``data``, ``training``, ``plots``, ``reference`` and ``export`` sit beside them and are imported
-on demand; ``engine`` and ``npz`` need only NumPy (and onnx to read .onnx files); ``check``
-(the exercise checker, ``quantlab.check.run("a")``) sits on top.
+requantization) <- ``qmodule`` (the layers' life cycle) <- ``requantize`` / ``qat_simulation``
+(a weighted layer's integer and float sides) <- ``weighted`` (QConv2d, QLinear, QConvBNReLU) <-
+``modules`` (every layer's door, and ReLU, max-pool, flatten) <- ``ops`` (add, average pool, cat,
+ReLU6, Hardtanh) <- ``graph`` (QuantizedNet) <- ``patterns`` (what converts to what) <- ``passes``
+(trace, check, match, lower) <- ``convert`` (quantize_model) <- ``models`` (Net, NetBN, ResNet) <-
+``ptq`` (cross-layer equalization, bias correction, AdaRound).
+``data``, ``training``, ``plots``, ``reference`` and ``export`` (with ``onnx_nodes``) sit beside
+them and are imported on demand; ``engine`` (with ``engine_kernels``) and ``npz`` need only NumPy
+(and onnx to read .onnx files); ``check`` (the exercise checker, ``quantlab.check.run("a")``, with
+``notebook_import``, ``sandbox``, ``gradebook`` and ``exercise_checks``) sits on top.
 
 The names below are imported lazily (PEP 562), so ``import quantlab.engine`` does not import
 torch: a deployed model runs where torch is not installed.

@@ -21,19 +21,15 @@ The checks themselves (oracles, tricky cases, random inputs) are in ``quantlab.e
 from __future__ import annotations
 
 import argparse
-import builtins
-import contextlib
-import io
-import json
 import os
 import pathlib
-import re
 import sys
 import time
-import types
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+from .calls import Raised, Returned, call_function, exercise_calls  # noqa: F401  (check's API)
+from .notebook_import import import_notebook, lesson_of  # noqa: F401  (check's API)
 
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not attempted"
 _EXERCISES = None
@@ -71,61 +67,10 @@ class _NotAttempted(Exception):
     pass
 
 
-def _raised_by(fn, exc: BaseException) -> bool:
-    """True when ``exc`` was raised in ``fn``'s own body (not in a function it called)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code is getattr(fn, "__code__", None)
-
-
-def _last_function(exc: BaseException) -> tuple[str, str]:
-    """(function name, module name) of the frame that raised ``exc``."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return "?", ""
-    return tb.tb_frame.f_code.co_name, str(tb.tb_frame.f_globals.get("__name__", ""))
-
-
 def _clone(v):
     import torch
 
     return v.clone() if isinstance(v, torch.Tensor) else v
-
-
-@dataclass
-class Returned:
-    """What a learner's function returned."""
-    value: object
-
-
-@dataclass
-class Raised:
-    """What a learner's function raised: the exception's type and first line, the function and
-    module it was raised in, and whether it was raised in the exercise's own body."""
-    type: str
-    message: str
-    where: str
-    module: str
-    in_function: bool
-
-
-def call_function(ex, fn, args: list) -> Returned | Raised:
-    """Call the learner's ``fn`` for exercise ``ex`` on ``args`` (through the exercise's own
-    calling convention, e.g. with autograd for a gradient), its output discarded."""
-    call = ex.extra.get("call")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return Returned(call(fn, *args) if call else fn(*args))
-    except KeyboardInterrupt:
-        raise
-    except BaseException as e:  # the learner's code raised (or called sys.exit): a failure here
-        where, module = _last_function(e)
-        first_line = (str(e).strip().splitlines() or [""])[0][:300]
-        return Raised(type(e).__name__, first_line, where, module, _raised_by(fn, e))
 
 
 def _try_case(ex, runner, case, first: bool):
@@ -224,7 +169,24 @@ def check_namespace(lesson: str, namespace: dict, names=None, missing: str = "sk
                 results.append(Result(ex.id, ex.name, NOT_ATTEMPTED, note="not defined"))
             continue
         results.append(check_function(ex, fn))
+    blame_dependencies(results, exercise_calls(namespace, [e.name for e in chosen]))
     return results
+
+
+def blame_dependencies(results: list[Result], uses: dict) -> None:
+    """An exercise that failed and calls the function of an exercise that failed before it gets
+    a hint naming that one ("`quantize` (a5) failed above ...") instead of its own: its own
+    hint would send the learner after the wrong bug."""
+    failed = {}
+    for r in results:
+        if r.status != FAILED:
+            continue
+        before = [failed[n] for n in uses.get(r.name, []) if n in failed]
+        if before:
+            named = ", ".join(f"`{d.name}` ({d.id})" for d in before)
+            r.hint = (f"{named} failed above and `{r.name}` calls it: fix "
+                      f"{', '.join(d.id for d in before)} first, then check {r.id} again")
+        failed[r.name] = r
 
 
 def summary(results) -> str:
@@ -261,101 +223,6 @@ def run(lesson: str, *names: str) -> None:
         print(f"no lesson-{lesson} exercise is defined yet")
     elif len(results) > 1:
         print(summary(results))
-
-
-# -- importing a notebook -------------------------------------------------------------------------
-
-def lesson_of(path: pathlib.Path) -> str | None:
-    """The notebook's lesson: metadata ``quantlab.lesson`` first, else its file name."""
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
-        lesson = meta.get("quantlab", {}).get("lesson")
-        if lesson:
-            return str(lesson)
-    except (OSError, ValueError, AttributeError):
-        pass
-    m = re.search(r"(?:^|[^A-Za-z])([a-z]{1,2})_exercises", path.name)
-    return m.group(1) if m else None
-
-
-def _shell():
-    """An IPython shell for the notebook's magics (get_ipython()), tolerant of failing magics."""
-    sys.modules.setdefault("rfc3987_syntax", None)  # jsonschema builds a slow IRI grammar otherwise
-    from IPython.core.interactiveshell import InteractiveShell
-
-    shell = InteractiveShell.instance()
-    if not getattr(shell, "_quantlab_tolerant", False):
-        def tolerant(method):
-            def call(*args, **kwargs):
-                try:
-                    return method(*args, **kwargs)
-                except Exception as e:
-                    print(f"quantlab.check: skipped magic {args[:1]} ({type(e).__name__}: {e})",
-                          file=sys.stderr)
-            return call
-
-        shell.run_line_magic = tolerant(shell.run_line_magic)
-        shell.run_cell_magic = tolerant(shell.run_cell_magic)
-        shell.system = lambda cmd: print(f"quantlab.check: skipped shell command !{cmd}",
-                                         file=sys.stderr)
-        shell.getoutput = lambda cmd, split=True: []
-        shell._quantlab_tolerant = True
-    builtins.get_ipython = lambda: shell
-    return shell
-
-
-def import_notebook(path) -> tuple[dict, str | None]:
-    """Import a notebook with import-ipynb, in its own folder; return (globals, error or None).
-
-    The notebook's folder is the working directory and first on ``sys.path`` while it runs, so its
-    ``import import_ipynb`` / ``from a_exercises import ...`` finds its sibling notebooks. Its
-    output is discarded; an exception stops the import (the globals defined so far are returned).
-    """
-    path = pathlib.Path(path).resolve()
-    shell = _shell()
-    import import_ipynb  # noqa: F401  (registers its finder: the notebook's own notebook imports)
-    from nbformat import read
-
-    stem = path.stem if path.stem.isidentifier() else "learner_notebook"
-    mod = types.ModuleType(stem)
-    mod.__file__ = str(path)
-    old_cwd, old_path, old_modules = os.getcwd(), list(sys.path), set(sys.modules)
-    error = None
-    os.chdir(path.parent)
-    sys.path.insert(0, str(path.parent))
-    saved_ns = shell.user_ns
-    shell.user_ns = mod.__dict__
-    try:
-        try:
-            with open(path, encoding="utf-8") as f:
-                nb = read(f, 4)
-            code_cells = [c for c in nb.cells if c.cell_type == "code"]
-        except Exception as e:  # not JSON, truncated, not UTF-8, not a notebook ({})
-            return {}, (f"cannot read {path.name} as a notebook ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
-                        "is it a saved .ipynb file?")
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for i, cell in enumerate(code_cells, 1):
-                # import-ipynb's own loop (NotebookLoader.exec_module), with the cell number kept
-                code = shell.input_transformer_manager.transform_cell(cell.source)
-                try:
-                    exec(compile(code, f"<{path.name} code cell {i}>", "exec"), mod.__dict__)
-                except BaseException as e:
-                    if isinstance(e, KeyboardInterrupt):
-                        raise
-                    error = f"code cell {i} raised {type(e).__name__}: {e}"
-                    break
-    finally:
-        shell.user_ns = saved_ns
-        os.chdir(old_cwd)
-        sys.path[:] = old_path
-        for name in set(sys.modules) - old_modules:  # sibling notebooks: import them afresh next time
-            origin = getattr(sys.modules[name], "origin", None) or getattr(
-                getattr(sys.modules[name], "__spec__", None), "origin", None)
-            if isinstance(origin, str) and origin.endswith(".ipynb"):
-                del sys.modules[name]
-    return mod.__dict__, error
 
 
 @dataclass
@@ -442,6 +309,8 @@ def grade_isolated(path, lesson: str | None = None, names=None,
                     break
     except SandboxError as e:  # while importing the notebook
         error = str(e)
+    else:
+        blame_dependencies(results, box.ready.uses)
     return FileResult(str(path), lesson, results, error, time.perf_counter() - start)
 
 
@@ -454,25 +323,33 @@ def file_ok(fr: FileResult, strict: bool) -> bool:
     return fr.error is None and bool(fr.results) and not any(r.status in bad for r in fr.results)
 
 
-def _table(frs: list[FileResult]) -> list[str]:
-    """Rows = files, columns = exercises (per lesson): ok / FAIL / - (not attempted)."""
-    sym = {PASSED: "ok", FAILED: "FAIL", NOT_ATTEMPTED: "-"}
-    lines = []
-    for lesson in sorted({fr.lesson for fr in frs if fr.results}):
-        rows = [fr for fr in frs if fr.lesson == lesson and fr.results]
-        ids = [r.id for r in rows[0].results]
-        width = max(len(fr.file) for fr in rows)
-        lines.append("")
-        lines.append(f"lesson {lesson}: " + ", ".join(f"{r.id} {r.name}" for r in rows[0].results))
-        lines.append(f"{'file':{width}s}  " + " ".join(f"{i:>4s}" for i in ids))
-        for fr in rows:
-            cells = {r.id: sym[r.status] for r in fr.results}
-            lines.append(f"{fr.file:{width}s}  " + " ".join(f"{cells.get(i, '?'):>4s}"
-                                                              for i in ids))
+STATUS_MARKS = {PASSED: "ok", FAILED: "FAIL", NOT_ATTEMPTED: "-"}
+
+
+def status_table(header: str, ids: list[str], rows: list[tuple[str, list, str]]) -> list[str]:
+    """Lines of a grid: one row per ``(label, results, tail)``, one column per exercise id, each
+    cell ok / FAIL / - (not attempted) / ? (missing); ``tail`` ends the row."""
+    width = max(len(header), *(len(label) for label, _, _ in rows))
+    lines = [f"{header:{width}s}  " + " ".join(f"{i:>4s}" for i in ids)]
+    for label, results, tail in rows:
+        cells = {r.id: STATUS_MARKS.get(r.status, "?") for r in results}
+        lines.append(f"{label:{width}s}  " + " ".join(f"{cells.get(i, '?'):>4s}" for i in ids)
+                     + tail)
     return lines
 
 
-def main(argv=None) -> int:
+def _table(frs: list[FileResult]) -> list[str]:
+    """Rows = files, columns = exercises (per lesson): ok / FAIL / - (not attempted)."""
+    lines = []
+    for lesson in sorted({fr.lesson for fr in frs if fr.results}):
+        rows = [fr for fr in frs if fr.lesson == lesson and fr.results]
+        lines += ["", f"lesson {lesson}: " + ", ".join(f"{r.id} {r.name}" for r in rows[0].results)]
+        lines += status_table("file", [r.id for r in rows[0].results],
+                              [(fr.file, fr.results, "") for fr in rows])
+    return lines
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m quantlab.check", description=(
         "Grade exercise notebooks: each is imported with import-ipynb in a fresh process and its "
         "functions are checked against quantlab and PyTorch."))
@@ -495,6 +372,34 @@ def main(argv=None) -> int:
                    "folder per learner) into a grade book: a table, and --csv/--json files")
     p.add_argument("--csv", metavar="FILE", help="with --grade: write the grade book as CSV")
     p.add_argument("--json", metavar="FILE", help="with --grade: write every result as JSON")
+    return p
+
+
+def _report(frs: list[FileResult], strict: bool, verbose: bool) -> None:
+    """Every exercise of one notebook (or of each, with --verbose); a line each and a table for
+    several."""
+    if len(frs) == 1 or verbose:
+        for fr in frs:
+            print(f"{fr.file} (lesson {fr.lesson}, {fr.seconds:.1f} s)")
+            if fr.error:
+                print(f"  ERROR: {fr.error}")
+            for r in fr.results:
+                print("\n".join("  " + line for line in format_result(r)))
+            print("  " + summary(fr.results))
+        if len(frs) > 1:
+            print()
+    if len(frs) > 1:
+        width = max(len(fr.file) for fr in frs)
+        for fr in frs:
+            mark = "ok  " if file_ok(fr, strict) else "FAIL"
+            print(f"{mark} {fr.file:{width}s}  {_status_counts(fr)}")
+        print("\n".join(_table(frs)))
+    if strict:
+        print("(--strict: exercises not attempted count as failures)")
+
+
+def main(argv=None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     if args.serve:
         from .sandbox import serve
@@ -518,26 +423,8 @@ def main(argv=None) -> int:
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         frs = list(pool.map(lambda q: grade_isolated(q, args.lesson, timeout=args.timeout,
                                                      memory_mb=args.memory), paths))
-    ok = all(file_ok(fr, args.strict) for fr in frs)
-    if len(frs) == 1 or args.verbose:
-        for fr in frs:
-            print(f"{fr.file} (lesson {fr.lesson}, {fr.seconds:.1f} s)")
-            if fr.error:
-                print(f"  ERROR: {fr.error}")
-            for r in fr.results:
-                print("\n".join("  " + line for line in format_result(r)))
-            print("  " + summary(fr.results))
-        if len(frs) > 1:
-            print()
-    if len(frs) > 1:
-        width = max(len(fr.file) for fr in frs)
-        for fr in frs:
-            mark = "ok  " if file_ok(fr, args.strict) else "FAIL"
-            print(f"{mark} {fr.file:{width}s}  {_status_counts(fr)}")
-        print("\n".join(_table(frs)))
-    if args.strict:
-        print("(--strict: exercises not attempted count as failures)")
-    return 0 if ok else 1
+    _report(frs, args.strict, args.verbose)
+    return 0 if all(file_ok(fr, args.strict) for fr in frs) else 1
 
 
 if __name__ == "__main__":  # run as quantlab.check, not as a second copy named __main__

@@ -1,256 +1,43 @@
 """Quantize your own model: trace it with ``torch.fx``, fuse, and build a quantized graph model.
 
-``quantize_model(model)`` traces any ``nn.Module`` and replaces each supported node by a quantized
-layer (:mod:`quantlab.modules`, :mod:`quantlab.ops`)::
-
-    Conv2d (+ BatchNorm2d, folded) (+ ReLU / ReLU6, the output clamp)  -> QConv2d / QConvBNReLU
-    Linear (+ ReLU)                                                      -> QLinear
-    a + b, torch.add (+ ReLU)                                            -> QAdd
-    torch.cat                                                            -> QCat
-    MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, ReLU, ReLU6                 -> QMaxPool2d, QAvgPool2d,
-                                                                            QReLU, QReLU6
-    flatten / view / reshape / size, Identity, Dropout (eval)            -> shape ops, pass-through
-
-in module and functional form alike. ``Net`` and ``NetBN`` are two inputs like any other.
-The result, a :class:`QuantizedNet`, keeps its layers in graph order in ``layers`` and runs them
-in three modes: float with fake quantization (calibration, QAT), and integer inference.
-Taught in notebooks ``d_post_training_quantize`` (Net) and ``h_your_own_model`` (a ResNet).
+``quantize_model(model)`` runs a short pipeline of named passes (:mod:`quantlab.passes`) over the
+model's ``torch.fx`` graph: trace -> classify and check -> match the table of patterns
+(:data:`quantlab.patterns.PATTERNS`: what converts to what, e.g. ``conv + bn + relu`` ->
+``QConvBNReLU``) -> lower each match to a quantized layer (:mod:`quantlab.modules`,
+:mod:`quantlab.ops`) -> build the :class:`QuantizedNet` and configure its observers. ``Net`` and
+``NetBN`` are two inputs like any other. The result keeps its layers in graph order in ``layers``
+and runs them in three modes: float with fake quantization (calibration, QAT), and integer
+inference. Taught in notebooks ``d_post_training_quantize`` (Net) and ``h_your_own_model`` (a ResNet).
 """
 
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
-import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from ._validate import check_bool, check_real, check_tensor
 from .graph import QuantizedNet, Step
 from .learned import LearnedQParam, check_learn_ranges
-from .modules import (
-    QConv2d,
-    QConvBNReLU,
-    QFlatten,
-    QLinear,
-    QMaxPool2d,
-    QReLU,
-    check_multiplier_formula,
-)
+from .modules import QConv2d, QConvBNReLU, QLinear, check_multiplier_formula
 from .observer import QParam
 from .observers import WEIGHT_OBSERVERS, Observer, check_observer, make_observer
-from .ops import QAdd, QAvgPool2d, QCat, QInput, QReLU6
+from .ops import QAdd, QCat, QInput
+from .passes import (
+    Context,
+    UnsupportedModelError,
+    check_graph,
+    classify,
+    fuse_conv_maxpool,
+    lower,
+    match,
+    trace,
+)
+from .patterns import supported
 from .qparams import check_num_bits
 
-SUPPORTED = ("Conv2d (+BatchNorm2d) (+ReLU/ReLU6), Linear (+ReLU), MaxPool2d / F.max_pool2d, "
-             "AvgPool2d / F.avg_pool2d, AdaptiveAvgPool2d / F.adaptive_avg_pool2d, "
-             "ReLU / F.relu / torch.relu, ReLU6 / F.relu6 / Hardtanh(0, 6), a + b / torch.add "
-             "(+ReLU), torch.cat, Flatten / torch.flatten / view / reshape / size, Identity, "
-             "Dropout")
-
-
-class UnsupportedModelError(ValueError):
-    """The model holds a node quantize_model cannot convert (the message names it)."""
-
-
-#: module classes by kind, in the order they are tried (a Hardtanh(0, 6) is a ReLU6 too)
-_MODULE_KINDS = ((nn.Conv2d, "conv"), (nn.BatchNorm2d, "bn"), (nn.Linear, "linear"),
-                 (nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.MaxPool2d, "maxpool"),
-                 (nn.AvgPool2d, "avgpool"), (nn.AdaptiveAvgPool2d, "adaptive"),
-                 (nn.Flatten, "flatten"), ((nn.Identity, nn.Dropout), "alias"))
-#: functions by kind
-_FUNCTION_KINDS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6",
-                   F.max_pool2d: "maxpool", F.avg_pool2d: "avgpool",
-                   F.adaptive_avg_pool2d: "adaptive", operator.add: "add", operator.iadd: "add",
-                   torch.add: "add", torch.cat: "cat", torch.concat: "cat",
-                   torch.flatten: "flatten", F.dropout: "alias", torch.reshape: "shape",
-                   operator.getitem: "shape", getattr: "shape"}
-#: tensor methods by kind
-_METHOD_KINDS = {"relu": "relu", "relu_": "relu", "add": "add", "add_": "add",
-                 "flatten": "flatten", "view": "shape", "reshape": "shape", "size": "shape",
-                 "contiguous": "shape"}
-
-
-def _encode(arg):
-    """fx arguments -> plain data with '%name' for graph values."""
-    if isinstance(arg, torch.fx.Node):
-        return "%" + arg.name
-    if isinstance(arg, (list, tuple)):
-        return type(arg)(_encode(a) for a in arg)
-    if isinstance(arg, dict):
-        return {k: _encode(v) for k, v in arg.items()}
-    return arg
-
-
-def _describe(node: torch.fx.Node, modules: dict) -> str:
-    if node.op == "call_module":
-        return f"node '{node.name}' (call_module {type(modules[node.target]).__name__})"
-    target = getattr(node.target, "__name__", str(node.target))
-    return f"node '{node.name}' ({node.op} {target})"
-
-
-def _unsupported(node, modules, why: str = "") -> UnsupportedModelError:
-    why = f": {why}" if why else ""
-    return UnsupportedModelError(f"quantize_model cannot convert {_describe(node, modules)}{why}. "
-                                 f"Supported: {SUPPORTED}.")
-
-
-def _arg(node, i, name, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _kind(node: torch.fx.Node, modules: dict) -> str | None:
-    """Classify a node: conv, bn, linear, relu, relu6, maxpool, avgpool, adaptive, add, cat,
-    flatten, shape, alias; None if unsupported."""
-    if node.op == "call_module":
-        m = modules[node.target]
-        if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0):
-            return "relu6"
-        return next((kind for cls, kind in _MODULE_KINDS if isinstance(m, cls)), None)
-    if node.op == "call_function":
-        if node.target is F.hardtanh and (_arg(node, 1, "min_val", -1.0),
-                                          _arg(node, 2, "max_val", 1.0)) == (0, 6):
-            return "relu6"
-        try:
-            return _FUNCTION_KINDS.get(node.target)
-        except TypeError:  # an unhashable target
-            return None
-    if node.op == "call_method":
-        return _METHOD_KINDS.get(node.target)
-    return None
-
-
-def _single_user(node, kinds, kind_set) -> torch.fx.Node | None:
-    """The node's only user if it is of one of ``kind_set``, else None."""
-    users = list(node.users)
-    if len(users) == 1 and kinds.get(users[0]) in kind_set:
-        return users[0]
-    return None
-
-
-def _pool_args(node, modules, kind):
-    if node.op == "call_module":
-        m = modules[node.target]
-        if kind == "adaptive":
-            return dict(output_size=m.output_size)
-        d = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
-                 ceil_mode=m.ceil_mode)
-        if kind == "maxpool":
-            d["dilation"] = m.dilation
-            d["return_indices"] = m.return_indices
-        else:
-            d["count_include_pad"] = m.count_include_pad
-            d["divisor_override"] = m.divisor_override
-        return d
-    if kind == "adaptive":
-        return dict(output_size=_arg(node, 1, "output_size"))
-    k = _arg(node, 1, "kernel_size")
-    d = dict(kernel_size=k, stride=_arg(node, 2, "stride") or k, padding=_arg(node, 3, "padding", 0))
-    if kind == "maxpool":
-        d.update(dilation=_arg(node, 4, "dilation", 1), ceil_mode=_arg(node, 5, "ceil_mode", False),
-                 return_indices=_arg(node, 6, "return_indices", False))
-    else:
-        d.update(ceil_mode=_arg(node, 4, "ceil_mode", False),
-                 count_include_pad=_arg(node, 5, "count_include_pad", True),
-                 divisor_override=_arg(node, 6, "divisor_override"))
-    return d
-
-
-#: in-place functions and methods: their first argument is changed
-_IN_PLACE_FUNCTIONS = {torch.relu_, operator.iadd, operator.imul, operator.isub, operator.itruediv}
-#: ops that return a view of (or the same tensor as) their first argument
-_ALIAS_KINDS = ("shape", "alias", "flatten")
-
-
-def _in_place_target(node: torch.fx.Node, modules: dict) -> torch.fx.Node | None:
-    """The graph value ``node`` changes in place (``y.relu_()``, ``F.relu(y, inplace=True)``,
-    ``x += y``, ``nn.ReLU(inplace=True)``), or None."""
-    first = node.args[0] if node.args else None
-    if not isinstance(first, torch.fx.Node):
-        return None
-    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
-        return first
-    if node.op == "call_function":
-        try:
-            if node.target in _IN_PLACE_FUNCTIONS:
-                return first
-        except TypeError:
-            return None
-        return first if node.kwargs.get("inplace") is True else None
-    if node.op == "call_module" and getattr(modules[node.target], "inplace", False) is True:
-        return first
-    return None
-
-
-def _check_in_place(nodes: list, kinds: dict, modules: dict) -> None:
-    """Refuse an in-place op whose changed tensor is read after it, under any name.
-
-    quantlab's integer graph computes every op out of place, which equals the float model only
-    when nothing reads the changed tensor (or a view of it) after the in-place op: as in
-    ``y = F.relu(y, inplace=True)`` or torchvision's ``out += identity; out = relu(out)``. With
-    ``y.relu_()`` whose result is ignored, or ``identity = x; x += f(x); x + identity``, a later op
-    reads the changed tensor, and the converted model would silently differ.
-    """
-    order = {n: i for i, n in enumerate(nodes)}
-    for node in nodes:
-        target = _in_place_target(node, modules)
-        if target is None:
-            continue
-        group, todo = set(), [target]
-        while todo:                                     # target and every view that shares it
-            n = todo.pop()
-            if n in group:
-                continue
-            group.add(n)
-            if kinds.get(n) in _ALIAS_KINDS and n.args and isinstance(n.args[0], torch.fx.Node):
-                todo.append(n.args[0])
-            todo.extend(u for u in n.users if kinds.get(u) in _ALIAS_KINDS and u is not node)
-        late = sorted((u for n in group for u in n.users if u is not node and order[u] > order[node]),
-                      key=order.get)
-        if late:
-            raise _unsupported(node, modules, f"it changes '{target.name}' in place and "
-                               f"'{late[0].name}' reads it afterwards, which the converted graph "
-                               "cannot follow; write it out of place (y = F.relu(y), x = x + y)")
-
-
-class _InPlaceProxy(torch.fx.Proxy):
-    """A proxy that records ``x += y`` as ``operator.iadd`` (torch.fx's own falls back to
-    ``x = x + y``, which hides that the tensor ``x`` held is changed in place)."""
-
-    def _in_place(self, op, other):
-        return self.tracer.create_proxy("call_function", op, (self, other), {})
-
-    def __iadd__(self, other):
-        return self._in_place(operator.iadd, other)
-
-    def __isub__(self, other):
-        return self._in_place(operator.isub, other)
-
-    def __imul__(self, other):
-        return self._in_place(operator.imul, other)
-
-    def __itruediv__(self, other):
-        return self._in_place(operator.itruediv, other)
-
-
-class _Tracer(torch.fx.Tracer):
-    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
-        return _InPlaceProxy(node, self)
-
-
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
-    try:
-        graph = _Tracer().trace(model)
-        return torch.fx.GraphModule(model, graph, type(model).__name__)
-    except Exception as e:  # data-dependent control flow, unsupported Python
-        raise UnsupportedModelError(
-            f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}); quantize_model needs a model whose forward is a "
-            "fixed graph of supported ops") from e
+__all__ = ["quantize_model", "UnsupportedModelError", "supported"]
 
 
 def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
@@ -304,6 +91,47 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
             and must agree (catches a reshape that mixes the batch dimension), and the model
             accepts only inputs of its shape (``input_shape``).
     """
+    args = _check_arguments(net, num_bits, per_channel, qat, fixed_point, averaging_constant,
+                            output_bits, multiplier, observer, weight_observer, learn_ranges,
+                            example_input)
+    (num_bits, per_channel, qat, fixed_point, averaging_constant, output_bits, multiplier,
+     observer, weight_observer, learn) = args
+    # quantlab's qparams and observers are float32: a float64/float16 model is converted
+    # (float16 -> float32 is exact; float64 -> float32 rounds each weight once)
+    model = copy.deepcopy(net).float().eval()
+    gm = trace(model)
+    kinds = classify(gm)
+    check_graph(gm, kinds)
+    ctx = Context(dict(gm.named_modules()), num_bits, averaging_constant,
+                  dict(num_bits=num_bits, per_channel=per_channel, fixed_point=fixed_point,
+                       averaging_constant=averaging_constant, multiplier=multiplier))
+    layers, steps = _input_layer(gm, kinds, ctx)
+    lower(match(gm, kinds, ctx), ctx, layers, steps)
+    nodes = list(gm.graph.nodes)
+    x_name = next(n.name for n in nodes if n.op == "placeholder")
+    out_name = ctx.ref(next(n for n in nodes if n.op == "output").args[0])[1:]
+    fuse_conv_maxpool(layers, steps, out_name)
+    qnet = QuantizedNet(layers, num_bits, per_channel, fixed_point, qat, steps,
+                        input_name=x_name, output_name=out_name)
+    _set_output_bits(qnet, output_bits, averaging_constant)
+    # the input shape the model accepts: example_input's, or one the model declares (Net's fc
+    # needs 28x28 images); None accepts any batch
+    qnet.input_shape = tuple(example_input.shape[1:]) if example_input is not None else \
+        getattr(model, "input_shape", None)
+    _configure_observers(qnet, learn, observer, weight_observer, averaging_constant, qat)
+    if example_input is not None:
+        _check_example_input(model, gm, example_input)
+    if qat:
+        # fine-tuning a trained model: BN statistics frozen, i.e. training folds BN exactly as
+        # inference does (the last phase of the standard recipe)
+        qnet.freeze_bn_stats(True)
+    return qnet.train(qat)
+
+
+def _check_arguments(net, num_bits, per_channel, qat, fixed_point, averaging_constant,
+                     output_bits, multiplier, observer, weight_observer, learn_ranges,
+                     example_input) -> tuple:
+    """quantize_model's arguments, checked and normalised (an error names the argument)."""
     if not isinstance(net, nn.Module):
         raise TypeError(f"net must be a torch.nn.Module; got {type(net).__name__}")
     num_bits = check_num_bits(num_bits, "num_bits")
@@ -346,206 +174,50 @@ def quantize_model(net: nn.Module, num_bits: int = 8, per_channel: bool = True,
                          "training: it needs qat=True")
     if averaging_constant is None and qat and learn is None:
         averaging_constant = 0.01
-    # quantlab's qparams and observers are float32: a float64/float16 model is converted
-    # (float16 -> float32 is exact; float64 -> float32 rounds each weight once)
-    model = copy.deepcopy(net).float().eval()
-    gm = _trace(model)
-    modules = dict(gm.named_modules())
-    nodes = list(gm.graph.nodes)
-    kinds = {n: _kind(n, modules) for n in nodes if n.op in ("call_module", "call_function",
-                                                             "call_method")}
-    _check_in_place(nodes, kinds, modules)
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    outputs = [n for n in nodes if n.op == "output"]
-    if len(placeholders) != 1:
-        raise UnsupportedModelError(f"quantize_model needs a model with one input; "
-                                    f"{type(model).__name__}.forward takes {len(placeholders)}")
-    out_arg = outputs[0].args[0]
-    if not isinstance(out_arg, torch.fx.Node):
-        raise UnsupportedModelError("quantize_model needs a model that returns one tensor; "
-                                    f"{type(model).__name__} returns {type(out_arg).__name__}")
-    x_name = placeholders[0].name
-    kw = dict(num_bits=num_bits, per_channel=per_channel, fixed_point=fixed_point,
-              averaging_constant=averaging_constant, multiplier=multiplier)
+    return (num_bits, per_channel, qat, fixed_point, averaging_constant, output_bits, multiplier,
+            observer, weight_observer, learn)
 
-    layers, steps, absorbed = [], [], {}
-    # the input goes straight into exactly one weighted layer: that layer quantizes it (qi=True)
-    x_users = list(placeholders[0].users)
-    first_owner = x_users[0] if len(x_users) == 1 and kinds.get(x_users[0]) in ("conv", "linear") \
-        else None
-    if first_owner is None:
-        layers.append(QInput(num_bits, averaging_constant))
-        steps.append(Step(x_name + "_q", "layer", 0, args=("%" + x_name,)))
-        rename = {x_name: x_name + "_q"}
-    else:
-        rename = {}
 
-    def ref(n):
-        if not isinstance(n, torch.fx.Node):
-            return _encode(n)
-        name = absorbed.get(n.name, n.name)
-        return "%" + rename.get(name, name)
+def _input_layer(gm, kinds: dict, ctx: Context) -> tuple[list, list]:
+    """The model's input goes straight into exactly one weighted layer: that layer quantizes it
+    (``qi=True``, ``ctx.first_owner``). Otherwise a QInput layer does, as the graph's first step."""
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    users = list(x.users)
+    if len(users) == 1 and kinds.get(users[0]) in ("conv", "linear"):
+        ctx.first_owner = users[0]
+        return [], []
+    ctx.names[x.name] = x.name + "_q"
+    return [QInput(ctx.num_bits, ctx.averaging_constant)], \
+        [Step(x.name + "_q", "layer", 0, args=("%" + x.name,))]
 
-    def enc(a):
-        if isinstance(a, torch.fx.Node):
-            return ref(a)
-        if isinstance(a, (list, tuple)):
-            return type(a)(enc(v) for v in a)
-        if isinstance(a, dict):
-            return {k: enc(v) for k, v in a.items()}
-        return a
 
-    def add_layer(node, layer, args, out_node=None):
-        layers.append(layer)
-        steps.append(Step((out_node or node).name, "layer", len(layers) - 1, args=args))
-
-    for node in nodes:
-        if node.op in ("placeholder", "output") or node.name in absorbed:
-            continue
-        if node.op == "get_attr":
-            raise _unsupported(node, modules, "parameters used outside a Conv2d/Linear module")
-        kind = kinds.get(node)
-        if kind is None:
-            raise _unsupported(node, modules)
-        tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node)]
-        if kind in ("conv", "linear"):
-            m = modules[node.target]
-            qi = node is first_owner
-            bn = _single_user(node, kinds, {"bn"}) if kind == "conv" else None
-            last = bn or node
-            act = _single_user(last, kinds, {"relu", "relu6"})
-            if act is not None and act.op == "call_method" and act.args[0] is not last:
-                act = None
-            relu = act is not None
-            if kind == "linear":
-                if act is not None and kinds[act] == "relu6":
-                    act, relu = None, False
-                layer = QLinear(m, qi, True, relu=relu, **kw)
-            elif bn is not None:
-                layer = QConvBNReLU(m, modules[bn.target], qi, True, relu=relu, **kw)
-            else:
-                layer = QConv2d(m, qi, True, relu=relu, **kw)
-            if act is not None and kinds[act] == "relu6":
-                layer.relu6 = True
-            out = act or last
-            for fused in (bn, act):
-                if fused is not None:
-                    absorbed[fused.name] = out.name
-            add_layer(node, layer, (ref(tensor_args[0]),), out)
-        elif kind == "bn":
-            raise _unsupported(node, modules, "a BatchNorm2d is only supported right after a "
-                               "Conv2d whose only user it is (it is folded into the conv)")
-        elif kind in ("relu", "relu6"):
-            layer = QReLU(num_bits) if kind == "relu" else QReLU6(num_bits)
-            add_layer(node, layer, (ref(tensor_args[0]),))
-        elif kind == "maxpool":
-            p = _pool_args(node, modules, kind)
-            if p["dilation"] not in (1, (1, 1)) or p["ceil_mode"] or p["return_indices"]:
-                raise _unsupported(node, modules, "max-pooling with dilation, ceil_mode or "
-                                   "return_indices")
-            try:
-                pool = QMaxPool2d(p["kernel_size"], p["stride"], p["padding"], num_bits)
-            except (TypeError, ValueError) as e:   # e.g. a non-square window
-                raise _unsupported(node, modules, str(e)) from e
-            add_layer(node, pool, (ref(tensor_args[0]),))
-        elif kind == "avgpool":
-            p = _pool_args(node, modules, kind)
-            if p["divisor_override"] is not None:
-                raise _unsupported(node, modules, "avg-pooling with divisor_override")
-            layer = QAvgPool2d(p["kernel_size"], p["stride"], p["padding"], p["ceil_mode"],
-                               p["count_include_pad"], num_bits=num_bits)
-            add_layer(node, layer, (ref(tensor_args[0]),))
-        elif kind == "adaptive":
-            p = _pool_args(node, modules, kind)
-            add_layer(node, QAvgPool2d(output_size=p["output_size"], num_bits=num_bits),
-                      (ref(tensor_args[0]),))
-        elif kind == "add":
-            alpha = node.kwargs.get("alpha", 1)
-            if len(tensor_args) != 2 or len(node.args) != 2 or alpha != 1:
-                raise _unsupported(node, modules, "only the sum of two tensors is supported "
-                                   "(no constants, no alpha)")
-            act = _single_user(node, kinds, {"relu"})
-            layer = QAdd(num_bits, relu=act is not None, averaging_constant=averaging_constant)
-            if act is not None:
-                absorbed[act.name] = act.name
-            add_layer(node, layer, tuple(ref(a) for a in tensor_args), act)
-        elif kind == "cat":
-            tensors = _arg(node, 0, "tensors")
-            dim = _arg(node, 1, "dim", 0)
-            if not isinstance(tensors, (list, tuple)) or not all(
-                    isinstance(t, torch.fx.Node) for t in tensors) or dim == 0:
-                raise _unsupported(node, modules, "torch.cat needs a list of tensors and dim != 0 "
-                                   "(the batch)")
-            add_layer(node, QCat(len(tensors), dim, num_bits, averaging_constant),
-                      tuple(ref(t) for t in tensors))
-        elif kind == "flatten":
-            if node.op == "call_module":
-                m = modules[node.target]
-                start, end = m.start_dim, m.end_dim
-            else:
-                start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
-            if start == 0:
-                raise _unsupported(node, modules, "flattening the batch dimension (start_dim=0)")
-            if (start, end) == (1, -1):
-                add_layer(node, QFlatten(num_bits), (ref(tensor_args[0]),))
-            else:
-                steps.append(Step(node.name, "shape", fn=torch.flatten,
-                                  args=(ref(tensor_args[0]), start, end)))
-        elif kind == "alias":
-            steps.append(Step(node.name, "alias", args=(ref(node.args[0]),)))
-        else:  # shape
-            if node.op == "call_method":
-                fn = getattr(torch.Tensor, node.target)
-            else:
-                fn = node.target
-            steps.append(Step(node.name, "shape", fn=fn, args=enc(node.args),
-                              kwargs=enc(node.kwargs)))
-
-    # fuse a conv with the max-pool that is its only user (integer inference only)
-    by_name = {s.name: s for s in steps}
-    for s in steps:
-        layer = layers[s.index] if s.kind == "layer" else None
-        if isinstance(layer, QMaxPool2d) and layer.padding in (0, (0, 0)):
-            src = by_name.get(s.args[0][1:])
-            users = [t for t in steps if s.args[0] in _flat(t.args)]
-            if src is not None and src.kind == "layer" and isinstance(
-                    layers[src.index], (QConv2d, QConvBNReLU)) and len(users) == 1 \
-                    and src.name != out_arg.name:
-                src.pool_of = s.name
-
-    out_name = ref(out_arg)[1:]
-    qnet = QuantizedNet(layers, num_bits, per_channel, fixed_point, qat, steps,
-                        input_name=x_name, output_name=out_name)
-    if output_bits is not None and output_bits != num_bits:
-        where = qnet._qsource.get(out_name)
+def _set_output_bits(qnet: QuantizedNet, output_bits, averaging_constant) -> None:
+    """The model's output keeps its own width (``output_bits``) when it differs from num_bits."""
+    if output_bits is not None and output_bits != qnet.num_bits:
+        where = qnet._qsource.get(qnet.output_name)
         if where is not None and where[1] == "out":
             qnet.layers[where[0]].q_out = QParam(output_bits, averaging_constant=averaging_constant)
             qnet.link_inputs()
-    # the input shape the model accepts: example_input's, or one the model declares (Net's fc
-    # needs 28x28 images); None accepts any batch
-    qnet.input_shape = tuple(example_input.shape[1:]) if example_input is not None else \
-        getattr(model, "input_shape", None)
+
+
+def _configure_observers(qnet: QuantizedNet, learn, observer, weight_observer,
+                         averaging_constant, qat: bool) -> None:
+    """Learned ranges (LSQ/PACT), or the chosen observers of the hidden activations and the
+    weights; QAT's forward pass simulates the integer model."""
     if learn is not None:
         _learn_ranges(qnet, learn, observer, weight_observer)
         qnet.default_lr = 3e-3  # the steps learn too: LSQ's recipe (benchmarks/bench_lsq.py)
-    for layer in layers if learn is None else ():
+    for layer in qnet.layers if learn is None else ():
         if observer is not None and isinstance(layer, (QConv2d, QConvBNReLU, QLinear, QAdd, QCat)) \
                 and layer.q_out is not None and layer.q_out is not qnet.q_out:  # hidden ones only
             layer.q_out.observer = make_observer(copy.deepcopy(observer), None, averaging_constant)
         if weight_observer is not None and hasattr(layer, "q_w"):
             layer.q_w.observer = make_observer(weight_observer, layer.q_w.axis,
                                                name="weight_observer", allowed=WEIGHT_OBSERVERS)
-    for layer in layers:
+    for layer in qnet.layers:
         # QAT's forward pass computes exactly what the integer model will: int32 bias and
         # requantization rounding (the calibration of PTQ keeps the plain fake quantization)
         layer.simulate_integer = qat and hasattr(layer, "link_input")
-    if example_input is not None:
-        _check_example_input(model, gm, example_input)
-    if qat:
-        # fine-tuning a trained model: BN statistics frozen, i.e. training folds BN exactly as
-        # inference does (the last phase of the standard recipe)
-        qnet.freeze_bn_stats(True)
-    return qnet.train(qat)
 
 
 def _check_example_input(model: nn.Module, gm: torch.fx.GraphModule, example_input) -> None:
@@ -570,16 +242,6 @@ def _check_example_input(model: nn.Module, gm: torch.fx.GraphModule, example_inp
                 f"the traced graph does not reproduce the model on a batch of "
                 f"{batch.shape[0]} example inputs, or does not keep the batch dimension "
                 f"(output shape {tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__})")
-
-
-def _flat(args):
-    out = []
-    for a in args:
-        if isinstance(a, (list, tuple)):
-            out.extend(_flat(a))
-        else:
-            out.append(a)
-    return out
 
 
 def _learn_ranges(qnet: QuantizedNet, method: str, observer, weight_observer) -> None:

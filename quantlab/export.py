@@ -59,7 +59,7 @@ import os
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from .graph import QuantizedNet, _refs
 from .modules import (
@@ -69,12 +69,11 @@ from .modules import (
     QFlatten,
     QLinear,
     QMaxPool2d,
-    QReLU,
-    relu6_limit,
     requantization_multiplier,
 )
 from .npz import write, write_atomically
-from .ops import QAdd, QAvgPool2d, QCat, QInput, QReLU6
+from .onnx_nodes import Graph, layer_nodes, weighted_nodes
+from .ops import QAdd, QAvgPool2d, QCat, QInput
 
 #: metadata keys that tell quantlab.engine how quantlab requantized (ONNX has no field for it)
 META_MULTIPLIER = "quantlab.multiplier"
@@ -102,101 +101,6 @@ def multiplier_formula(layer) -> str:
     return own if own in matches else matches[0]
 
 
-class _Graph:
-    """Collects nodes and initializers; names tensors uniquely."""
-
-    def __init__(self):
-        self.nodes, self.inits, self.count = [], [], 0
-        self.contrib = False  # uses com.microsoft operators
-
-    def contrib_node(self, op: str, inputs: list[str], name: str, **attrs) -> str:
-        """A node of ONNX Runtime's com.microsoft domain (QLinearAdd, QLinearConcat, ...)."""
-        self.contrib = True
-        out = f"{name}_out"
-        self.nodes.append(helper.make_node(op, inputs, [out], name=name, domain="com.microsoft",
-                                           **attrs))
-        return out
-
-    def const(self, name: str, value, dtype) -> str:
-        name = f"{name}_{len(self.inits)}"
-        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
-        return name
-
-    def node(self, op: str, inputs: list[str], name: str, **attrs) -> str:
-        self.count += 1
-        out = f"{name}_out" if name else f"t{self.count}"
-        self.nodes.append(helper.make_node(op, inputs, [out], name=name or f"{op}_{self.count}",
-                                           **attrs))
-        return out
-
-    def qparams(self, prefix: str, qparam) -> tuple[str, str]:
-        """(scale, zero point) initializers of an unsigned 8-bit activation QParam."""
-        if qparam.signed or qparam.quant_max > 255:
-            raise ValueError(f"{prefix}: ONNX's QLinear operators take uint8 activations; this "
-                             f"QParam has range [{qparam.quant_min}, {qparam.quant_max}]")
-        return (self.const(f"{prefix}_scale", float(qparam.scale), np.float32),
-                self.const(f"{prefix}_zero_point", int(qparam.zero_point), np.uint8))
-
-    def clip(self, x: str, low: int, high: int, name: str) -> str:
-        """A Clip node when [low, high] is narrower than uint8's [0, 255]."""
-        if (low, high) == (0, 255):
-            return x
-        lo = self.const(f"{name}_min", low, np.uint8)
-        hi = self.const(f"{name}_max", high, np.uint8)
-        return self.node("Clip", [x, lo, hi], f"{name}_clip")
-
-
-def _weighted(g: _Graph, layer, x: str, name: str, allow_fixed_point: bool,
-              weight_dtype: str) -> str:
-    if not layer.frozen:
-        raise RuntimeError(f"{name} is not frozen: calibrate and freeze() before to_onnx")
-    if layer.fixed_point and not allow_fixed_point:
-        raise ValueError(
-            f"{name} uses fixed-point requantization (Q31 multiplier and shift), which no ONNX "
-            "operator expresses: ONNX Runtime's QLinearConv requantizes in float32. Freeze the "
-            "model with fixed_point=False, or pass allow_fixed_point=True to export it anyway "
-            "(the graph is marked; ONNX Runtime's integers may then differ by 1 LSB)")
-    if layer.num_bits > 8:
-        raise ValueError(f"{name}: ONNX's QLinearConv takes 8-bit integers; num_bits is "
-                         f"{layer.num_bits}")
-    q_w = layer.q_w
-    w = layer.weight_int.to(torch.int64).numpy()
-    if isinstance(layer, QLinear):  # (out, in) -> (out, in, 1, 1): a 1x1 conv on (N, in, 1, 1)
-        w = w.reshape(w.shape[0], w.shape[1], 1, 1)
-        x = g.node("Reshape", [x, g.const("fc_shape", [0, -1, 1, 1], np.int64)], f"{name}_reshape")
-        attrs = dict(kernel_shape=[1, 1])
-    else:
-        c = layer.conv
-        pad_h, pad_w = c.padding
-        attrs = dict(kernel_shape=list(c.kernel_size), strides=list(c.stride),
-                     pads=[pad_h, pad_w, pad_h, pad_w], dilations=list(c.dilation),
-                     group=c.groups)
-    xs, xz = g.qparams(f"{name}_x", layer.q_in)
-    ys, yz = g.qparams(f"{name}_y", layer.q_out)
-    per_channel = q_w.axis is not None
-    w_scale = q_w.scale.numpy().astype(np.float32)
-    w_zp = q_w.zero_point.numpy().astype(np.int64)
-    if per_channel and np.any(w_zp != w_zp[0]):
-        raise ValueError(f"{name}: ONNX Runtime needs one weight zero point for all channels "
-                         "(symmetric per-channel weights)")
-    if weight_dtype == "uint8":  # the same real weights: (q_w + 128) - (Z_w + 128) = q_w - Z_w
-        w, w_zp = w + 128, w_zp + 128
-    dt = np.uint8 if weight_dtype == "uint8" else np.int8
-    inputs = [x, xs, xz, g.const(f"{name}_w", w, dt), g.const(f"{name}_w_scale", w_scale,
-                                                                np.float32),
-              g.const(f"{name}_w_zero_point", w_zp, dt), ys, yz,
-              g.const(f"{name}_bias", layer.bias_int.numpy(), np.int32)]
-    y = g.node("QLinearConv", inputs, name, **attrs)
-    low = int(layer.q_out.zero_point) if layer.relu else layer.q_out.quant_min
-    high = layer.q_out.quant_max
-    if layer.relu and layer.relu6:  # ReLU6: also the clip at Z_y + round(6 / S_y)
-        high = min(high, relu6_limit(layer.q_out))
-    y = g.clip(y, max(low, layer.q_out.quant_min), high, name)
-    if isinstance(layer, QLinear):
-        y = g.node("Flatten", [y], f"{name}_flatten", axis=1)
-    return y
-
-
 def _is_flatten(step) -> bool:
     return step.kind == "shape" and step.fn is torch.flatten and \
         tuple(step.args[1:]) in ((1,), (1, -1))
@@ -207,13 +111,12 @@ def _check_linear_inputs(net: QuantizedNet) -> None:
     Reshape to (N, in, 1, 1) and a 1x1 QLinearConv, which equals PyTorch's Linear only on a
     2-D input (on (N, C, H, W) PyTorch applies it to the last dimension)."""
     by_name = {s.name: s for s in net.steps}
-    rank_keeping = (QReLU, QReLU6)
     for step in net.steps:
         if step.kind != "layer" or not isinstance(net.layers[step.index], QLinear):
             continue
         src = by_name.get(_refs(step.args)[0])
-        while src is not None and (src.kind == "alias" or src.kind == "layer" and isinstance(
-                net.layers[src.index], rank_keeping)):
+        while src is not None and (src.kind == "alias" or src.kind == "layer" and hasattr(
+                net.layers[src.index], "integer_range")):    # a clamp keeps the rank
             src = by_name.get(_refs(src.args)[0])
         if src is None:                   # the model's input: 2-D unless its shape says otherwise
             shape = getattr(net, "input_shape", None)
@@ -305,6 +208,24 @@ def to_onnx(model, path: str | os.PathLike | None = None, *, input_dtype: str = 
         raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}; got {input_dtype!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
         raise ValueError(f"opset must be an int >= 13; got {opset!r}")
+    net = _export_graph(model)
+    g = Graph()
+    x_in, x = _onnx_input(g, net, input_dtype)
+    formulas, fixed = set(), set()
+    values = {net.input_name: x}
+    for step in net.steps:
+        values[step.name] = _onnx_step(g, net, step, [values[n] for n in _refs(step.args)],
+                                       formulas, fixed, allow_fixed_point, weight_dtype)
+    onnx_model = _onnx_model(g, net, type(model).__name__, x_in, values[net.output_name], opset,
+                             formulas, fixed)
+    onnx.checker.check_model(onnx_model, full_check=True)
+    if path is not None:            # atomically: never a truncated file under the final name
+        write_atomically(path, lambda f: f.write(onnx_model.SerializeToString()))
+    return onnx_model
+
+
+def _export_graph(model) -> QuantizedNet:
+    """The frozen graph to export: the model, or a one-layer graph around a frozen layer."""
     if isinstance(model, QuantizedNet):
         if not model.frozen:
             raise RuntimeError("model is not frozen: qnet.calibrate(train_loader); qnet.freeze()")
@@ -324,46 +245,50 @@ def to_onnx(model, path: str | os.PathLike | None = None, *, input_dtype: str = 
         raise TypeError("the first layer must be a QConv2d, QConvBNReLU, QLinear or QInput")
     if not first.frozen:
         raise RuntimeError("model is not frozen: calibrate, then freeze() before to_onnx")
-    g = _Graph()
+    return net
+
+
+def _onnx_input(g: Graph, net: QuantizedNet, input_dtype: str):
+    """The graph input (float images quantized by QuantizeLinear, or the input integers)."""
+    first = next(net.layers[s.index] for s in net.steps if s.kind == "layer")
     shape = _input_shape(net, first)
+    if input_dtype == "uint8":
+        return helper.make_tensor_value_info("x_q", TensorProto.UINT8, shape), "x_q"
     q_in = net.q_in
-    if input_dtype == "float32":
-        x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
-        xs, xz = g.qparams("input", q_in)
-        x = g.node("QuantizeLinear", ["x", xs, xz], "quantize_input")
-        x = g.clip(x, q_in.quant_min, q_in.quant_max, "quantize_input")
-    else:
-        x_in = helper.make_tensor_value_info("x_q", TensorProto.UINT8, shape)
-        x = "x_q"
-    values = {net.input_name: x}
-    formulas, fixed = set(), set()
-    for step in net.steps:
-        ins = [values[n] for n in _refs(step.args)]
-        if step.kind == "alias":
-            values[step.name] = ins[0]
-            continue
-        if step.kind == "shape":
-            if step.fn is torch.flatten and tuple(step.args[1:]) in ((1,), (1, -1)):
-                values[step.name] = g.node("Flatten", ins[:1], step.name, axis=1)
-                continue
-            raise TypeError(f"graph step {step.name} ({getattr(step.fn, '__name__', step.fn)}) has "
-                            "no ONNX export: only flatten(x, 1) of the shape functions is exported")
-        layer = net.layers[step.index]
-        name = f"{type(layer).__name__.lower()}_{step.index}"
-        if isinstance(layer, (QConv2d, QConvBNReLU, QLinear)):
-            values[step.name] = _weighted(g, layer, ins[0], name, allow_fixed_point, weight_dtype)
-            formulas.add(multiplier_formula(layer))
-            fixed.add(bool(layer.fixed_point))
-        else:
-            values[step.name] = _graph_op(g, layer, ins, name)
-    x = values[net.output_name]
-    out_q = net.q_out
+    xs, xz = g.qparams("input", q_in)
+    x = g.node("QuantizeLinear", ["x", xs, xz], "quantize_input")
+    x = g.clip(x, q_in.quant_min, q_in.quant_max, "quantize_input")
+    return helper.make_tensor_value_info("x", TensorProto.FLOAT, shape), x
+
+
+def _onnx_step(g: Graph, net: QuantizedNet, step, ins: list[str], formulas: set, fixed: set,
+               allow_fixed_point: bool, weight_dtype: str) -> str:
+    """The ONNX nodes of one step of the graph; returns the name of its output."""
+    if step.kind == "alias":
+        return ins[0]
+    if step.kind == "shape":
+        if step.fn is torch.flatten and tuple(step.args[1:]) in ((1,), (1, -1)):
+            return g.node("Flatten", ins[:1], step.name, axis=1)
+        raise TypeError(f"graph step {step.name} ({getattr(step.fn, '__name__', step.fn)}) has "
+                        "no ONNX export: only flatten(x, 1) of the shape functions is exported")
+    layer = net.layers[step.index]
+    name = f"{type(layer).__name__.lower()}_{step.index}"
+    if isinstance(layer, (QConv2d, QConvBNReLU, QLinear)):
+        formulas.add(multiplier_formula(layer))
+        fixed.add(bool(layer.fixed_point))
+        return weighted_nodes(g, layer, ins[0], name, allow_fixed_point, weight_dtype)
+    return layer_nodes(g, layer, ins, name)
+
+
+def _onnx_model(g: Graph, net: QuantizedNet, model_name: str, x_in, x: str, opset: int,
+                formulas: set, fixed: set) -> onnx.ModelProto:
+    """The model: outputs ``y_q`` and ``y``, opsets, and the metadata quantlab.engine reads."""
     g.nodes.append(helper.make_node("Identity", [x], ["y_q"], name="output_integers"))
-    ys, yz = g.qparams("output", out_q)
+    ys, yz = g.qparams("output", net.q_out)
     g.nodes.append(helper.make_node("DequantizeLinear", ["y_q", ys, yz], ["y"], name="dequantize"))
     out_shape = _output_shape(net)
     graph = helper.make_graph(
-        g.nodes, "quantlab_" + type(model).__name__, [x_in],
+        g.nodes, "quantlab_" + model_name, [x_in],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape),
          helper.make_tensor_value_info("y_q", TensorProto.UINT8, out_shape)], g.inits)
     opsets = [helper.make_opsetid("", opset)]
@@ -371,10 +296,10 @@ def to_onnx(model, path: str | os.PathLike | None = None, *, input_dtype: str = 
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     onnx_model = helper.make_model(graph, opset_imports=opsets, producer_name="quantlab")
     onnx_model.ir_version = min(onnx_model.ir_version, 8 if opset <= 17 else 10)
-    formula = "qnnpack" if "qnnpack" in formulas else "onnxruntime"
     if len(formulas) > 1:
         raise ValueError("the layers were frozen with different multiplier formulas: freeze the "
                          "model again with one of them")
+    formula = "qnnpack" if "qnnpack" in formulas else "onnxruntime"
     helper.set_model_props(onnx_model, {META_MULTIPLIER: formula,
                                         META_REQUANTIZATION: "fixed_point" if True in fixed
                                         else "float"})
@@ -382,9 +307,6 @@ def to_onnx(model, path: str | os.PathLike | None = None, *, input_dtype: str = 
         f"quantlab integer model. quantlab requantized with the {formula} multiplier formula"
         + (" and fixed-point (Q31) requantization, which ONNX cannot express: ONNX Runtime "
            "requantizes in float" if True in fixed else "") + ".")
-    onnx.checker.check_model(onnx_model, full_check=True)
-    if path is not None:            # atomically: never a truncated file under the final name
-        write_atomically(path, lambda f: f.write(onnx_model.SerializeToString()))
     return onnx_model
 
 
@@ -471,10 +393,9 @@ def to_npz(model, path: str | os.PathLike, *, input_dtype: str = "float32") -> d
         elif isinstance(layer, QFlatten):
             kinds.append("flatten")
             values = {}
-        elif isinstance(layer, QReLU):
+        elif hasattr(layer, "integer_range"):     # a clamp: ReLU, ReLU6
             kinds.append("clip")
-            values = {"range": np.array([int(layer.q_in.zero_point), layer.q_in.quant_max],
-                                        np.uint8)}
+            values = {"range": np.array(layer.integer_range(), np.uint8)}
         else:
             raise TypeError(f"layer {i} ({type(layer).__name__}) has no .npz export")
         arrays.update({f"{i}.{k}": v for k, v in values.items()})
@@ -499,10 +420,12 @@ def _input_shape(net: QuantizedNet, first) -> list:
 
 
 def _output_shape(net: QuantizedNet) -> list:
-    """The output's symbolic shape: (N, C) after a linear layer or a flatten, else (N, C, OH, OW)."""
+    """The output's symbolic shape: (N, C) after a linear layer or a flatten, else (N, C, OH, OW)
+    (aliases and clamps keep the rank of their input)."""
     names = {s.name: s for s in net.steps}
     step = names.get(net.output_name)
-    while step is not None and step.kind == "alias":
+    while step is not None and (step.kind == "alias" or step.kind == "layer" and hasattr(
+            net.layers[step.index], "integer_range")):
         step = names.get(_refs(step.args)[0])
     if step is not None and step.kind == "layer" and isinstance(net.layers[step.index],
                                                                 (QLinear, QFlatten)):
@@ -512,50 +435,3 @@ def _output_shape(net: QuantizedNet) -> list:
     return ["N", "C", "OH", "OW"]
 
 
-def _graph_op(g: _Graph, layer, ins: list[str], name: str) -> str:
-    """The ONNX nodes of an unweighted layer of the graph."""
-    x = ins[0]
-    if isinstance(layer, QMaxPool2d):
-        k = layer.kernel_size
-        s = layer.stride or k
-        p = layer.padding
-        return g.node("MaxPool", [x], name, kernel_shape=[k, k], strides=[s, s], pads=[p] * 4)
-    if isinstance(layer, QFlatten):
-        return g.node("Flatten", [x], name, axis=1)
-    if isinstance(layer, QReLU):  # max(q, Z): a clip at the zero point
-        return g.clip(x, int(layer.q_in.zero_point), layer.q_in.quant_max, name)
-    if isinstance(layer, QReLU6):  # clamp(q, Z, Z + round(6 / S))
-        return g.clip(x, int(layer.q_in.zero_point), relu6_limit(layer.q_in), name)
-    if isinstance(layer, QInput):  # the input is already quantized with its q_in
-        return x
-    if isinstance(layer, QAdd):
-        a_s, a_z = g.qparams(f"{name}_a", layer.q_in)
-        b_s, b_z = g.qparams(f"{name}_b", layer.q_in_b)
-        y_s, y_z = g.qparams(f"{name}_y", layer.q_out)
-        y = g.contrib_node("QLinearAdd", [ins[0], a_s, a_z, ins[1], b_s, b_z, y_s, y_z], name)
-        low = int(layer.q_out.zero_point) if layer.relu else layer.q_out.quant_min
-        return g.clip(y, max(low, layer.q_out.quant_min), layer.q_out.quant_max, name)
-    if isinstance(layer, QCat):
-        y_s, y_z = g.qparams(f"{name}_y", layer.q_out)
-        inputs = [y_s, y_z]
-        for i, (x_i, q) in enumerate(zip(ins, layer.q_ins)):
-            inputs += [x_i, *g.qparams(f"{name}_x{i}", q)]
-        y = g.contrib_node("QLinearConcat", inputs, name, axis=layer.dim)
-        return g.clip(y, layer.q_out.quant_min, layer.q_out.quant_max, name)
-    if isinstance(layer, QAvgPool2d):
-        s, z = g.qparams(name, layer.q_in)
-        size = layer.output_size
-        if size is not None:
-            if size not in (1, (1, 1), [1, 1]):
-                raise TypeError(f"{name}: adaptive average pooling to {size} has no ONNX "
-                                "operator; only output_size 1 (QLinearGlobalAveragePool)")
-            return g.contrib_node("QLinearGlobalAveragePool", [x, s, z, s, z], name,
-                                  channels_last=0)
-        k, st, p = (v if isinstance(v, (tuple, list)) else (v, v)
-                    for v in (layer.kernel_size, layer.stride or layer.kernel_size,
-                              layer.padding))
-        return g.contrib_node("QLinearAveragePool", [x, s, z, s, z], name, kernel_shape=list(k),
-                              strides=list(st), pads=[p[0], p[1], p[0], p[1]],
-                              ceil_mode=int(layer.ceil_mode),
-                              count_include_pad=int(layer.count_include_pad))
-    raise TypeError(f"{name} ({type(layer).__name__}) has no ONNX export")

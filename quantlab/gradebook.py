@@ -18,7 +18,7 @@ import pathlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from .check import PASSED, FileResult, exercises, grade_isolated, lesson_of
+from .check import PASSED, FileResult, exercises, grade_isolated, lesson_of, status_table
 
 #: --memory's default with --grade (MB a notebook's process may allocate beyond the checker's)
 DEFAULT_MEMORY_MB = 2048
@@ -118,21 +118,14 @@ def write_json(entries: list[Entry], path) -> None:
 
 def format_table(entries: list[Entry]) -> list[str]:
     """Per lesson: one line per learner, ok / FAIL / - per exercise, the points and any error."""
-    sym = {"passed": "ok", "failed": "FAIL", "not attempted": "-"}
     lines = []
     for lesson in sorted({e.lesson for e in entries if e.lesson}):
         chosen = [e for e in entries if e.lesson == lesson]
         ids = [ex.id for ex in exercises()[lesson]]
-        width = max(len("learner"), *(len(e.learner) for e in chosen))
-        lines += ["", f"lesson {lesson}", f"{'learner':{width}s}  " + " ".join(f"{i:>4s}" for i in ids)
-                  + "  points"]
-        for e in chosen:
-            status = {r.id: sym.get(r.status, "?") for r in e.result.results}
-            line = f"{e.learner:{width}s}  " + " ".join(f"{status.get(i, '?'):>4s}" for i in ids)
-            line += f"  {e.points}/{e.max_points}"
-            if e.result.error:
-                line += f"  ERROR: {e.result.error[:120]}"
-            lines.append(line)
+        rows = [(e.learner, e.result.results, f"  {e.points}/{e.max_points}" + (
+            f"  ERROR: {e.result.error[:120]}" if e.result.error else "")) for e in chosen]
+        table = status_table("learner", ids, rows)
+        lines += ["", f"lesson {lesson}", table[0] + "  points", *table[1:]]
     return lines
 
 

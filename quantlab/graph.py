@@ -35,7 +35,7 @@ from .modules import (
     check_multiplier_formula,
 )
 from .observer import QParam
-from .ops import QAdd, QAvgPool2d, QCat, QInput, QReLU6
+from .ops import QAdd, QCat, QInput
 
 
 @dataclass
@@ -175,7 +175,7 @@ class QuantizedNet(nn.Module):
 
     def _forward_step(self, step, layer, args):
         """One layer step of ``forward`` (fake-quantized float values)."""
-        if isinstance(layer, (QAvgPool2d, QReLU6)):
+        if getattr(layer, "takes_input_qparam", False):   # its output keeps its input's grid
             return layer(args[0], self._qparam(_refs(step.args)[0]))
         return layer(*args)
 

@@ -201,6 +201,9 @@ class QAvgPool2d(_QUnweighted):
     graph passes the input's QParam (``forward(x, qparam)``), as the integers are.
     """
 
+    #: the graph passes the input's QParam to forward (the output keeps the input's grid)
+    takes_input_qparam = True
+
     def __init__(self, kernel_size=None, stride=None, padding=0, ceil_mode=False,
                  count_include_pad=True, output_size=None, num_bits: int = 8):
         super().__init__(num_bits)
@@ -333,12 +336,59 @@ class QReLU6(_QUnweighted):
     """ReLU6 on integers: ``clamp(q, Z, Z + rne(6 / S))`` (see ``modules.relu6_limit``); the
     output keeps the input's qparams."""
 
+    #: the graph passes the input's QParam to forward (the output keeps the input's grid)
+    takes_input_qparam = True
+
     def forward(self, x, qparam: QParam | None = None):
         y = torch.clamp(x, 0.0, 6.0)
         return qparam.fake_quantize(y) if qparam is not None and qparam.observed else y
 
+    def integer_range(self) -> tuple[int, int]:
+        """The clamp on the integers, ``[Z, Z + rne(6 / S)]`` (the export writes it as a Clip)."""
+        return int(self.q_in.zero_point), relu6_limit(self.q_in)
+
     def _integer_op(self, q_x):
-        return torch.clamp(q_x.to(torch.int32), int(self.q_in.zero_point), relu6_limit(self.q_in))
+        return torch.clamp(q_x.to(torch.int32), *self.integer_range())
+
+
+def clamp_limit(value: float, qparam: QParam) -> int:
+    """The integer of real ``value`` on ``qparam``'s grid, clamped to its range:
+    ``clamp(Z + rne(f32(value) * f32(1 / S)), quant_min, quant_max)`` (as PyTorch's quantized
+    clamp and hardtanh)."""
+    steps = torch.round(torch.tensor(float(value)) * (1.0 / qparam.scale.to(torch.float32)))
+    return min(max(int(qparam.zero_point) + int(steps), qparam.quant_min), qparam.quant_max)
+
+
+class QHardtanh(_QUnweighted):
+    """Hardtanh (a clamp to ``[min_val, max_val]``) on integers: ``clamp(q, lo, hi)`` with ``lo``
+    and ``hi`` the integers of ``min_val`` and ``max_val`` on the input's grid (see
+    :func:`clamp_limit`); the output keeps the input's qparams. Bit-exact with PyTorch's quantized
+    ``hardtanh``."""
+
+    #: the graph passes the input's QParam to forward (the output keeps the input's grid)
+    takes_input_qparam = True
+
+    def __init__(self, min_val: float = -1.0, max_val: float = 1.0, num_bits: int = 8):
+        super().__init__(num_bits)
+        min_val, max_val = as_real_tensor(min_val, "min_val"), as_real_tensor(max_val, "max_val")
+        if not float(min_val) < float(max_val):
+            raise ValueError(f"min_val must be below max_val; got {float(min_val)} and "
+                             f"{float(max_val)}")
+        self.min_val, self.max_val = float(min_val), float(max_val)
+
+    def forward(self, x, qparam: QParam | None = None):
+        y = torch.clamp(x, self.min_val, self.max_val)
+        return qparam.fake_quantize(y) if qparam is not None and qparam.observed else y
+
+    def integer_range(self) -> tuple[int, int]:
+        """The clamp on the integers (the export writes it as a Clip)."""
+        return clamp_limit(self.min_val, self.q_in), clamp_limit(self.max_val, self.q_in)
+
+    def _integer_op(self, q_x):
+        return torch.clamp(q_x.to(torch.int32), *self.integer_range())
+
+    def extra_repr(self):
+        return f"min_val={self.min_val}, max_val={self.max_val}"
 
 
 class QInput(QModule):

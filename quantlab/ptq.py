@@ -254,19 +254,9 @@ def _pin_weight(layer, w: torch.Tensor):
     layer.q_w.observing = False
 
 
-def adaround_layer(layer, x_q: torch.Tensor, x_f: torch.Tensor, iterations: int = 1000,
-                   batch_size: int = 64, lr: float = 1e-2, reg: float = 0.01,
-                   beta_range: tuple[float, float] = (20.0, 2.0), warm_start: float = 0.2,
-                   generator: torch.Generator | None = None) -> dict:
-    """AdaRound one weighted layer in place; returns its rounding statistics.
-
-    ``W~ = S (clamp(floor(W/S) + h(V) + Z, q_min, q_max) - Z)`` with ``V`` initialised so that
-    ``h(V) = W/S - floor(W/S)`` (W~ = W at the start). Adam minimises, on random batches,
-    ``|| f(W~ x_q + b) - f(W x_f + b) ||^2`` (summed over channels, averaged over the rest;
-    ``f`` the fused ReLU or identity) ``+ reg * sum(1 - |2 h(V) - 1|^beta)``; the regularizer
-    is off for the first ``warm_start`` of the iterations, then ``beta`` decays from 20 to 2 on a
-    cosine. Finally each weight rounds up where ``h(V) >= 0.5`` (``V >= 0``).
-    """
+def _check_adaround_arguments(layer, x_q, x_f, iterations, batch_size, lr, reg, beta_range,
+                              warm_start) -> tuple:
+    """adaround_layer's arguments, checked (an error names the argument)."""
     if not isinstance(layer, _QWeighted):
         raise TypeError(f"layer must be a quantized conv or linear layer; got {type(layer).__name__}")
     iterations = check_int(iterations, "iterations", 0)
@@ -286,6 +276,24 @@ def adaround_layer(layer, x_q: torch.Tensor, x_f: torch.Tensor, iterations: int 
     if x_q.shape != x_f.shape:
         raise ValueError(f"x_q and x_f must have the same shape; got {tuple(x_q.shape)} and "
                          f"{tuple(x_f.shape)}")
+    return iterations, batch_size, lr, reg, warm_start
+
+
+def adaround_layer(layer, x_q: torch.Tensor, x_f: torch.Tensor, iterations: int = 1000,
+                   batch_size: int = 64, lr: float = 1e-2, reg: float = 0.01,
+                   beta_range: tuple[float, float] = (20.0, 2.0), warm_start: float = 0.2,
+                   generator: torch.Generator | None = None) -> dict:
+    """AdaRound one weighted layer in place; returns its rounding statistics.
+
+    ``W~ = S (clamp(floor(W/S) + h(V) + Z, q_min, q_max) - Z)`` with ``V`` initialised so that
+    ``h(V) = W/S - floor(W/S)`` (W~ = W at the start). Adam minimises, on random batches,
+    ``|| f(W~ x_q + b) - f(W x_f + b) ||^2`` (summed over channels, averaged over the rest;
+    ``f`` the fused ReLU or identity) ``+ reg * sum(1 - |2 h(V) - 1|^beta)``; the regularizer
+    is off for the first ``warm_start`` of the iterations, then ``beta`` decays from 20 to 2 on a
+    cosine. Finally each weight rounds up where ``h(V) >= 0.5`` (``V >= 0``).
+    """
+    iterations, batch_size, lr, reg, warm_start = _check_adaround_arguments(
+        layer, x_q, x_f, iterations, batch_size, lr, reg, beta_range, warm_start)
     w, b = layer.float_weight_bias()
     w, b = w.detach(), None if b is None else b.detach()
     q_w = layer.q_w

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .calls import Raised, Returned, call_function, exercise_calls
+
 #: the most bytes one message may hold (a tensor of 50M float32 values, base64-encoded)
 MAX_MESSAGE = 300_000_000
 
@@ -149,7 +151,8 @@ def limit_memory(memory_mb: float | None) -> None:
 
 def serve(path: str, lesson: str, fds: str, memory_mb: float | None = None) -> int:
     """The child's side (``python -m quantlab.check --serve NB --lesson L --fds R,W``)."""
-    from . import check
+    from .exercise_checks import all_exercises
+    from .notebook_import import import_notebook
 
     torch.set_num_threads(1)
     read_fd, write_fd = (int(x) for x in fds.split(","))
@@ -159,18 +162,19 @@ def serve(path: str, lesson: str, fds: str, memory_mb: float | None = None) -> i
         replies.write(json.dumps(msg).encode() + b"\n")
         replies.flush()
 
-    exercises = {ex.id: ex for ex in check.exercises().get(lesson, [])}
+    exercises = {ex.id: ex for ex in all_exercises().get(lesson, [])}
     limit_memory(memory_mb)
-    namespace, error = check.import_notebook(path)
-    send({"op": "ready", "error": error,
-          "defined": [ex.name for ex in exercises.values() if callable(namespace.get(ex.name))]})
+    namespace, error = import_notebook(path)
+    defined = [ex.name for ex in exercises.values() if callable(namespace.get(ex.name))]
+    send({"op": "ready", "error": error, "defined": defined,
+          "uses": exercise_calls(namespace, [ex.name for ex in exercises.values()])})
     for line in requests:
         msg = json.loads(line)
         if msg.get("op") != "call":
             break
         ex = exercises[msg["id"]]
-        outcome = check.call_function(ex, namespace.get(ex.name), decode(msg["args"]))
-        if isinstance(outcome, check.Returned):
+        outcome = call_function(ex, namespace.get(ex.name), decode(msg["args"]))
+        if isinstance(outcome, Returned):
             send({"op": "returned", "value": encode(outcome.value)})
         else:
             send({"op": "raised", **outcome.__dict__})
@@ -188,6 +192,8 @@ class SandboxError(Exception):
 class Ready:
     error: str | None
     defined: list
+    #: exercise name -> the other exercises' functions it calls (hints only: not trusted for grades)
+    uses: dict
 
 
 class Sandbox:
@@ -231,7 +237,10 @@ class Sandbox:
         except BaseException:  # __exit__ does not run when __enter__ raises: stop the child here
             self.close()
             raise
-        self.ready = Ready(msg.get("error"), list(msg.get("defined", [])))
+        uses = msg.get("uses") if isinstance(msg.get("uses"), dict) else {}
+        self.ready = Ready(msg.get("error"), list(msg.get("defined", [])),
+                           {str(k): [str(n) for n in v] for k, v in uses.items()
+                            if isinstance(v, list)})
         return self
 
     def __exit__(self, *exc) -> None:
@@ -313,17 +322,15 @@ class Sandbox:
         return msg
 
     def call(self, ex, args: list):
-        """Run exercise ``ex``'s function in the child on ``args``: a check.Returned or Raised."""
-        from . import check
-
+        """Run exercise ``ex``'s function in the child on ``args``: a Returned or Raised."""
         self._send({"op": "call", "id": ex.id, "args": encode(list(args))})
         msg = self._receive()
         try:
             if msg.get("op") == "returned":
-                return check.Returned(decode(msg["value"]))
+                return Returned(decode(msg["value"]))
             if msg.get("op") == "raised":
-                return check.Raised(str(msg["type"]), str(msg["message"]), str(msg["where"]),
-                                    str(msg["module"]), bool(msg["in_function"]))
+                return Raised(str(msg["type"]), str(msg["message"]), str(msg["where"]),
+                              str(msg["module"]), bool(msg["in_function"]))
         except (KeyError, ValueError, TypeError) as e:
             raise SandboxError(f"the notebook's process sent a malformed answer ({e})") from None
         raise SandboxError(f"the notebook's process sent {str(msg)[:100]} instead of an answer")

@@ -32,9 +32,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # the layers, lowest first (modules not listed here follow in sorted order)
-MODULE_ORDER = ["qparams", "quantize", "observers", "observer", "learned", "fixed_point", "modules",
-                "ops", "graph", "convert", "models", "ptq", "export", "npz", "engine", "reference", "data",
-                "training", "plots", "explorer", "check", "exercise_checks"]
+MODULE_ORDER = ["qparams", "quantize", "observers", "observer", "learned", "fixed_point", "qmodule",
+                "requantize", "qat_simulation", "weighted", "modules", "ops", "graph", "patterns",
+                "passes", "convert", "models", "ptq", "export", "npz", "engine", "reference", "data",
+                "training", "plots", "explorer", "check", "sandbox", "gradebook", "exercise_checks"]
 
 
 def lessons() -> list[pathlib.Path]:
@@ -46,10 +47,18 @@ def exercises() -> list[pathlib.Path]:
 
 
 def modules() -> list[str]:
-    names = [p.stem for p in sorted((ROOT / "quantlab").glob("*.py"))
-             if not p.stem.startswith("_")]
+    """quantlab's public modules in layer order; a subpackage (``exercise_checks``) is followed by
+    its modules (``exercise_checks.lesson_a``, ...)."""
+    pkg = ROOT / "quantlab"
+    names = [p.stem for p in sorted(pkg.glob("*.py")) if not p.stem.startswith("_")]
+    names += [p.parent.name for p in sorted(pkg.glob("*/__init__.py"))]
     rank = {n: i for i, n in enumerate(MODULE_ORDER)}
-    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+    out = []
+    for name in sorted(names, key=lambda n: (rank.get(n, len(rank)), n)):
+        out.append(name)
+        out += [f"{name}.{p.stem}" for p in sorted((pkg / name).glob("*.py"))
+                if (pkg / name).is_dir() and not p.stem.startswith("_")]
+    return out
 
 
 # --- the README's mapping table: notebook -> quantlab names -------------------------------------

@@ -4,7 +4,7 @@ exercises/solutions/<lesson>_exercises.ipynb (worked solutions), then execute th
 Usage: python scripts/build_exercises.py [--no-execute] [--lessons a d e f]
 Each exercise is a statement (markdown), a code cell holding the signature and docstring followed by
 either ``raise NotImplementedError`` (template) or the solution, and a checking cell. The checks
-themselves live in quantlab/exercise_checks.py; the checker is quantlab/check.py.
+themselves live in quantlab/exercise_checks/ (one file per lesson); the checker is quantlab/check.py.
 Notebooks are stored executed top to bottom, without execution timings and widget state.
 """
 

@@ -117,7 +117,7 @@ def test_readme_names_are_parsed_like_the_table():
                                   "quantize_model", "modules.QConv2d", "modules.QLinear"]}
     assert build_book.resolve("quant_range") == "quantlab.qparams.quant_range"
     assert build_book.resolve("QuantizedNet.freeze") == "quantlab.graph.QuantizedNet.freeze"
-    assert build_book.resolve("modules.QLinear") == "quantlab.modules.QLinear"
+    assert build_book.resolve("modules.QLinear") == "quantlab.weighted.QLinear"
     assert build_book.resolve("no_such_function") is None
 
 

@@ -57,7 +57,13 @@ MUTANTS = [
     ("e", "requantize_fixed_point",
      "acc = torch.clamp(acc.to(torch.int64) << left, INT32_MIN, INT32_MAX)",
      "acc = acc.to(torch.int64) << left"),                                  # left shift unsaturated
+    ("a", "quantize", "return torch.clamp(q, quant_min, quant_max).to(torch.int32)",
+     "return torch.clamp(q, quant_min, quant_max).to(torch.int64)"),        # int64, not int32
+    ("a", "dequantize", "(q.to(torch.int32) - zero_point).to(torch.float32) * scale",
+     "(q.to(torch.int32) - zero_point).double() * scale.double()"),         # float64 values
 ]
+#: planted dtype mistakes and the hint each must get (the statement names the dtype)
+DTYPE_MUTANTS = [(m, want) for m, want in zip(MUTANTS[-2:], ("int32", "float32"))]
 
 
 def _copy_solutions(tmp_path: pathlib.Path) -> pathlib.Path:
@@ -81,6 +87,7 @@ def _substitute(path: pathlib.Path, old: str, new: str) -> None:
 @pytest.mark.parametrize("lesson,name,old,new", MUTANTS,
                          ids=[f"{m[1]}:{m[3][:30]}" for m in MUTANTS])
 def test_every_mutant_fails_its_exercise(tmp_path, lesson, name, old, new):
+    # the dtype mutants also get a hint naming the dtype (test_dtype_mistakes_are_named)
     folder = _copy_solutions(tmp_path)
     path = folder / f"{lesson}_exercises.ipynb"
     _substitute(path, old, new)
@@ -281,14 +288,14 @@ def test_a_notebook_cannot_grade_itself(tmp_path, attack):
     # for the first two), never when it is graded from another process
     tamper = {
         "replace_try_case": "import quantlab.check\nquantlab.check._try_case = lambda *a, **k: None",
-        "patch_the_oracle": "import quantlab.exercise_checks as xc\nxc.quantize = quantize",
+        "patch_the_oracle": "import quantlab.exercise_checks.lesson_a as xc\nxc.quantize = quantize",
         "forge_the_report": "import os\nos.write(1, b'a5 quantize: passed\\n')\n"
                             "print('QUANTLAB_CHECK_RESULT {}', flush=True)",
         "patch_torch": "import torch\ntorch.round = lambda x, **k: x.floor()",
     }[attack]
     path = _notebook(tmp_path / "a_exercises.ipynb", WRONG_QUANTIZE, tamper)
     if attack in ("replace_try_case", "patch_the_oracle"):
-        import quantlab.exercise_checks as xc
+        import quantlab.exercise_checks.lesson_a as xc
         saved = (check._try_case, xc.quantize)
         try:
             inside = check.grade_notebook(path, names=["quantize"])
@@ -360,3 +367,40 @@ def test_a_stopped_notebook_leaves_no_process_behind(tmp_path, where):
     fr = check.grade_isolated(path, timeout=10)
     assert "timed out after 10 s" in fr.error
     assert _processes_serving(path) == []
+
+
+def test_a_failure_caused_by_an_earlier_exercise_names_that_one(tmp_path):
+    # quantize (a5) without its clamp: quantize_per_channel (a7), which calls it, fails too, and
+    # its hint says to fix a5 first instead of a7's own hint (reshape the scales ...)
+    folder = _copy_solutions(tmp_path)
+    path = folder / "a_exercises.ipynb"
+    _substitute(path, "return torch.clamp(q, quant_min, quant_max).to(torch.int32)",
+                "return q.to(torch.int32)")
+    for fr in (check.grade_notebook(path), check.grade_isolated(path, timeout=300)):
+        by_id = {r.id: r for r in fr.results}
+        assert by_id["a5"].status == check.FAILED and "a5" not in by_id["a5"].hint
+        assert by_id["a7"].status == check.FAILED, by_id["a7"]
+        assert by_id["a7"].hint.startswith("`quantize` (a5) failed above and "
+                                           "`quantize_per_channel` calls it: fix a5 first")
+
+
+def test_exercise_calls_follows_helpers_and_ignores_other_globals():
+    from quantlab.calls import exercise_calls
+    ns = {}
+    exec("def quantize(x):\n    return x\n"
+         "def _helper(x):\n    return quantize(x)\n"
+         "def per_channel(x):\n    return [_helper(v) for v in x]\n"
+         "def alone(x):\n    return len(x)\n", ns)
+    assert exercise_calls(ns, ["quantize", "per_channel", "alone"]) == {
+        "quantize": [], "per_channel": ["quantize"], "alone": []}
+
+
+@pytest.mark.parametrize("mutant,want", DTYPE_MUTANTS, ids=lambda v: str(v)[:24])
+def test_dtype_mistakes_are_named(tmp_path, mutant, want):
+    lesson, name, old, new = mutant
+    folder = _copy_solutions(tmp_path)
+    path = folder / f"{lesson}_exercises.ipynb"
+    _substitute(path, old, new)
+    (r,) = check.grade_notebook(path, names=[name]).results
+    assert r.status == check.FAILED and r.hint.startswith(f"the statement asks for {want}"), r
+

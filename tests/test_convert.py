@@ -400,3 +400,59 @@ def test_max_pool_with_a_square_pair_converts_and_a_rectangle_is_refused_by_name
                          nn.Linear(4 * 13 * 8, 10))
     with pytest.raises(UnsupportedModelError, match=r"node '.*' \(call_module MaxPool2d\).*square"):
         quantize_model(rect)
+
+
+class Clamped(nn.Module):
+    """A Hardtanh that is not a ReLU6 (a clamp to [-1.5, 2.25]), module and functional."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.act = nn.Hardtanh(-1.5, 2.25)
+        self.fc = nn.Linear(4 * 13 * 13, 10)
+        with torch.no_grad():           # outputs wide enough for both clamps to bite
+            self.conv.weight.mul_(8.0)
+            self.fc.weight.mul_(20.0)
+
+    def forward(self, x):
+        y = F.max_pool2d(self.act(self.conv(x)), 2)
+        return F.hardtanh(self.fc(y.flatten(1)), -3.0, 3.0)
+
+
+@needs_ao
+def test_hardtanh_converts_bit_exact_with_qnnpack_and_onnxruntime(digits, tmp_path):
+    # one row in OPS, one in PATTERNS and the QHardtanh module: conversion, the graph, the ONNX
+    # export (a Clip), the engine and the oracles follow with no other change
+    import torch.ao.nn.quantized.functional as qF
+
+    from quantlab.engine import Engine
+    from quantlab.ops import QHardtanh
+    from quantlab.reference import quantized_engine
+
+    x_tr, _, x_te = digits
+    torch.manual_seed(0)
+    qnet = _calibrated(Clamped(), x_tr, multiplier="onnxruntime")
+    clamps = [m for m in qnet.layers if isinstance(m, QHardtanh)]
+    assert [(m.min_val, m.max_val) for m in clamps] == [(-1.5, 2.25), (-3.0, 3.0)]
+    q_x = qnet.q_in.quantize_tensor(x_te)
+    values = qnet.integer_values(q_x)
+    for step in (s for s in qnet.steps if s.kind == "layer"):
+        layer = qnet.layers[step.index]
+        if isinstance(layer, QHardtanh):     # PyTorch's quantized hardtanh on the same integers
+            q_in = values[step.args[0][1:]]
+            with quantized_engine("qnnpack"):
+                theirs = qF.hardtanh(torch._make_per_tensor_quantized_tensor(
+                    q_in.to(torch.uint8), float(layer.q_in.scale), int(layer.q_in.zero_point)),
+                    layer.min_val, layer.max_val).int_repr().to(torch.int32)
+            assert torch.equal(values[step.name], theirs)
+            assert int((theirs != q_in).sum()) > 0     # the clamp does clamp something
+    model, ort_ints = _onnxruntime_integers(qnet, q_x)
+    assert sum(n.op_type == "Clip" for n in model.graph.node) >= 2
+    ours = qnet.integer_inference(q_x)
+    assert torch.equal(ort_ints.to(torch.int32), ours)
+    engine = Engine(model).run(q_x.to(torch.uint8).numpy())["y_q"]
+    assert torch.equal(torch.from_numpy(engine.astype("int32")), ours)
+    from quantlab.export import to_npz
+    to_npz(qnet, tmp_path / "clamped.npz")                   # a chain: the .npz format holds it
+    engine = Engine(str(tmp_path / "clamped.npz")).run(x_te.numpy())["y_q"]   # float images
+    assert torch.equal(torch.from_numpy(engine.astype("int32")), ours)

@@ -204,3 +204,26 @@ def test_suite_without_torch_ao_skips_its_oracle_tests_and_still_checks_onnxrunt
     assert out.returncode == 0, out.stdout + out.stderr
     assert "hidden by QUANTLAB_HIDE_TORCH_AO=1" in out.stdout
     assert "1 passed, 2 skipped" in out.stdout, out.stdout
+
+
+def test_a_clamp_after_the_last_linear_layer_keeps_the_output_2d():
+    # Linear + ReLU6 does not fuse: the model ends in a QReLU6 whose output is (N, C), as its input
+    import torch.nn.functional as F
+    from torch import nn
+
+    from quantlab import quantize_model
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return F.relu6(self.fc(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    qnet = quantize_model(M()).calibrate([x]).freeze()
+    model = to_onnx(qnet, input_dtype="uint8")
+    dims = model.graph.output[1].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["N", "C"]

@@ -76,3 +76,13 @@ def test_grade_needs_a_folder_with_notebooks(tmp_path):
     p = subprocess.run([sys.executable, "-m", "quantlab.check", "--grade", str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2 and "no exercise notebook" in p.stderr
+
+
+def test_nbgraders_submitted_folder_names_the_learner_by_its_first_folder(tmp_path):
+    # nbgrader collects into submitted/<learner>/<assignment>/<notebook>.ipynb
+    nested = tmp_path / "submitted" / "erin" / "ps1" / "a_exercises.ipynb"
+    nested.parent.mkdir(parents=True)
+    shutil.copy(SOLUTIONS / "a_exercises.ipynb", nested)
+    assert [(learner, p.name) for learner, p in gradebook.find_notebooks(tmp_path / "submitted")] \
+        == [("erin", "a_exercises.ipynb")]
+

@@ -320,3 +320,24 @@ def test_onnxruntime_average_pool_within_one_lsb():
         total += diff.numel()
     print(f"QLinearAveragePool vs qnnpack's average pool: {differ} of {total} differ by 1 LSB")
     assert differ < 0.2 * total
+
+
+@needs_ao
+def test_hardtanh_bit_exact_with_qnnpack():
+    import torch.ao.nn.quantized.functional as qF
+
+    from quantlab.ops import QHardtanh, clamp_limit
+    rng, gen = random.Random(11), torch.Generator().manual_seed(12)
+    for _ in range(300):
+        scale, z = rng.uniform(0.002, 0.2), rng.randint(0, 255)
+        low = rng.uniform(-4, 2)
+        high = low + rng.uniform(0.01, 6)
+        q_x = torch.randint(0, 256, (1, 300), generator=gen, dtype=torch.int32)
+        layer = QHardtanh(low, high).freeze(qparam(scale, z))
+        with quantized_engine("qnnpack"):
+            theirs = qF.hardtanh(qt(q_x, scale, z), low, high).int_repr().to(torch.int32)
+        assert torch.equal(layer.quantize_inference(q_x), theirs)
+    assert clamp_limit(6.0, qparam(0.05, 10)) == relu6_limit(qparam(0.05, 10)) == 130
+    assert clamp_limit(-1.0, qparam(0.05, 10)) == 0     # below the range: its bottom
+    with pytest.raises(ValueError, match="min_val must be below max_val"):
+        QHardtanh(1.0, 1.0)

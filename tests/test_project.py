@@ -101,8 +101,9 @@ def test_notebook_ends_with_summary_and_exercises(path):
     assert headings[-3:] == ["Summary", "Exercises", "References"], headings
 
 
-LAYERS = ["qparams", "quantize", "observers", "observer", "learned", "fixed_point", "modules", "ops",
-          "graph", "convert", "models", "ptq"]
+LAYERS = ["qparams", "quantize", "observers", "observer", "learned", "fixed_point", "qmodule",
+          "requantize", "qat_simulation", "weighted", "modules", "ops", "graph", "patterns", "passes",
+          "convert", "models", "ptq"]
 
 
 def test_lower_layers_never_import_higher_ones():

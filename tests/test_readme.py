@@ -36,3 +36,14 @@ def test_every_python_block_of_the_readme_runs_in_order(tmp_path):
     # the accuracy the README announces for its own model ("about 0.95-0.97"), with room for noise
     accuracy = float(re.search(r"^(0\.\d+)$", p.stdout, flags=re.M).group(1))
     assert 0.93 <= accuracy <= 0.99, accuracy
+
+
+def test_the_readme_table_of_supported_patterns_is_generated_from_quantlab_patterns():
+    # the one place that says what converts to what is quantlab.patterns; the README shows it
+    from quantlab.patterns import markdown
+    text = (ROOT / "README.md").read_text()
+    start = text.index("<!-- patterns:")
+    start = text.index("\n", start) + 1
+    end = text.index("<!-- /patterns -->")
+    assert text[start:end].strip() == markdown().strip(), \
+        "README's table is out of date: paste the output of `python -m quantlab.patterns`"

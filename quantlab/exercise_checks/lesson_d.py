@@ -1,0 +1,197 @@
+"""The checks of exercises/d_exercises.ipynb: BN folding, int32 bias, float requantization, QLinear.freeze
+(notebook d_post_training_quantize)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from hypothesis import strategies as st
+
+from .. import qparams
+from ..modules import QLinear
+from ..reference import DEPRECATION_MESSAGES
+from .common import INT32_MAX, INT32_MIN, Case, Exercise, close, exact_ints, floats32, same_tuple, t
+from .lesson_a import RECIPROCAL_CASES
+
+
+def _d1():
+    def bn(c, var, bias=True, shape=(3, 2, 1, 1)):
+        g = torch.Generator().manual_seed(c)
+        w = torch.randn(shape, generator=g)
+        n = shape[0]
+        return dict(weight=w, bias=torch.randn(n, generator=g) if bias else None,
+                    mean=torch.randn(n, generator=g), var=var,
+                    gamma=torch.randn(n, generator=g), beta=torch.randn(n, generator=g), eps=1e-5)
+
+    cases = [
+        Case(bn(0, t([4.0, 0.25, 1.0]))),
+        Case(bn(1, t([0.0, 2.0, 9.0])), "divide by sqrt(var + eps): with var = 0 the eps matters"),
+        Case(bn(2, t([4.0, 1.0, 0.5]), bias=False), "a conv without bias: use 0 for b"),
+        Case(bn(3, t([1.5, 3.0, 0.5]), shape=(3, 4)), "a Linear weight (C_out, C_in): reshape the"
+             " factor to (C_out, 1, ...) for any weight dimension"),
+    ]
+
+    @st.composite
+    def strat(draw):
+        seed = draw(st.integers(0, 2**16))
+        ndim = draw(st.sampled_from([2, 4]))
+        c = draw(st.integers(1, 4))
+        shape = (c, 2, 3, 3) if ndim == 4 else (c, 3)
+        var = t(draw(st.lists(floats32(0.0, 100.0), min_size=c, max_size=c)))
+        eps = draw(st.sampled_from([1e-5, 1e-3]))
+        d = bn(seed, var, draw(st.booleans()), shape)
+        d["eps"] = eps
+        return Case(d, desc=f"seed={seed}, weight shape {shape}, var={var.tolist()}, eps={eps}, "
+                    f"bias={'given' if d['bias'] is not None else None}")
+
+    def oracle(weight, bias, mean, var, gamma, beta, eps):
+        from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+        w, b = fuse_conv_bn_weights(weight, bias, mean, var, eps, gamma, beta)
+        return w.detach(), b.detach()
+
+    return Exercise("d", 1, "fold_bn", oracle,
+                    same_tuple(("weight", close(1e-5, 1e-6)), ("bias", close(1e-5, 1e-6))),
+                    lambda: cases, strat,
+                    "w' = w * gamma / sqrt(var + eps) per output channel; b' = beta + (b - mean) * "
+                    "gamma / sqrt(var + eps)")
+
+
+def _bias_oracle(bias, scale_x, scale_w):
+    """PyTorch's int32 bias: quantize_per_channel(b, f32(S_x * S_w), 0, qint32)."""
+    s = (torch.as_tensor(scale_x, dtype=torch.float32) * torch.as_tensor(scale_w,
+                                                                          dtype=torch.float32))
+    s = s.expand(bias.shape).contiguous()
+    with warnings.catch_warnings():
+        for m in DEPRECATION_MESSAGES:
+            warnings.filterwarnings("ignore", message=m)
+        try:
+            q = torch.quantize_per_channel(bias.to(torch.float32), s.double(),
+                                           torch.zeros(bias.shape, dtype=torch.long), 0,
+                                           torch.qint32)
+            return q.int_repr()
+        except (RuntimeError, AttributeError):  # quantized dtypes removed: the same formula
+            q = torch.round(bias.to(torch.float32) * (1.0 / s)).double()
+            return q.clamp(INT32_MIN, INT32_MAX).to(torch.int32)
+
+
+def _d2():
+    x_r, s_r = RECIPROCAL_CASES[0]
+    cases = [
+        Case(dict(bias=t([0.2471, -0.2625, 0.0754]), scale_x=t(0.034925),
+                  scale_w=t([0.0025, 0.0024, 0.0025])),
+             "q_b = round(b * (1 / (S_x * S_w))) is far larger than 127: keep it in int32, never clamp "
+             "it to int8"),
+        Case(dict(bias=t([0.5, 1.5, 2.5, -0.5]), scale_x=t(1.0), scale_w=t(1.0)),
+             "ties at .5: round half to even (torch.round)"),
+        Case(dict(bias=t([x_r]), scale_x=t(1.0), scale_w=t([s_r])),
+             "multiply by the float32 reciprocal 1 / (S_x * S_w), as PyTorch; dividing rounds this "
+             "value to the other integer"),
+        Case(dict(bias=t([1e9, -1e9, 3.0]), scale_x=t(1e-3), scale_w=t([1.0, 1.0, 1.0])),
+             "int32 limits: clamp q_b to [-2**31, 2**31 - 1] (in int64; float32 cannot hold "
+             "2**31 - 1)"),
+        Case(dict(bias=t([0.1, -0.2]), scale_x=t(1e-4), scale_w=t(1e-5)),
+             "a per-tensor weight scale (shape ()) broadcasts over the channels"),
+    ]
+
+    @st.composite
+    def strat(draw):
+        c = draw(st.integers(1, 5))
+        b = t(draw(st.lists(floats32(-100.0, 100.0), min_size=c, max_size=c)))
+        sx = t(draw(floats32(1e-4, 1.0)))
+        per_channel = draw(st.booleans())
+        sw = (t(draw(st.lists(floats32(1e-4, 1.0), min_size=c, max_size=c))) if per_channel
+              else t(draw(floats32(1e-4, 1.0))))
+        return Case(dict(bias=b, scale_x=sx, scale_w=sw))
+
+    return Exercise("d", 2, "quantize_bias", _bias_oracle, exact_ints, lambda: cases, strat,
+                    "q_b = clamp(round(b * (1 / (S_x * S_w))), int32 range) with scale S_x * S_w "
+                    "and zero point 0, as an int32 tensor")
+
+
+def _requant_oracle(acc, multiplier, zero_point, quant_min=0, quant_max=255):
+    m = torch.as_tensor(multiplier, dtype=torch.float32)
+    if m.dim() == 1:
+        m = m.reshape([1, -1] + [1] * (acc.dim() - 2))
+    y = torch.round(acc.to(torch.float32) * m) + float(zero_point)
+    return torch.clamp(y, quant_min, quant_max).to(torch.int32)
+
+
+def _d3():
+    cases = [
+        Case(dict(acc=torch.tensor([[1, 3, 5, -1, -3]]), multiplier=t(0.5), zero_point=11),
+             "round M * acc half to even (torch.round) before adding Z_y: casting to int truncates"),
+        Case(dict(acc=torch.tensor([[-7, 7, 20]]), multiplier=t(0.3), zero_point=5),
+             "round to the nearest integer; casting to int truncates toward zero"),
+        Case(dict(acc=torch.tensor([[10**6, -(10**6)]]), multiplier=t(0.01), zero_point=128),
+             "clamp to [quant_min, quant_max] after adding the zero point"),
+        Case(dict(acc=torch.tensor([[100, 100], [-40, 7]]), multiplier=t([0.01, 0.5]),
+                  zero_point=3), "a per-channel multiplier (C,) belongs to axis 1 of acc"),
+        Case(dict(acc=torch.arange(8).reshape(1, 2, 2, 2) * 1000, multiplier=t([0.001, 0.02]),
+                  zero_point=0), "a conv accumulator (N, C, H, W): reshape M to (1, C, 1, 1)"),
+        Case(dict(acc=torch.tensor([[1069547519]]), multiplier=t(2.0**-23), zero_point=0),
+             "int32-sized acc: convert acc to float32 first (as qnnpack), then multiply by the "
+             "float32 M; float64 rounds this value differently"),
+        Case(dict(acc=torch.tensor([[INT32_MAX, INT32_MIN]]), multiplier=t(1e-9), zero_point=128),
+             "int32 limits: float32(acc) * M, rounded, plus Z_y"),
+    ]
+
+    @st.composite
+    def strat(draw):
+        c = draw(st.integers(1, 3))
+        n = draw(st.integers(1, 3))
+        acc = draw(st.lists(st.integers(-2**20, 2**20), min_size=n * c, max_size=n * c))
+        per_channel = draw(st.booleans())
+        m = (t(draw(st.lists(floats32(1e-6, 1.0), min_size=c, max_size=c))) if per_channel
+             else t(draw(floats32(1e-6, 1.0))))
+        z = draw(st.integers(0, 255))
+        return Case(dict(acc=torch.tensor(acc).reshape(n, c), multiplier=m, zero_point=z))
+
+    return Exercise("d", 3, "requantize", _requant_oracle, exact_ints, lambda: cases, strat,
+                    "q_y = clamp(round(float32(acc) * M) + Z_y, quant_min, quant_max), rounded "
+                    "half to even")
+
+
+def _linear_case(seed, c_out, c_in, x_range, y_range, bias_scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(c_out, c_in, generator=g) * 0.3
+    b = torch.randn(c_out, generator=g) * bias_scale
+    sx, _ = qparams.calc_scale_zero_point(t(x_range[0]), t(x_range[1]))
+    sy, _ = qparams.calc_scale_zero_point(t(y_range[0]), t(y_range[1]))
+    return Case(dict(weight=w, bias=b, scale_x=sx, scale_y=sy),
+                desc=f"weight = 0.3 * randn({c_out}, {c_in}), bias = {bias_scale} * randn({c_out})"
+                     f" (seed {seed}), scale_x={sx.item()!r}, scale_y={sy.item()!r}")
+
+
+def _d4():
+    cases = [_linear_case(0, 3, 4, (-1.0, 1.0), (-2.0, 2.0)),
+             _linear_case(1, 4, 8, (0.0, 3.0), (-0.5, 6.0), bias_scale=2.0)]
+
+    @st.composite
+    def strat(draw):
+        seed = draw(st.integers(0, 2**16))
+        return _linear_case(seed, draw(st.integers(1, 4)), draw(st.integers(1, 6)),
+                            (-draw(floats32(0.01, 10.0)), draw(floats32(0.01, 10.0))),
+                            (-draw(floats32(0.01, 10.0)), draw(floats32(0.01, 10.0))))
+
+    def oracle(weight, bias, scale_x, scale_y):
+        fc = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            fc.weight.copy_(weight)
+            fc.bias.copy_(bias)
+        layer = QLinear(fc, per_channel=True)
+        for qp, s in ((layer.q_in, scale_x), (layer.q_out, scale_y)):
+            qp.scale, qp.zero_point = s.clone(), torch.tensor(0, dtype=torch.int32)
+            qp.min_val, qp.max_val = t(0.0), t(0.0)
+        layer.freeze()
+        return layer.weight_int, layer.q_w.scale, layer.bias_int.to(torch.int32), layer.multiplier
+
+    return Exercise("d", 4, "freeze_linear", oracle,
+                    same_tuple(("q_w", exact_ints), ("scale_w", close(1e-6)), ("q_b", exact_ints),
+                               ("multiplier", close(1e-6))),
+                    lambda: cases, strat,
+                    "per-channel symmetric int8 weights (scale max|w_c| / 127.5, zero point 0); "
+                    "q_b = round(b * (1 / (S_x * S_w))); M = (S_x * S_w) * (1 / S_y) in float32")
+
+
