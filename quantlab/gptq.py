@@ -50,7 +50,15 @@ def input_stats(model: nn.Module, name: str, calib: torch.Tensor, batch_size: in
     """Statistics of the inputs of the Linear ``name`` over ``calib`` (a batch of model inputs):
     ``{"xtx": X^T X / N (float64, in x in), "mean_abs": mean |x| per input channel, "max_abs":
     max |x| per channel, "n": N}``; X holds every position of every sequence (rows)."""
-    layer = model.get_submodule(name)
+    if not isinstance(calib, torch.Tensor) or calib.dim() < 1 or len(calib) == 0:
+        got = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
+        raise TypeError(f"calib must be a non-empty tensor of model inputs (a batch); got {got}")
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"model has no module {name!r}; its Linears: {linear_names(model)[:6]}") from None
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(f"{name!r} is a {type(layer).__name__}, not an nn.Linear")
     stats = {"xtx": 0.0, "abs_sum": 0.0, "max_abs": None, "n": 0}
 
     def hook(_module, args):

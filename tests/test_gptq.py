@@ -79,3 +79,15 @@ def test_gptq_model_beats_round_to_nearest_layer_by_layer():
         assert r["gptq_error"] < r["rtn_error"], name
     stats = input_stats(model, "blocks.0.qkv", calib)
     assert stats["n"] == 16 * 16 and stats["xtx"].shape == (32, 32)
+
+
+def test_bad_calibration_and_names_are_named():
+    from quantlab.models import TinyGPT
+    model = TinyGPT(vocab_size=20, n_layers=1, d_model=32, n_heads=2, context=16)
+    calib = torch.randint(0, 20, (4, 16))
+    with pytest.raises(TypeError, match="calib must be"):
+        input_stats(model, "blocks.0.qkv", [[1, 2]])
+    with pytest.raises(ValueError, match="has no module"):
+        input_stats(model, "blocks.9.qkv", calib)
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        input_stats(model, "blocks.0.ln1", calib)
