@@ -2,7 +2,7 @@
 
 ``Net``: Conv2d(1,40,3,1) -> ReLU -> MaxPool2d(2,2) -> Conv2d(40,40,3,1,groups=20) -> ReLU ->
 MaxPool2d(2,2) -> flatten -> Linear(5*5*40, 10). ``NetBN`` adds BatchNorm2d after each conv.
-Taught in notebook ``b_model``.
+Taught in notebook ``b_model``. ``TinyGPT``: the character-level transformer of lessons i and j.
 """
 
 from __future__ import annotations
@@ -96,6 +96,72 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class Block(nn.Module):
+    """One pre-LayerNorm transformer block: ``x + proj(attn(ln1(x)))``, then
+    ``x + fc2(gelu(fc(ln2(x))))``; the four Linears are ``qkv``, ``proj``, ``fc``, ``fc2``."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.fc = nn.Linear(d_model, 4 * d_model)
+        self.fc2 = nn.Linear(4 * d_model, d_model)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # softmax(QK^T/sqrt(d_h)) V
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """A character-level decoder-only transformer (GPT-2's shape, Radford et al. 2019).
+
+    Token and learned position embeddings -> ``n_layers`` pre-LN :class:`Block` s (causal
+    self-attention with ``n_heads`` heads, GELU MLP of width 4 d) -> final LayerNorm -> logits by
+    the transposed token embedding (the head is tied to it). No dropout. With the defaults
+    (vocab 103, 4 layers, d 128, 4 heads, context 128): 822,912 parameters, 786,432 of them the
+    weights of the 16 Linears. (B, T) int64 ids, T <= context -> (B, T, vocab) logits.
+    Taught in notebook ``i_low_bit_weights``.
+    """
+
+    def __init__(self, vocab_size: int = 103, n_layers: int = 4, d_model: int = 128,
+                 n_heads: int = 4, context: int = 128):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model must be a multiple of n_heads; got {d_model} and {n_heads}")
+        self.context = context
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        # GPT-2's initialisation: N(0, 0.02), the residual outputs scaled by 1/sqrt(2 n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("weight") and p.dim() == 2:
+                std = 0.02 / (2 * n_layers) ** 0.5 if name.endswith(("proj.weight", "fc2.weight")) \
+                    else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        if t > self.context:
+            raise ValueError(f"idx holds {t} positions; the context is {self.context}")
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x) @ self.tok.weight.T  # the tied head
 
 
 MODELS = {"net": Net, "netbn": NetBN, "resnet": ResNet}

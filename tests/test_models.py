@@ -114,3 +114,54 @@ def test_errors(loaders):
     # calibrate accepts a plain iterable of image batches
     images = next(iter(train))[0]
     quantize_model(Net(), 8).calibrate([images[:10], images[10:20]]).freeze()
+
+
+# ---- TinyGPT (lessons i and j) ----
+
+def test_tinygpt_has_the_prototype_size_and_a_tied_head():
+    from quantlab.models import TinyGPT
+    model = TinyGPT()
+    assert sum(p.numel() for p in model.parameters()) == 822_912
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 16 and sum(m.weight.numel() for m in linears) == 786_432
+    logits = model(torch.zeros(2, 5, dtype=torch.int64))
+    assert logits.shape == (2, 5, 103)
+
+
+def test_tinygpt_is_causal():
+    from quantlab.models import TinyGPT
+    torch.manual_seed(0)
+    model = TinyGPT(vocab_size=11, n_layers=1, d_model=16, n_heads=2, context=8).eval()
+    a = torch.randint(0, 11, (1, 8))
+    b = a.clone()
+    b[0, 5:] = (b[0, 5:] + 1) % 11
+    assert torch.equal(model(a)[0, :5], model(b)[0, :5])  # later characters change no earlier logit
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, 9, dtype=torch.int64))
+
+
+def test_shipped_tinygpt_loads_and_scores_its_recorded_perplexity():
+    from quantlab.text import load_corpus
+    from quantlab.training import perplexity, pretrained_tinygpt, tinygpt_info
+    model, info = pretrained_tinygpt(), tinygpt_info()
+    score = perplexity(model, load_corpus().val)
+    assert score.n_predicted == 363 * 128 and len(score.chunk_nll) == 8
+    assert abs(score.ppl - info["val_perplexity"]) < 0.005  # float kernels differ between CPUs
+    assert info["val_perplexity"] <= 3.70
+
+
+def test_train_gpt_is_deterministic_and_lowers_the_loss():
+    from quantlab.models import TinyGPT
+    from quantlab.training import train_gpt
+    ids = torch.arange(2000) % 7
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        model = TinyGPT(vocab_size=7, n_layers=1, d_model=16, n_heads=2, context=16)
+        runs.append((model, train_gpt(model, ids, {"steps": 30, "context": 16, "warmup": 5},
+                                      progress=False)))
+    (m1, h1), (m2, h2) = runs
+    assert h1["loss"] == h2["loss"] and h1["loss"][-1] < h1["loss"][0]
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    with pytest.raises(ValueError, match="unknown keys"):
+        train_gpt(m1, ids, {"epochs": 3})

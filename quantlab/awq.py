@@ -1,0 +1,121 @@
+"""AWQ (Lin, Tang, Tang, Yang, Dang, Gan, Han 2023): activation-aware weight scaling before
+round-to-nearest.
+
+A Linear computes ``W x = (W diag(s)) (diag(s)^-1 x)``. Scaling input channel ``c`` of the weight
+up by ``s_c`` (and its activation down by the same factor) leaves the float layer unchanged but
+gives the weights of the channels that carry large activations finer steps relative to their size.
+AWQ takes ``s = mean|x|^alpha`` per input channel (normalised by ``sqrt(max s * min s)``), searches
+``alpha`` on the grid ``0, 1/20, ..., 19/20`` for the smallest output error
+``||(Q(W diag s) diag(s)^-1 - W) X^T||^2`` (``alpha = 0`` is round to nearest), and folds
+``diag(s)^-1`` into the operation that produces ``x``, so the float model is unchanged.
+
+In :class:`~quantlab.models.TinyGPT` the scale of ``qkv`` folds into ``ln1`` (weight and bias),
+``fc`` into ``ln2``, ``proj`` into the value rows of ``qkv`` (attention is linear in V). ``fc2``
+reads GELU's output, where a fold needs an explicit multiply (AWQ's ``ScaledActivation``): it is
+left at round to nearest here. Taught in notebook ``j_gptq_awq``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from ._validate import check_int
+from .gptq import input_stats, output_error
+from .weight_only import check_settings, fake_quantize_groups, quantize_linears
+
+
+def awq_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``s = clamp(mean_abs, 1e-4) ** alpha`` normalised by ``sqrt(max(s) * min(s))`` (float64)."""
+    s = mean_abs.double().clamp(min=1e-4) ** alpha
+    return s / (s.max() * s.min()).sqrt()
+
+
+def awq_search(w: torch.Tensor, xtx: torch.Tensor, mean_abs: torch.Tensor, bits: int = 4,
+               group_size: int | None = 128, symmetric: bool = False, grid: int = 20) -> dict:
+    """Search ``alpha`` in ``i / grid`` (i = 0 .. grid - 1) for one Linear (weight ``w`` (out,
+    in), input statistics ``X^T X / N`` and ``mean |x|``). Returns ``{"alpha", "scale" (float32,
+    in), "errors" (relative output error per alpha), "rtn_error", "awq_error"}``."""
+    check_settings(bits, group_size, symmetric)
+    grid = check_int(grid, "grid", 1)
+    errors = []
+    for i in range(grid):
+        s = awq_scale(mean_abs, i / grid).float()
+        w_q = fake_quantize_groups(w.detach() * s, bits, group_size, symmetric) / s
+        errors.append(output_error(w, w_q, xtx))
+    best = min(range(grid), key=errors.__getitem__)
+    return {"alpha": best / grid, "scale": awq_scale(mean_abs, best / grid).float(),
+            "errors": errors, "rtn_error": errors[0], "awq_error": errors[best]}
+
+
+#: for each Linear of a TinyGPT block, where its input scale folds (None: not foldable)
+FOLDS = {"qkv": "ln1", "fc": "ln2", "proj": "qkv.v", "fc2": None}
+
+
+@torch.no_grad()
+def fold_scales(model: nn.Module, scales: dict) -> nn.Module:
+    """A copy of a TinyGPT with the AWQ scales ``{linear name: s}`` folded: the Linear's input
+    columns multiplied by ``s``, the producer of its input divided by ``s``. The float function
+    is unchanged (up to float rounding)."""
+    model = copy.deepcopy(model)
+    for name, s in scales.items():
+        block_name, _, kind = name.rpartition(".")
+        block = model.get_submodule(block_name)
+        fold = FOLDS.get(kind)
+        if fold is None:
+            raise ValueError(f"cannot fold an input scale into {name}: foldable are "
+                             f"{[k for k, v in FOLDS.items() if v]}")
+        block.get_submodule(kind).weight.mul_(s)
+        if fold == "qkv.v":
+            d = block.proj.in_features
+            block.qkv.weight[2 * d:].div_(s[:, None])
+            block.qkv.bias[2 * d:].div_(s)
+        else:
+            ln = block.get_submodule(fold)
+            ln.weight.div_(s)
+            ln.bias.div_(s)
+    return model
+
+
+def awq_model(model: nn.Module, calib: torch.Tensor, bits: int = 4, group_size: int | None = 128,
+              symmetric: bool = False, grid: int = 20, stats: dict | None = None) -> tuple[nn.Module, dict]:
+    """AWQ on a TinyGPT: statistics from the float model on ``calib`` (or the given ``stats``,
+    ``{name: gptq.input_stats(model, name, calib)}``), one ``alpha`` per foldable Linear, the
+    scales folded, then every Linear round-to-nearest quantized. Returns ``(quantized copy,
+    report)`` with per layer ``alpha``, ``rtn_error``, ``awq_error``, the folded float model
+    (``"folded"``) and ``"seconds"``."""
+    start = time.perf_counter()
+    scales, report = {}, {"layers": {}}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and FOLDS.get(name.rpartition(".")[2]):
+            layer_stats = stats[name] if stats is not None and name in stats else \
+                input_stats(model, name, calib)
+            found = awq_search(m.weight, layer_stats["xtx"], layer_stats["mean_abs"], bits,
+                               group_size, symmetric, grid)
+            scales[name] = found["scale"]
+            report["layers"][name] = {k: found[k] for k in ("alpha", "rtn_error", "awq_error")}
+    folded = fold_scales(model, scales)
+    qmodel = quantize_linears(folded, bits, group_size, symmetric)
+    report["folded"] = folded
+    report["seconds"] = time.perf_counter() - start
+    return qmodel, report
+
+
+@torch.no_grad()
+def plant_outliers(model: nn.Module, channels=(3, 40, 77), factor: float = 16.0) -> nn.Module:
+    """A copy of a TinyGPT with outlier channels PLANTED, its float function unchanged: in every
+    block, ``ln1`` and ``ln2`` (weight and bias) are multiplied by ``factor`` at ``channels`` and
+    the matching input columns of ``qkv`` and ``fc`` divided by it. With a power of two factor
+    every product is exact, so the float outputs are bit-identical. The inputs of qkv and fc then
+    have channels ``factor`` times larger than before: what AWQ exists for."""
+    model = copy.deepcopy(model)
+    idx = torch.as_tensor(list(channels))
+    for block in model.blocks:
+        for ln, linear in ((block.ln1, block.qkv), (block.ln2, block.fc)):
+            ln.weight[idx] *= factor
+            ln.bias[idx] *= factor
+            linear.weight[:, idx] /= factor
+    return model
