@@ -39,8 +39,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # the layers, lowest first (modules not listed here follow in sorted order)
 MODULE_ORDER = ["qparams", "quantize", "observers", "observer", "learned", "fixed_point", "qmodule",
                 "requantize", "qat_simulation", "weighted", "modules", "ops", "graph", "patterns",
-                "passes", "convert", "models", "ptq", "export", "npz", "engine", "reference", "data",
-                "training", "plots", "explorer", "check", "sandbox", "gradebook", "exercise_checks"]
+                "passes", "convert", "models", "ptq", "export", "onnx_nodes", "npz", "engine",
+                "engine_kernels", "reference", "data", "training", "stats", "checkpoints", "text",
+                "lm_training", "weight_only", "gptq", "awq", "plots", "explorer", "check", "calls",
+                "notebook_import", "sandbox", "gradebook", "exercise_checks"]
 
 
 def lessons() -> list[pathlib.Path]:
