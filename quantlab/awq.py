@@ -9,6 +9,11 @@ AWQ takes ``s = mean|x|^alpha`` per input channel (normalised by ``sqrt(max s * 
 ``||(Q(W diag s) diag(s)^-1 - W) X^T||^2`` (``alpha = 0`` is round to nearest), and folds
 ``diag(s)^-1`` into the operation that produces ``x``, so the float model is unchanged.
 
+For ``qkv`` the search measures, as AWQ's reference code does for the query, key and value
+projections, the error of the whole attention's output (``proj(attention(x))``, all heads) on the
+calibration inputs, not the error of the ``qkv`` outputs: errors of queries and keys reach the
+output only through the softmax. The other Linears use their own output error.
+
 In :class:`~quantlab.models.TinyGPT` the scale of ``qkv`` folds into ``ln1`` (weight and bias),
 ``fc`` into ``ln2``, ``proj`` into the value rows of ``qkv`` (attention is linear in V). ``fc2``
 reads GELU's output, where a fold needs an explicit multiply (AWQ's ``ScaledActivation``): it is
@@ -51,6 +56,55 @@ def awq_search(w: torch.Tensor, xtx: torch.Tensor, mean_abs: torch.Tensor, bits:
             "errors": errors, "rtn_error": errors[0], "awq_error": errors[best]}
 
 
+class _Captured(Exception):
+    """Raised by a hook once it has the input it was waiting for."""
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, name: str, calib: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """The inputs of module ``name`` over ``calib``, concatenated along the batch (float32)."""
+    seen = []
+
+    def hook(_module, args):
+        seen.append(args[0].detach().clone())
+        raise _Captured
+
+    handle = model.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        for batch in calib.split(batch_size):
+            try:
+                model(batch)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+@torch.no_grad()
+def awq_search_attention(block: nn.Module, x: torch.Tensor, mean_abs: torch.Tensor, bits: int = 4,
+                         group_size: int | None = 128, symmetric: bool = False, grid: int = 20) -> dict:
+    """:func:`awq_search` for a TinyGPT block's ``qkv``, judged by the attention's output: the
+    relative error ``||attn_q(x) - attn(x)||^2 / ||attn(x)||^2`` with ``x`` the inputs of ``qkv``
+    (B, T, d) and only ``qkv``'s weight quantized (``proj`` stays float here)."""
+    check_settings(bits, group_size, symmetric)
+    grid = check_int(grid, "grid", 1)
+    w = block.qkv.weight.detach().clone()
+    reference = block.attention(x)
+    norm = (reference.double() ** 2).sum()
+    errors = []
+    try:
+        for i in range(grid):
+            s = awq_scale(mean_abs, i / grid).float()
+            block.qkv.weight.copy_(fake_quantize_groups(w * s, bits, group_size, symmetric) / s)
+            errors.append(float(((block.attention(x) - reference).double() ** 2).sum() / norm))
+    finally:
+        block.qkv.weight.copy_(w)
+    best = min(range(grid), key=errors.__getitem__)
+    return {"alpha": best / grid, "scale": awq_scale(mean_abs, best / grid).float(),
+            "errors": errors, "rtn_error": errors[0], "awq_error": errors[best]}
+
+
 #: for each Linear of a TinyGPT block, where its input scale folds (None: not foldable)
 FOLDS = {"qkv": "ln1", "fc": "ln2", "proj": "qkv.v", "fc2": None}
 
@@ -85,16 +139,21 @@ def awq_model(model: nn.Module, calib: torch.Tensor, bits: int = 4, group_size: 
     """AWQ on a TinyGPT: statistics from the float model on ``calib`` (or the given ``stats``,
     ``{name: gptq.input_stats(model, name, calib)}``), one ``alpha`` per foldable Linear, the
     scales folded, then every Linear round-to-nearest quantized. Returns ``(quantized copy,
-    report)`` with per layer ``alpha``, ``rtn_error``, ``awq_error``, the folded float model
-    (``"folded"``) and ``"seconds"``."""
+    report)`` with per layer ``alpha``, ``rtn_error``, ``awq_error`` (for ``qkv``: of the
+    attention's output), the folded float model (``"folded"``) and ``"seconds"``."""
     start = time.perf_counter()
     scales, report = {}, {"layers": {}}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and FOLDS.get(name.rpartition(".")[2]):
             layer_stats = stats[name] if stats is not None and name in stats else \
                 input_stats(model, name, calib)
-            found = awq_search(m.weight, layer_stats["xtx"], layer_stats["mean_abs"], bits,
-                               group_size, symmetric, grid)
+            if name.endswith(".qkv"):
+                block = model.get_submodule(name.rpartition(".")[0])
+                found = awq_search_attention(block, layer_inputs(model, name, calib),
+                                             layer_stats["mean_abs"], bits, group_size, symmetric, grid)
+            else:
+                found = awq_search(m.weight, layer_stats["xtx"], layer_stats["mean_abs"], bits,
+                                   group_size, symmetric, grid)
             scales[name] = found["scale"]
             report["layers"][name] = {k: found[k] for k in ("alpha", "rtn_error", "awq_error")}
     folded = fold_scales(model, scales)

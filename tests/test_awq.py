@@ -50,3 +50,20 @@ def test_planted_outliers_are_bit_identical_in_float_and_awq_protects_them():
     for name, r in report["layers"].items():
         assert r["awq_error"] <= r["rtn_error"], name
     assert max(report["layers"][f"blocks.{b}.qkv"]["alpha"] for b in range(2)) > 0
+
+
+def test_attention_search_alpha_zero_is_rtn_and_leaves_the_block_unchanged():
+    from quantlab.awq import awq_search_attention, layer_inputs
+    model, x = _model(3)
+    block = model.blocks[0]
+    w = block.qkv.weight.detach().clone()
+    xs = layer_inputs(model, "blocks.0.qkv", x)
+    assert xs.shape == (8, 16, 32)
+    stats = input_stats(model, "blocks.0.qkv", x)
+    found = awq_search_attention(block, xs, stats["mean_abs"], 3, 32)
+    assert torch.equal(block.qkv.weight, w)  # the search restores the weight
+    ref = block.attention(xs)
+    block.qkv.weight.data = dequantize_groups(quantize_groups(w, 3, 32))
+    rtn = ((block.attention(xs) - ref).double() ** 2).sum() / (ref.double() ** 2).sum()
+    block.qkv.weight.data = w
+    assert abs(found["rtn_error"] - rtn.item()) < 1e-9 and found["awq_error"] <= found["rtn_error"]
