@@ -14,6 +14,9 @@ ReLU6, Hardtanh) <- ``graph`` (QuantizedNet) <- ``patterns`` (what converts to w
 them and are imported on demand; ``engine`` (with ``engine_kernels``) and ``npz`` need only NumPy
 (and onnx to read .onnx files); ``check`` (the exercise checker, ``quantlab.check.run("a")``, with
 ``notebook_import``, ``sandbox``, ``gradebook`` and ``exercise_checks``) sits on top.
+The transformer track sits beside the CNN track, lowest first: ``text`` (the pinned corpus and its
+split) <- ``weight_only`` (groups, packing, WeightOnlyLinear) <- ``gptq`` <- ``awq``; ``models``
+holds TinyGPT and ``lm_training`` its recipe and perplexity.
 
 The names below are imported lazily (PEP 562), so ``import quantlab.engine`` does not import
 torch: a deployed model runs where torch is not installed.

@@ -104,6 +104,8 @@ def test_notebook_ends_with_summary_and_exercises(path):
 LAYERS = ["qparams", "quantize", "observers", "observer", "learned", "fixed_point", "qmodule",
           "requantize", "qat_simulation", "weighted", "modules", "ops", "graph", "patterns", "passes",
           "convert", "models", "ptq"]
+#: the transformer track, lowest first: the text and weight-only groups, then GPTQ, then AWQ
+LLM_LAYERS = ["text", "weight_only", "gptq", "awq"]
 
 
 def test_lower_layers_never_import_higher_ones():
@@ -113,6 +115,11 @@ def test_lower_layers_never_import_higher_ones():
             continue
         src = path.read_text()
         for high in LAYERS[i + 1:] + ["data", "training", "plots"]:
+            assert not re.search(rf"from \.{high} import|import quantlab\.{high}", src), \
+                f"{low}.py imports the higher layer {high}"
+    for i, low in enumerate(LLM_LAYERS):
+        src = (ROOT / "quantlab" / f"{low}.py").read_text()
+        for high in LLM_LAYERS[i + 1:] + ["training", "lm_training", "plots"]:
             assert not re.search(rf"from \.{high} import|import quantlab\.{high}", src), \
                 f"{low}.py imports the higher layer {high}"
 
