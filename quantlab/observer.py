@@ -30,6 +30,18 @@ from .quantize import dequantize, fake_quantize, quantize
 _BUFFERS = ("min_val", "max_val", "scale", "zero_point")
 
 
+def apply_keeping_dtypes(module: nn.Module, names, apply, fn, *args, **kwargs):
+    """``module._apply`` (what ``.to()``, ``.half()``, ``.cuda()`` call) through ``apply``, with the
+    buffers ``names`` kept in their dtypes: they follow device moves only."""
+    saved = {name: getattr(module, name) for name in names}
+    out = apply(fn, *args, **kwargs)
+    for name, old in saved.items():
+        new = getattr(module, name)
+        if new.dtype != old.dtype:
+            setattr(module, name, old.to(device=new.device))
+    return out
+
+
 class QParam(nn.Module):
     """Range observer plus the qparams derived from it.
 
@@ -76,13 +88,7 @@ class QParam(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # .to(torch.float64) / .half() must not change frozen qparams: keep the buffers' dtype
         # (a float16 round trip would move the scale), move them to the new device only
-        saved = {name: getattr(self, name) for name in self._BUFFERS}
-        out = super()._apply(fn, *args, **kwargs)
-        for name, old in saved.items():
-            new = getattr(self, name)
-            if new.dtype != old.dtype:
-                setattr(self, name, old.to(device=new.device))
-        return out
+        return apply_keeping_dtypes(self, self._BUFFERS, super()._apply, fn, *args, **kwargs)
 
     @property
     def observed(self) -> bool:

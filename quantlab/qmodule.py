@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ._validate import check_bool, check_int_tensor
-from .observer import QParam
+from .observer import QParam, apply_keeping_dtypes
 
 #: float32 holds every integer of magnitude up to 2**24 exactly
 FLOAT32_EXACT = 2**24
@@ -148,13 +148,8 @@ class QModule(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # .to(torch.float64) / .half() must not change the frozen integer state (the float32
         # multipliers): keep the frozen buffers' dtypes, follow device moves only
-        saved = {name: getattr(self, name) for name in self._frozen_buffers}
-        out = super()._apply(fn, *args, **kwargs)
-        for name, old in saved.items():
-            new = getattr(self, name)
-            if new.dtype != old.dtype:
-                setattr(self, name, old.to(device=new.device))
-        return out
+        return apply_keeping_dtypes(self, self._frozen_buffers, super()._apply, fn, *args,
+                                    **kwargs)
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> torch.Tensor:
