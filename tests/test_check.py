@@ -16,66 +16,15 @@ from quantlab import check
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "exercises"
 SOLUTIONS = ROOT / "exercises" / "solutions"
-LESSONS = ["a", "d", "e", "f"]
 EXERCISE_NOTEBOOKS = sorted(TEMPLATES.glob("*.ipynb")) + sorted(SOLUTIONS.glob("*.ipynb"))
 
-# (lesson, exercise, text in the solution, its mutant): the mistakes the issue lists, and a few more
-MUTANTS = [
-    ("a", "calc_scale_zero_point", "quant_min - torch.round(min_neg / scale)",
-     "quant_min - (min_neg / scale).int()"),                                # Z truncated as int()
-    ("a", "calc_scale_zero_point", "min_neg = torch.clamp(min_val, max=0.0)",
-     "min_neg = min_val"),                                                  # range not widened to 0
-    ("a", "quantize", "return torch.clamp(q, quant_min, quant_max).to(torch.int32)",
-     "return q.to(torch.int32)"),                                           # no clamp
-    ("a", "quantize", "torch.round(x * (1.0 / scale))", "torch.round(x / scale)"),  # divide by S
-    ("a", "calc_scale_zero_point_symmetric", "/ 2), min=EPS)", "/ 2), min=0.0)"),  # no EPS floor
-    ("a", "dequantize", "(q.to(torch.int32) - zero_point)", "(q - zero_point)"),  # uint8 wraps
-    ("d", "fold_bn", "gamma / torch.sqrt(var + eps)", "gamma / var"),       # BN folded with var
-    ("d", "fold_bn", "gamma / torch.sqrt(var + eps)", "gamma / torch.sqrt(var)"),  # eps dropped
-    ("d", "quantize_bias", "torch.clamp(q_b.double(), -2**31, 2**31 - 1).to(torch.int32)",
-     "torch.clamp(q_b.double(), -128, 127).to(torch.int32)"),               # bias clamped to int8
-    ("d", "quantize_bias", "torch.clamp(q_b.double(), -2**31, 2**31 - 1).to(torch.int32)",
-     "q_b"),                                                                # float bias
-    ("d", "requantize", "torch.round(acc.to(torch.float32) * m)",
-     "(acc.to(torch.float32) * m)"),                                        # not rounded
-    ("e", "saturating_rounding_doubling_high_mul", "x = ab + torch.where(ab >= 0, 2**30, 1 - 2**30)",
-     "x = ab"),                                                             # no rounding nudge
-    ("e", "rounding_divide_by_pot", "threshold = (mask >> 1) + (x < 0).to(torch.int64)",
-     "threshold = (mask >> 1)"),                                            # wrong for negatives
-    ("e", "quantize_multiplier", "math.floor(f * 2**31 + 0.5)", "round(f * 2**31)"),  # half to even
-    ("e", "conv2d_accumulate", "w = q_w.to(torch.int64) - zw", "w = q_w.to(torch.int64)"),  # Z_w
-    ("e", "conv2d_accumulate", "F.conv2d(x.double(), w.double()", "F.conv2d(x.float(), w.float()"),
-    ("e", "quantized_conv2d", "acc = acc + q_b.reshape(1, -1, 1, 1)",
-     "acc = acc + bias.reshape(1, -1, 1, 1)"),                              # float bias in the conv
-    ("f", "fake_quantize", "(x - x.detach()) * inside", "(x - x.detach())"),  # STE not zeroed
-    ("f", "fake_quantize", "torch.round(x * (1.0 / scale))", "torch.round(x / scale)"),  # divides
-    ("a", "quant_range", "return 0, 2**num_bits - 1", "return 0.0, 2.0**num_bits - 1"),  # floats
-    ("a", "quantize", "q = torch.round(x * (1.0 / scale)) + zero_point",
-     "q = torch.round(x * (1.0 / scale) + zero_point)"),                    # Z added before rounding
-    ("f", "fake_quantize", "q = torch.round(x * (1.0 / scale)) + zero_point",
-     "q = torch.round(x * (1.0 / scale) + zero_point)"),                    # Z added before rounding
-    ("e", "requantize_fixed_point",
-     "acc = torch.clamp(acc.to(torch.int64) << left, INT32_MIN, INT32_MAX)",
-     "acc = acc.to(torch.int64) << left"),                                  # left shift unsaturated
-    ("a", "quantize_per_channel",
-     "return quantize(x, scale.reshape(shape), zero_point.reshape(shape), num_bits, signed)",
-     "lo, hi = quant_range(num_bits, signed)\n    return torch.clamp(torch.round(x / scale.reshape(shape))"
-     " + zero_point.reshape(shape), lo, hi).to(torch.int32)"),              # per channel: divides by S
-    ("d", "freeze_linear", "multiplier = (scale_x * scale_w) * (1.0 / scale_y)",
-     "multiplier = scale_x * scale_w / scale_y"),                           # ONNX Runtime's quotient M
-    ("d", "freeze_linear", "multiplier = (scale_x * scale_w) * (1.0 / scale_y)",
-     "multiplier = (scale_x.double() * scale_w.double()) / scale_y.double()"),  # float64 M
-    ("e", "quantized_conv2d", "multiplier = (scale_x * scale_w) * (1.0 / scale_y)",
-     "multiplier = scale_x * scale_w / scale_y"),                           # ONNX Runtime's quotient M
-    ("e", "quantized_conv2d", "multiplier = (scale_x * scale_w) * (1.0 / scale_y)",
-     "multiplier = (scale_x.double() * scale_w.double()) / scale_y.double()"),  # float64 M
-    ("a", "quantize", "return torch.clamp(q, quant_min, quant_max).to(torch.int32)",
-     "return torch.clamp(q, quant_min, quant_max).to(torch.int64)"),        # int64, not int32
-    ("a", "dequantize", "(q.to(torch.int32) - zero_point).to(torch.float32) * scale",
-     "(q.to(torch.int32) - zero_point).double() * scale.double()"),         # float64 values
-]
-#: planted dtype mistakes and the hint each must get (the statement names the dtype)
-DTYPE_MUTANTS = [(m, want) for m, want in zip(MUTANTS[-2:], ("int32", "float32"))]
+sys.path.insert(0, str(ROOT / "scripts"))
+from exercise_sources import lessons as _sources  # noqa: E402  (scripts/ is not a package)
+
+LESSONS = list(check.exercises())
+# every planted mistake of every lesson (scripts/exercise_sources/lesson_<letter>.py, MISTAKES):
+# (lesson, Mistake(exercise, text in the solution, the mistake, words its hint must contain, what))
+MISTAKES = [(letter, m) for letter, module in _sources().items() for m in module.MISTAKES]
 
 
 def _copy_solutions(tmp_path: pathlib.Path) -> pathlib.Path:
@@ -96,18 +45,25 @@ def _substitute(path: pathlib.Path, old: str, new: str) -> None:
     path.write_text(json.dumps(nb))
 
 
-@pytest.mark.parametrize("lesson,name,old,new", MUTANTS,
-                         ids=[f"{m[1]}:{m[3][:30]}" for m in MUTANTS])
-def test_every_mutant_fails_its_exercise(tmp_path, lesson, name, old, new):
-    # the dtype mutants also get a hint naming the dtype (test_dtype_mistakes_are_named)
+@pytest.mark.parametrize("lesson,mistake", MISTAKES,
+                         ids=[f"{letter}-{m.exercise}:{m.what or m.new[:30]}" for letter, m in MISTAKES])
+def test_every_planted_mistake_fails_its_exercise_with_its_own_hint(tmp_path, lesson, mistake):
     folder = _copy_solutions(tmp_path)
     path = folder / f"{lesson}_exercises.ipynb"
-    _substitute(path, old, new)
-    fr = check.grade_notebook(path, names=[name])
+    _substitute(path, mistake.old, mistake.new)
+    fr = check.grade_notebook(path, names=[mistake.exercise])
     assert fr.error is None, fr.error
     (r,) = fr.results
-    assert (r.name, r.status) == (name, check.FAILED), r
+    assert (r.name, r.status) == (mistake.exercise, check.FAILED), r
     assert r.expected and r.got and r.hint and r.input, r  # a failing input, both values, a hint
+    assert mistake.words in r.hint, (mistake.words, r.hint)  # the hint names this mistake
+
+
+def test_every_exercise_has_planted_mistakes():
+    planted = {(letter, m.exercise) for letter, m in MISTAKES}
+    missing = [(letter, e.name) for letter, exs in check.exercises().items() for e in exs
+               if (letter, e.name) not in planted]
+    assert not missing, f"exercises without a planted mistake: {missing}"
 
 
 @pytest.mark.parametrize("lesson", LESSONS)
@@ -329,8 +285,7 @@ def test_grading_in_another_process_gives_the_same_results(tmp_path, lesson):
     # run in one process, speak for the command line too)
     fr = check.grade_isolated(SOLUTIONS / f"{lesson}_exercises.ipynb", timeout=300)
     assert fr.error is None and check.file_ok(fr, strict=True), fr
-    _, _, old, new = next(m for m in MUTANTS if m[0] == lesson)
-    name = next(m[1] for m in MUTANTS if m[0] == lesson)
+    name, old, new = next(m[:3] for letter, m in MISTAKES if letter == lesson)
     folder = _copy_solutions(tmp_path)
     path = folder / f"{lesson}_exercises.ipynb"
     _substitute(path, old, new)
@@ -405,33 +360,3 @@ def test_exercise_calls_follows_helpers_and_ignores_other_globals():
          "def alone(x):\n    return len(x)\n", ns)
     assert exercise_calls(ns, ["quantize", "per_channel", "alone"]) == {
         "quantize": [], "per_channel": ["quantize"], "alone": []}
-
-
-@pytest.mark.parametrize("mutant,want", DTYPE_MUTANTS, ids=lambda v: str(v)[:24])
-def test_dtype_mistakes_are_named(tmp_path, mutant, want):
-    lesson, name, old, new = mutant
-    folder = _copy_solutions(tmp_path)
-    path = folder / f"{lesson}_exercises.ipynb"
-    _substitute(path, old, new)
-    (r,) = check.grade_notebook(path, names=[name]).results
-    assert r.status == check.FAILED and r.hint.startswith(f"the statement asks for {want}"), r
-
-
-# mistakes whose hint must name them (and not the exercise's general recipe)
-NAMED_HINTS = [
-    (MUTANTS[-7], "dividing by the scale"),
-    (MUTANTS[-6], "ONNX Runtime's formula"),
-    (MUTANTS[-5], "a float64 M"),
-    (MUTANTS[-4], "ONNX Runtime's formula"),
-    (MUTANTS[-3], "a float64 M"),
-]
-
-
-@pytest.mark.parametrize("mutant,words", NAMED_HINTS, ids=[f"{m[1]}:{m[3][:30]}" for m, _ in NAMED_HINTS])
-def test_hint_names_the_mistake(tmp_path, mutant, words):
-    lesson, name, old, new = mutant
-    folder = _copy_solutions(tmp_path)
-    path = folder / f"{lesson}_exercises.ipynb"
-    _substitute(path, old, new)
-    (r,) = check.grade_notebook(path, names=[name]).results
-    assert r.status == check.FAILED and words in r.hint, r

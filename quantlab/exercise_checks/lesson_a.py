@@ -273,3 +273,8 @@ def _a7():
                     "(reshape them to broadcast)")
 
 
+
+
+def exercises() -> list[Exercise]:
+    """The exercises of this lesson, in notebook order."""
+    return [_a1(), _a2(), _a3(), _a4(), _a5(), _a6(), _a7()]

@@ -221,3 +221,8 @@ def _d4():
                     "q_b = round(b * (1 / (S_x * S_w))); M = (S_x * S_w) * (1 / S_y) in float32")
 
 
+
+
+def exercises() -> list[Exercise]:
+    """The exercises of this lesson, in notebook order."""
+    return [_d1(), _d2(), _d3(), _d4()]

@@ -277,3 +277,8 @@ def _e6():
                     "(S_x * S_w) * (1 / S_y), Z_y)", max_examples=15)
 
 
+
+
+def exercises() -> list[Exercise]:
+    """The exercises of this lesson, in notebook order."""
+    return [_e1(), _e2(), _e3(), _e4(), _e5(), _e6()]

@@ -129,3 +129,8 @@ def _f2():
                     "(x.max() - max)")
 
 
+
+
+def exercises() -> list[Exercise]:
+    """The exercises of this lesson, in notebook order."""
+    return [_f1(), _f2()]
