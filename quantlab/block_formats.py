@@ -143,18 +143,46 @@ def bits_per_value(bq: BlockQuant) -> float:
     return element_bits + scale_bits / bq.block + extra
 
 
-def block_fake_quantize(x: torch.Tensor, kind: str, block: int | None = None, element="e2m1") -> torch.Tensor:
-    """``x`` rounded through a block format and back (float32, same shape): ``kind`` is ``"mxfp4"``,
-    ``"mxfp8"`` (E4M3 elements), ``"nvfp4"`` or ``"nf4"``."""
-    if kind == "mxfp4":
-        return block_dequantize(mx_quantize(x, "e2m1", block or 32))
-    if kind == "mxfp8":
-        return block_dequantize(mx_quantize(x, "e4m3", block or 32))
-    if kind == "nvfp4":
-        return block_dequantize(nvfp4_quantize(x, block or 16))
-    if kind == "nf4":
-        return block_dequantize(nf4_quantize(x, block or 64))
-    raise ValueError(f"kind must be 'mxfp4', 'mxfp8', 'nvfp4' or 'nf4', got {kind!r}")
+#: the block formats by name: (quantizer, default block size)
+BLOCK_KINDS = {"mxfp4": (lambda x, b: mx_quantize(x, "e2m1", b), 32),
+               "mxfp8": (lambda x, b: mx_quantize(x, "e4m3", b), 32),
+               "nvfp4": (nvfp4_quantize, 16),
+               "nf4": (nf4_quantize, 64)}
+
+
+def _kind(kind: str):
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"kind must be one of {sorted(BLOCK_KINDS)}, got {kind!r}")
+    return BLOCK_KINDS[kind]
+
+
+def block_fake_quantize(x: torch.Tensor, kind: str, block: int | None = None) -> torch.Tensor:
+    """``x`` rounded through a block format and back (float32, same shape), blocks along the last
+    dimension, which is padded with zeros to a whole number of blocks (zeros change no block's
+    amax) and cropped again: ``kind`` is ``"mxfp4"``, ``"mxfp8"`` (E4M3 elements), ``"nvfp4"`` or
+    ``"nf4"``; ``block`` defaults to the format's (32, 32, 16, 64)."""
+    quantize, default = _kind(kind)
+    block = default if block is None else block
+    check_float_tensor(x, "x")
+    check_int(block, "block", low=1)
+    n = x.shape[-1] if x.dim() else 1
+    padded = torch.nn.functional.pad(x.detach().float().reshape(*x.shape[:-1], n), (0, (-n) % block))
+    return block_dequantize(quantize(padded, block))[..., :n].reshape(x.shape)
+
+
+def stored_bits(kind: str, shape, block: int | None = None) -> int:
+    """Bits a weight of ``shape`` (blocks along its last dimension, padded) takes in a block format:
+    4 or 8 per value, plus every block's scale (8 bits for E8M0 and E4M3, 32 for NF4's absmax) and
+    NVFP4's float32 tensor scale."""
+    _, default = _kind(kind)
+    block = default if block is None else block
+    shape = tuple(shape)
+    n = shape[-1] if shape else 1
+    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    blocks = rows * -(-n // block)
+    element = 8 if kind == "mxfp8" else 4
+    scale = 32 if kind == "nf4" else 8
+    return rows * n * element + blocks * scale + (32 if kind == "nvfp4" else 0)
 
 
 def to_gguf_mxfp4(bq: BlockQuant) -> bytes:
@@ -202,15 +230,24 @@ def codebook_values(cb: Codebook) -> torch.Tensor:
     return cb.centroids[cb.index]
 
 
-def codebook_finetune_step(cb: Codebook, grad: torch.Tensor, lr: float) -> Codebook:
-    """One step of centroid fine-tuning: each centroid moves by ``-lr`` times the sum of the
-    gradients of the weights that share it (the indices stay)."""
-    if grad.shape != cb.index.shape:
-        raise ValueError(f"grad's shape {tuple(grad.shape)} must be the codebook's {tuple(cb.index.shape)}")
-    g = torch.zeros_like(cb.centroids).index_add_(0, cb.index.reshape(-1), grad.detach().float().reshape(-1))
+def codebook_finetune_step(cb: Codebook, grad: torch.Tensor, lr: float, reduce: str = "sum") -> Codebook:
+    """One step of centroid fine-tuning: each centroid moves by ``-lr`` times the gradient of the loss
+    with respect to it, the sum of the gradients of the weights that share it (Deep Compression;
+    ``reduce="mean"`` divides by their number, so large and small clusters move alike). The indices
+    stay."""
+    if not isinstance(grad, torch.Tensor) or grad.shape != cb.index.shape:
+        raise ValueError(f"grad's shape {tuple(getattr(grad, 'shape', ()))} must be the codebook's "
+                         f"{tuple(cb.index.shape)}")
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    idx = cb.index.reshape(-1)
+    g = torch.zeros_like(cb.centroids).index_add_(0, idx, grad.detach().float().reshape(-1))
+    if reduce == "mean":
+        g = g / torch.bincount(idx, minlength=len(cb.centroids)).clamp(min=1)
     return Codebook(cb.centroids - lr * g, cb.index)
 
 
-__all__ = ["NF4_LEVELS", "BlockQuant", "Codebook", "FloatFormat", "block_dequantize", "block_fake_quantize",
-           "bits_per_value", "codebook_finetune_step", "codebook_values", "emax", "kmeans_codebook",
-           "mx_quantize", "mx_scale_exponent", "nf4_quantize", "nvfp4_quantize", "to_gguf_mxfp4"]
+__all__ = ["BLOCK_KINDS", "NF4_LEVELS", "BlockQuant", "Codebook", "FloatFormat", "bits_per_value",
+           "block_dequantize", "block_fake_quantize", "codebook_finetune_step", "codebook_values", "emax",
+           "kmeans_codebook", "mx_quantize", "mx_scale_exponent", "nf4_quantize", "nvfp4_quantize",
+           "stored_bits", "to_gguf_mxfp4"]

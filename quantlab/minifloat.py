@@ -195,3 +195,21 @@ def encode(x: torch.Tensor, fmt, saturate: bool = True) -> torch.Tensor:
 def round_to(x: torch.Tensor, fmt, saturate: bool = True) -> torch.Tensor:
     """``x`` rounded to the nearest value of ``fmt`` (ties to even), as float32."""
     return decode(encode(x, fmt, saturate), fmt)
+
+
+def scaled_round(x: torch.Tensor, fmt, axis: int | None = None, saturate: bool = True):
+    """``x`` rounded to ``fmt`` after a float32 scale maps its largest magnitude onto the format's
+    largest value: ``scale = amax / fmt.max`` per tensor (``axis=None``) or per index of ``axis``
+    (per channel), ``x_hat = round_to(x / scale) * scale``. Returns ``(x_hat, scale)``; an all-zero
+    slice gets scale 1. This is how FP8 weights are stored with a per-tensor or per-channel scale."""
+    f = get_format(fmt)
+    check_float_tensor(x, "x")
+    if axis is None:
+        amax = x.detach().abs().amax().float()
+    else:
+        if not isinstance(axis, int) or isinstance(axis, bool) or not -x.dim() <= axis < x.dim():
+            raise ValueError(f"axis must be None or an int in [{-x.dim()}, {x.dim() - 1}], got {axis!r}")
+        dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+        amax = x.detach().abs().amax(dim=dims, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / f.max, torch.ones_like(amax))
+    return round_to(x.detach().float() / scale, f, saturate) * scale, scale

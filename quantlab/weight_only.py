@@ -304,6 +304,28 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
     return qmodel.eval()
 
 
+def map_weights(model: nn.Module, fn, kinds=(nn.Linear,), skip=()) -> nn.Module:
+    """A copy of ``model`` in which the weight of every module of the classes ``kinds`` (except the
+    names in ``skip``) is replaced by ``fn(weight as (out, -1))``, reshaped back: a number format
+    tried on every weight at once (lesson l), with the model's float arithmetic unchanged."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (a tensor -> a tensor of its shape); got {type(fn).__name__}")
+    qmodel = copy.deepcopy(model)
+    names = [n for n, m in qmodel.named_modules() if isinstance(m, tuple(kinds)) and n not in skip]
+    if not names:
+        raise ValueError(f"model has no module of {[k.__name__ for k in kinds]} to change")
+    with torch.no_grad():
+        for name in names:
+            w = qmodel.get_submodule(name).weight
+            new = fn(w.detach().reshape(w.shape[0], -1))
+            if not isinstance(new, torch.Tensor) or new.numel() != w.numel():
+                raise ValueError(f"fn must return a tensor of {w.numel()} values for {name}")
+            w.copy_(new.reshape(w.shape))
+    return qmodel.eval()
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer ``model`` stores (a tensor shared by two modules, such
     as a tied embedding and head, is counted once)."""

@@ -144,6 +144,51 @@ def test_codebook_finetune_step_is_the_gradient_of_the_shared_centroids():
     g = 2 * (bf.codebook_values(cb) @ x) @ x.T  # d loss / d w
     step = bf.codebook_finetune_step(cb, g, lr=0.1)
     assert torch.allclose(step.centroids, cb.centroids - 0.1 * c.grad, rtol=1e-5, atol=1e-5)
+    counts = torch.bincount(cb.index.reshape(-1), minlength=4)
+    mean = bf.codebook_finetune_step(cb, g, lr=0.1, reduce="mean")
+    assert torch.allclose(mean.centroids, cb.centroids - 0.1 * c.grad / counts, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_to_whole_blocks_changes_no_block_and_bits_are_counted_honestly():
+    w = torch.from_numpy(_blocks(6, 100, seed=5))
+    for kind, block in (("mxfp4", 32), ("mxfp8", 32), ("nvfp4", 16), ("nf4", 64)):
+        y = bf.block_fake_quantize(w, kind)
+        padded = torch.nn.functional.pad(w, (0, (-100) % block))
+        assert y.shape == w.shape and torch.equal(y, bf.block_fake_quantize(padded, kind)[:, :100])
+    # 6 rows x 100 values: 4 blocks of 32 per row (the last padded), 2 of 64, 7 of 16
+    assert bf.stored_bits("mxfp4", (6, 100)) == 600 * 4 + 6 * 4 * 8
+    assert bf.stored_bits("mxfp8", (6, 100)) == 600 * 8 + 6 * 4 * 8
+    assert bf.stored_bits("nf4", (6, 100)) == 600 * 4 + 6 * 2 * 32
+    assert bf.stored_bits("nvfp4", (6, 100)) == 600 * 4 + 6 * 7 * 8 + 32
+
+
+def test_scaled_round_per_tensor_and_per_channel():
+    w = torch.from_numpy(_blocks(8, 50, seed=6))
+    y, s = mf.scaled_round(w, "e4m3", axis=0)
+    assert s.shape == (8, 1) and torch.equal(s, w.abs().amax(1, keepdim=True) / 448)
+    assert torch.equal(y, mf.round_to(w / s, "e4m3") * s)
+    # the largest magnitude lands on 448 * scale, which is amax up to float32's rounding of amax / 448
+    assert torch.allclose(y.abs().amax(1, keepdim=True), w.abs().amax(1, keepdim=True), rtol=2e-7, atol=0)
+    y1, s1 = mf.scaled_round(w, "e4m3")
+    assert s1.shape == () and (y1 - w).abs().max() >= (y - w).abs().max()
+    assert torch.equal(mf.scaled_round(torch.zeros(3), "e5m2")[0], torch.zeros(3))
+
+
+def test_map_weights_changes_a_copy():
+    from torch import nn
+
+    from quantlab.weight_only import map_weights
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4, 3))
+    before = [p.clone() for p in net.parameters()]
+    q = map_weights(net, torch.zeros_like, kinds=(nn.Linear,))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert torch.equal(q[2].weight, torch.zeros(3, 16)) and torch.equal(q[0].weight, net[0].weight)
+    q = map_weights(net, lambda w: w.round(), kinds=(nn.Linear, nn.Conv2d))
+    assert q[0].weight.shape == (4, 1, 3, 3) and torch.equal(q[0].weight, net[0].weight.round())
+    with pytest.raises(ValueError, match="fn must return"):
+        map_weights(net, lambda w: w[:1])
+    with pytest.raises(TypeError, match="fn must be callable"):
+        map_weights(net, 3)
 
 
 @pytest.mark.parametrize("call,err,words", [
@@ -156,6 +201,10 @@ def test_codebook_finetune_step_is_the_gradient_of_the_shared_centroids():
     (lambda: bf.codebook_finetune_step(bf.kmeans_codebook(torch.ones(8), 1), torch.ones(9), 0.1),
      ValueError, "grad's shape"),
     (lambda: bf.to_gguf_mxfp4(bf.nf4_quantize(torch.ones(64))), ValueError, "MXFP4"),
+    (lambda: bf.codebook_finetune_step(bf.kmeans_codebook(torch.ones(8), 1), torch.ones(8), 0.1, "max"),
+     ValueError, "reduce must be"),
+    (lambda: bf.stored_bits("int4", (4, 64)), ValueError, "kind must be"),
+    (lambda: bf.block_fake_quantize(torch.ones(64), "nf4", block=0), ValueError, "block"),
 ])
 def test_bad_input_is_named(call, err, words):
     with pytest.raises(err) as e:
