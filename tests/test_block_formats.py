@@ -104,11 +104,11 @@ def test_nvfp4_blocks_decode_as_gguf_does():
 
 def test_nf4_levels_are_qloras_normal_quantiles():
     # bitsandbytes' create_normal_map(offset=0.9677083): 8 positive quantiles, 7 negative, and 0
-    pos = norm.ppf(np.linspace(0.9677083, 0.5, 9)[:-1])
-    neg = -norm.ppf(np.linspace(0.9677083, 0.5, 8)[:-1])
-    v = np.sort(np.concatenate([pos, [0.0], neg]))
-    v = v / v.max()
-    assert np.allclose(bf.NF4_LEVELS.numpy(), v, rtol=0, atol=2e-7)
+    # (float32 linspace, float64 quantiles, float32 division: bit for bit the constants it ships)
+    pos = norm.ppf(torch.linspace(0.9677083, 0.5, 9)[:-1].numpy())
+    neg = -norm.ppf(torch.linspace(0.9677083, 0.5, 8)[:-1].numpy())
+    v = torch.tensor(np.concatenate([pos, [0.0], neg]), dtype=torch.float32).sort().values
+    assert torch.equal(v / v.max(), bf.NF4_LEVELS)
 
 
 def test_nf4_codes_follow_bitsandbytes_decision_tree():
