@@ -361,7 +361,8 @@ J4_VARIANTS = [
 
 def _j4_compare(e, g):
     if not isinstance(g, (tuple, list)) or len(g) != 3:
-        return Mismatch("a tuple (w, ln_weight, ln_bias)", show(g), "return the tuple (w, ln_weight, ln_bias)")
+        return Mismatch("a tuple (w, ln_weight, ln_bias)", show(g),
+                        "return the tuple (w, ln_weight, ln_bias)")
     for name, want, got in zip(("w", "ln_weight", "ln_bias"), e, g):
         m = same_floats(want, got, name, rtol=1e-6)
         if m is not None:
