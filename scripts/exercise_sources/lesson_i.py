@@ -69,12 +69,13 @@ from quantlab import check''',
         ex(4, "weight_bytes", "the bytes a weight-only Linear stores",
            r"""
            Count, as `WeightOnlyLinear.weight_bytes()` does (lesson i, sections 2.3 and 3.4), the bytes of a Linear's weight
-           (out, in) quantized at $b$ = `bits` $\in \{2, 3, 4, 8\}$ in groups of `group_size` inputs (`None`: one group per row):
+           (out, in) quantized at $b$ = `bits` $\in \{2, 3, 4, 8\}$ in groups of $g$ = `group_size` inputs (`None`: one group per
+           row, $g$ = in):
            - **codes**: the out $\cdot$ in codes of the whole weight, packed as one row-major sequence: $8/b$ codes per byte
              for 2, 4 and 8 bits, and for 3 bits 8 codes in a 3-byte word; the last byte (word) is padded, once, at the end;
-           - **scales**: one float16 scale per group, 2 bytes each; a row has $\lceil \text{in} / \text{group\_size} \rceil$ groups
-             (the last one shorter when `group_size` does not divide `in`);
-           - **zero points**: only when not `symmetric`: one $b$-bit code per group, the out $\cdot$ n_groups of them
+           - **scales**: one float16 scale per group, 2 bytes each; a row has $n_{groups} = \lceil \mathrm{in} / g \rceil$ groups
+             (the last one shorter when $g$ does not divide in);
+           - **zero points**: only when not `symmetric`: one $b$-bit code per group, the out $\cdot\ n_{groups}$ of them
              packed the same way as the codes.
 
            Return `(code_bytes, scale_bytes, zero_point_bytes)` as three Python ints.""",
