@@ -23,7 +23,7 @@ from quantlab import check''',
            $$ H = \frac{2}{N}\,X^\top X, \qquad H \leftarrow H + \lambda I, \quad \lambda = \text{percdamp}\cdot\mathrm{mean}(\mathrm{diag}\,H) $$
            Compute in float64 and return $H$ (in, in) as a float64 tensor. The factor 2 and the $1/N$ make $H$ the Hessian of
            the mean squared output error. They change nothing in GPTQ's integers: any positive multiple of $H$ gives the same
-           ratios $U_{ij}/U_{ii}$ (the damping scales with $H$ too), in exact arithmetic. We keep them, as lesson j and GPTQ's
+           ratios $U_{ij}/U_{ii}$ (the damping is proportional to $H$ too), in exact arithmetic. We keep them, as lesson j and GPTQ's
            reference code define $H$. The damping is what makes $H$ invertible when $N <$ in or a channel is always 0.""",
            '''
            def dampened_hessian(x, percdamp=0.01):
