@@ -67,10 +67,6 @@ def conv_file(x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_p
     return path
 
 
-def _describe(path: str, what: str) -> str:
-    return f"path={path!r} ({what})"
-
-
 # -- g1 -------------------------------------------------------------------------------------------
 
 def _read_oracle(path):
@@ -106,7 +102,7 @@ def _g1():
 
     def cases():
         return [
-            Case(dict(path=conv_file(**base, bias=[5, -7])), desc=_describe("...", "2 output channels, bias")),
+            Case(dict(path=conv_file(**base, bias=[5, -7])), desc="2 output channels, a bias"),
             Case(dict(path=conv_file(**base, bias=[5, -7], shuffle=True)),
                  "look each input up by the name the node gives (node.input): the file may store its "
                  "initializers in any order", desc="a file whose initializers are stored in another order"),
@@ -201,7 +197,8 @@ def _g2():
         if acc.ndim == 1:
             acc = acc.reshape(1, 1, 1, -1)
         return Case(dict(acc=acc, bias=np.asarray(bias, i32), x_scale=np.asarray(sx, f32),
-                         w_scale=np.asarray(sw, f32), y_scale=np.asarray(sy, f32), y_zero_point=zy), hint, desc)
+                         w_scale=np.asarray(sw, f32), y_scale=np.asarray(sy, f32), y_zero_point=zy),
+                    hint, desc)
 
     # E: ONNX Runtime's product is exactly the tie -21.5 (rne: -22); qnnpack's M gives -21.499998 -> -21
     # F: ONNX Runtime's float32 product is exactly -34.5 (-> -34); the float64 product is beyond it (-> -35)
@@ -217,11 +214,11 @@ def _g2():
         case([-1000, -200, 100, 400], [3], 1.0, [0.5], 1.0, np.int8(-5),
              "y_zero_point is int8 here: saturate to the range of y_zero_point's dtype, -128..127"),
         case([-19699], [0], 0.00884225033223629, [0.001653925166465342], 0.013399370014667511, np.uint8(30),
-             "ONNX Runtime divides by S_a: M = f32(f32(S_x S_w) / S_a); qnnpack's f32(S_x S_w) * f32(1 / S_a) "
-             "differs in the last bit here and moves this tie"),
+             "ONNX Runtime divides by S_a: M = f32(f32(S_x S_w) / S_a); qnnpack's f32(S_x S_w) * "
+             "f32(1 / S_a) differs in the last bit here and moves this tie"),
         case([-36542], [0], 0.014429419301450253, [0.0032622278667986393], 0.049858175218105316,
-             np.uint8(40), "compute the product in float32, as ONNX Runtime: here it is exactly the tie -34.5; "
-             "in float64 it lies beyond it"),
+             np.uint8(40), "compute the product in float32, as ONNX Runtime: here it is exactly the tie "
+             "-34.5; in float64 it lies beyond it"),
         case([2**24 + 1], [1], 1.0, [333 / 2**25], 1.0, np.uint8(0),
              "add the bias to the integer accumulator, then convert to float32 once: f32(acc) + f32(q_b) "
              "rounds twice (2**24 + 1 is not a float32)"),
@@ -240,7 +237,8 @@ def _g2():
         sw = draw(st.lists(floats32(1e-4, 1e-1), min_size=c, max_size=c))
         return case(acc, bias, draw(floats32(1e-3, 1.0)), sw, draw(floats32(1e-2, 10.0)), zy)
 
-    return Exercise("g", 2, "onnxruntime_requantize", _requantize_oracle, _same_integers, lambda: cases, strat,
+    return Exercise("g", 2, "onnxruntime_requantize", _requantize_oracle, _same_integers, lambda: cases,
+                    strat,
                     "M = f32(f32(S_x S_w) / S_a) per channel; q_a = sat(rne(f32(acc + q_b) * M) + Z_a) in "
                     "y_zero_point's dtype")
 
