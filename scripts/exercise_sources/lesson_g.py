@@ -62,7 +62,7 @@ from quantlab import check''',
            Put g1 and g2 together: read the node of the file at `path` (g1) and its attributes (`strides`, `pads`,
            `group`; absent ones take ONNX's defaults 1, 0 and 1: read them with `onnx.helper.get_attribute_value`),
            compute the exact accumulators $\mathrm{acc} = \sum (q_x - Z_x)(q_w - Z_{w,c})$ of the uint8 input `q_x`
-           `(N, C_{in}, H, W)`, and requantize them with g2. Padding is real 0, i.e. $q_x = Z_x$: pad *after*
+           `(N, C_in, H, W)`, and requantize them with g2. Padding is real 0, i.e. $q_x = Z_x$: pad *after*
            subtracting $Z_x$ (ONNX's `pads` are `[top, left, bottom, right]`). The integers are exact in float64, so
            `torch.nn.functional.conv2d` on float64 tensors may sum them. The check runs the same file in ONNX Runtime.""",
            '''
