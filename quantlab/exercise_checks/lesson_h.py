@@ -1,12 +1,11 @@
 """The checks of exercises/h_exercises.ipynb: the residual add's two multipliers, the integer-only add, and
 average pooling's rounding division (notebook h_your_own_model). Oracles: quantlab.ops (``add_multipliers``,
 ``quantized_add``, ``avg_pool_requantize``), bit-exact with PyTorch's qnnpack kernels (tests/test_ops.py), and
-PyTorch's ``F.avg_pool2d`` for the window sums."""
+``ops.QAvgPool2d.sums_and_counts`` for the window sums and sizes."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from .. import ops, qparams
@@ -117,10 +116,10 @@ def _windows(a, k):
 
 
 def _h3():
-    def case(q_x, z_x, s_x, s_a, z_a, k, lo=0, hi=255, hint=""):
+    def case(q_x, z_x, s_x, s_a, z_a, k, p=0, include=True, lo=0, hi=255, hint=""):
         return Case(dict(q_x=q_x if isinstance(q_x, torch.Tensor) else t(q_x, torch.int32), zero_point_x=z_x,
-                         scale_x=t(s_x), scale_a=t(s_a), zero_point_a=z_a, kernel_size=k, quant_min=lo,
-                         quant_max=hi), hint)
+                         scale_x=t(s_x), scale_a=t(s_a), zero_point_a=z_a, kernel_size=k, padding=p,
+                         count_include_pad=include, quant_min=lo, quant_max=hi), hint)
 
     ramp = torch.arange(2 * 3 * 5 * 4, dtype=torch.int32).reshape(2, 3, 5, 4) * 7 % 256
     cases = [
@@ -140,28 +139,36 @@ def _h3():
              hint="the product f32(acc) * M in float32: in float64 this sum rounds the other way"),
         case(ramp, 11, 0.1, 0.05, 7, 2, hint="a batch of 2, 3 channels, 5 x 4 inputs: the last row fills no "
              "window and is dropped; clamp to [quant_min, quant_max]"),
+        case([[[[100, 104, 108], [112, 116, 120], [124, 128, 132]]]], 100, 0.5, 0.5, 100, 2, p=1,
+             hint="padding is real 0, i.e. q_x = Z_x: subtract Z_x from each input value and pad with 0 (a "
+                  "padded q_x = 0 would add -Z_x per padded place)"),
+        case([[[[100, 104, 108], [112, 116, 120], [124, 128, 132]]]], 100, 0.5, 0.5, 100, 2, p=1,
+             include=False, hint="count_include_pad=False: n counts only the input values in the window "
+             "(1, 2 or 4 here), not the padding"),
     ]
 
     @st.composite
     def strat(draw):
         k = draw(st.integers(1, 4))
+        p = draw(st.integers(0, k // 2))
         n, c = draw(st.integers(1, 2)), draw(st.integers(1, 2))
         h, w = k * draw(st.integers(1, 2)) + draw(st.integers(0, k - 1)), k * draw(st.integers(1, 2))
         q = draw(st.lists(st.integers(0, 255), min_size=n * c * h * w, max_size=n * c * h * w))
         s_x = draw(floats32(1e-3, 1.0))
         s_a = s_x if draw(st.booleans()) else draw(floats32(1e-3, 1.0))
         return case(t(q, torch.int32).reshape(n, c, h, w), draw(st.integers(0, 255)), s_x, s_a,
-                    draw(st.integers(0, 255)), k)
+                    draw(st.integers(0, 255)), k, p, draw(st.booleans()))
 
-    def oracle(q_x, zero_point_x, scale_x, scale_a, zero_point_a, kernel_size, quant_min, quant_max):
-        k = kernel_size
-        x = (q_x.to(torch.float64) - zero_point_x)
-        acc = F.avg_pool2d(x, k, stride=k, divisor_override=1)          # exact window sums in float64
-        return ops.avg_pool_requantize(acc, k * k, scale_x, scale_a, zero_point_a, quant_min, quant_max)
+    def oracle(q_x, zero_point_x, scale_x, scale_a, zero_point_a, kernel_size, padding, count_include_pad,
+               quant_min, quant_max):
+        pool = ops.QAvgPool2d(kernel_size, kernel_size, padding, count_include_pad=count_include_pad)
+        acc, n = pool.sums_and_counts(q_x.to(torch.int64) - zero_point_x)   # exact sums, window sizes
+        return ops.avg_pool_requantize(acc, n, scale_x, scale_a, zero_point_a, quant_min, quant_max)
 
     return Exercise("h", 3, "avg_pool", oracle, exact_ints, lambda: cases, strat,
-                    "acc = sum (q_x - Z_x) over each k x k window; q_a = clamp(rne(f32(acc) * f32(S_x / "
-                    "f32(S_a k*k))) + Z_a), int32")
+                    "acc = sum (q_x - Z_x) over each k x k window (padding adds 0); n = k*k, or the input "
+                    "values with count_include_pad=False; q_a = clamp(rne(f32(acc) * f32(S_x / f32(S_a n))) "
+                    "+ Z_a), int32")
 
 
 def exercises() -> list[Exercise]:

@@ -12,6 +12,7 @@ LESSON = dict(
     setup='''\
 # setup: torch, and the checker
 import torch
+import torch.nn.functional as F
 
 from quantlab import check''',
     exercises=[
@@ -50,24 +51,31 @@ from quantlab import check''',
            return torch.clamp(q_a, quant_min, quant_max).to(torch.int32)'''),
         ex(3, "avg_pool", "average pooling's rounding division",
            r"""
-           Non-overlapping $k \times k$ windows (stride $k$, no padding; rows and columns that do not fill a window are
-           dropped, as PyTorch's `avg_pool2d`), $n = k^2$ values each. The zero point comes off **before** the sum:
-           $\mathrm{acc} = \sum_{\text{window}} (q_x - Z_x)$, exact. qnnpack divides by multiplying with the float32 multiplier
+           $k \times k$ windows with stride $k$ and `padding` $p$ on every side ($p \le k/2$; PyTorch's
+           `F.avg_pool2d(x, k, k, p)`: rows and columns that do not fill a window are dropped). Padding is real 0,
+           i.e. $q_x = Z_x$. The zero point comes off **before** the sum: $\mathrm{acc} = \sum_{\text{window}} (q_x - Z_x)$,
+           exact. The window's size $n$ is $k^2$ when `count_include_pad` (PyTorch's default), else the number of input
+           values in the window (the padding not counted), as in PyTorch's float `avg_pool2d` and quantlab's `QAvgPool2d`
+           (PyTorch's quantized qnnpack kernel ignores `count_include_pad=False` and always divides by $k^2$). qnnpack
+           divides by multiplying with the float32 multiplier
            $M = f_{32}\big(S_x / f_{32}(S_a\, n)\big)$ and rounds half to even, then adds $Z_a$:
            $$ q_a = \mathrm{clamp}\big(\mathrm{rne}(f_{32}(\mathrm{acc}) \cdot M) + Z_a,\ q_{min},\ q_{max}\big) $$
-           `q_x` is an integer tensor `(N, C, H, W)`, `scale_x`, `scale_a` float32 tensors of shape `()`, the rest
-           Python ints. Return an int32 tensor `(N, C, H // k, W // k)`.""",
+           `q_x` is an integer tensor `(N, C, H, W)`, `scale_x`, `scale_a` float32 tensors of shape `()`,
+           `count_include_pad` a bool, the rest Python ints. Return an int32 tensor of `F.avg_pool2d`'s output shape.""",
            '''
-           def avg_pool(q_x, zero_point_x, scale_x, scale_a, zero_point_a, kernel_size, quant_min, quant_max):
+           def avg_pool(q_x, zero_point_x, scale_x, scale_a, zero_point_a, kernel_size, padding, count_include_pad,
+                        quant_min, quant_max):
                """q_a (int32) of a k x k average pool with stride k."""''',
            '''
-           k = kernel_size
-           x = q_x.to(torch.int64) - zero_point_x                              # q_x - Z_x, exact
-           n, c, h, w = x.shape
-           x = x[:, :, : h // k * k, : w // k * k].reshape(n, c, h // k, k, w // k, k)
-           acc = x.sum(dim=(3, 5))                                              # the window sums
-           M = scale_x / (scale_a * (k * k))                                    # f32(S_x / f32(S_a n)), qnnpack's
-           q_a = torch.round(acc.to(torch.float32) * M) + zero_point_a          # half to even, then + Z_a
+           k, p = kernel_size, padding
+           x = (q_x.to(torch.int64) - zero_point_x).to(torch.float64)        # q_x - Z_x: the padding adds real 0
+           acc = F.avg_pool2d(x, k, k, p, divisor_override=1)                  # the window sums, exact in float64
+           if count_include_pad:
+               n = torch.full_like(acc, k * k)
+           else:                                                               # the input values in each window
+               n = F.avg_pool2d(torch.ones_like(x), k, k, p, divisor_override=1)
+           M = scale_x / (scale_a * n.to(torch.float32))                       # f32(S_x / f32(S_a n)), qnnpack's
+           q_a = torch.round(acc.to(torch.float32) * M) + zero_point_a         # half to even, then + Z_a
            return q_a.clamp(quant_min, quant_max).to(torch.int32)'''),
     ])
 
@@ -109,8 +117,8 @@ MISTAKES: list[Mistake] = [
     Mistake('quantized_add', 'return torch.clamp(q_a, quant_min, quant_max).to(torch.int32)',
             'return torch.clamp(q_a, quant_min, quant_max)',
             'the statement asks for int32', 'int64, not int32'),
-    Mistake('avg_pool', 'x = q_x.to(torch.int64) - zero_point_x',
-            'x = q_x.to(torch.int64)',
+    Mistake('avg_pool', 'x = (q_x.to(torch.int64) - zero_point_x).to(torch.float64)',
+            'x = q_x.to(torch.float64)',
             'subtract the input\'s zero point', 'Z_x not subtracted'),
     Mistake('avg_pool', 'torch.round(acc.to(torch.float32) * M)',
             'torch.trunc(acc.to(torch.float32) * M)',
@@ -121,10 +129,16 @@ MISTAKES: list[Mistake] = [
     Mistake('avg_pool', 'torch.round(acc.to(torch.float32) * M) + zero_point_a',
             'torch.round(acc.to(torch.float32) * M + zero_point_a)',
             'then add Z_a', 'Z_a added before rounding'),
-    Mistake('avg_pool', 'M = scale_x / (scale_a * (k * k))',
-            'M = (scale_x / scale_a) / (k * k)',
+    Mistake('avg_pool', 'M = scale_x / (scale_a * n.to(torch.float32))',
+            'M = (scale_x / scale_a) / n.to(torch.float32)',
             'qnnpack\'s formula', "the reference kernel's multiplier"),
     Mistake('avg_pool', 'acc.to(torch.float32) * M)',
             'acc.to(torch.float64) * M.double())',
             'in float32', 'float64 product'),
+    Mistake('avg_pool', 'if count_include_pad:',
+            'if True:',
+            'count_include_pad=False', 'count_include_pad ignored'),
+    Mistake('avg_pool', 'acc = F.avg_pool2d(x, k, k, p, divisor_override=1)',
+            'acc = F.avg_pool2d(x + zero_point_x, k, k, p, divisor_override=1) - zero_point_x * k * k',
+            'padding is real 0', 'padding counted as q_x = 0'),
 ]
