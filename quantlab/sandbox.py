@@ -74,7 +74,7 @@ def encode(v):
             return {"$": "tensor", "dtype": str(v.dtype).replace("torch.", ""),
                     "shape": list(v.shape), "data": base64.b64encode(_tensor_bytes(v)).decode()}
         if isinstance(v, (np.ndarray, np.generic)) and v.dtype.kind in "biufc":
-            a = np.ascontiguousarray(v) if isinstance(v, np.ndarray) else np.asarray(v)
+            a = np.ascontiguousarray(v).reshape(v.shape) if isinstance(v, np.ndarray) else np.asarray(v)
             return {"$": "ndarray" if isinstance(v, np.ndarray) else "npscalar",
                     "dtype": a.dtype.str, "shape": list(a.shape),
                     "data": base64.b64encode(a.tobytes()).decode()}
