@@ -76,7 +76,8 @@ def formats(model, score, checks, f) -> None:
     rel = {name: s[name].ppl / ppl0 - 1 for name in fmts}
     checks.append(("FP8 E4M3 weights within +1%", f"{100 * rel['FP8 E4M3 per channel']:+.2f}%",
                    rel["FP8 E4M3 per channel"] <= 0.01))
-    checks.append(("NF4 <= +2%", f"{100 * rel['NF4 (blocks of 64)']:+.2f}%", rel["NF4 (blocks of 64)"] <= 0.02))
+    checks.append(("NF4 <= +2%", f"{100 * rel['NF4 (blocks of 64)']:+.2f}%",
+                   rel["NF4 (blocks of 64)"] <= 0.02))
     checks.append(("MXFP4 <= +4%", f"{100 * rel['MXFP4 (blocks of 32)']:+.2f}%",
                    rel["MXFP4 (blocks of 32)"] <= 0.04))
     d = s["NF4 (blocks of 64)"].chunk_nll - s["int4 sym g64"].chunk_nll
