@@ -5,6 +5,7 @@ measured. Taught in notebook ``c_train_and_test``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -87,7 +88,9 @@ def load_checkpoint(model: nn.Module, path, sha256: str | None = None,
     sha256 of the tensors stored inside quantlab's checkpoints (a flipped byte is caught even
     without ``sha256``; a plain state_dict file carries none), the stored configuration against
     ``model``'s (bits, per-channel, fixed point: the mismatch is named), and with ``strict`` the
-    keys (missing and unexpected ones are named).
+    keys (missing and unexpected ones are named), and every tensor's shape (each mismatch is
+    named). A refused checkpoint leaves ``model`` unchanged: nothing is copied into it unless every
+    check passes (the tensors are first loaded into a copy of the model).
 
     Raises:
         FileNotFoundError: no such file. ValueError: an empty, truncated, corrupt,
@@ -121,11 +124,14 @@ def load_checkpoint(model: nn.Module, path, sha256: str | None = None,
         raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: "
                          f"{len(missing)} missing key(s) {missing[:6]}, {len(unexpected)} "
                          f"unexpected key(s) {unexpected[:6]}")
+    # torch's load_state_dict copies every tensor that fits before it raises for one that does
+    # not (a shape mismatch): try a copy of the model first, so a refused file changes nothing
     try:
-        model.load_state_dict(state, strict=strict)
+        copy.deepcopy(model).load_state_dict(state, strict=strict)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: "
                          f"{str(e).strip()[:600]}") from e
+    model.load_state_dict(state, strict=strict)
     return model
 
 

@@ -112,6 +112,25 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         training.load_checkpoint(Net(), tmp_path / "list.pt")
 
 
+def test_a_refused_checkpoint_leaves_the_model_unchanged(tmp_path):
+    # conv1 reads 3 channels in the file: every other tensor has the right shape, and torch's
+    # load_state_dict would copy those before raising for conv1.weight
+    _ = torch.manual_seed(1)
+    training.save_checkpoint(Net(num_channels=3), tmp_path / "rgb.pt")
+    _ = torch.manual_seed(2)
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="size mismatch for conv1.weight"):
+        training.load_checkpoint(model, tmp_path / "rgb.pt")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), \
+        [k for k in before if not torch.equal(before[k], after[k])]
+    # the same with strict=False (torch raises for a shape mismatch there too)
+    with pytest.raises(ValueError, match="size mismatch"):
+        training.load_checkpoint(model, tmp_path / "rgb.pt", strict=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("correct, total", [(979, 1000), (0, 10), (10, 10), (1, 3), (744, 1000)])
 def test_wilson_interval_matches_scipy(correct, total):
     stats = pytest.importorskip("scipy.stats")
