@@ -208,15 +208,19 @@ def _d3():
                     "half to even")
 
 
-def _linear_case(seed, c_out, c_in, x_range, y_range, bias_scale=0.1):
+def _linear_case(seed, c_out, c_in, x_range, y_range, bias_scale=0.1, hint=""):
+    """A Linear layer's weight and bias drawn as integers over 4096: exact float32 values, the same on
+    every CPU (torch.randn is not), so that a case that tells two multipliers apart does so everywhere."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(c_out, c_in, generator=g) * 0.3
-    b = torch.randn(c_out, generator=g) * bias_scale
+    w = torch.randint(-2048, 2048, (c_out, c_in), generator=g) / 4096
+    b = torch.randint(-4096, 4096, (c_out,), generator=g) / 4096 * bias_scale
     sx, _ = qparams.calc_scale_zero_point(t(x_range[0]), t(x_range[1]))
     sy, _ = qparams.calc_scale_zero_point(t(y_range[0]), t(y_range[1]))
-    return Case(dict(weight=w, bias=b, scale_x=sx, scale_y=sy),
-                desc=f"weight = 0.3 * randn({c_out}, {c_in}), bias = {bias_scale} * randn({c_out})"
-                     f" (seed {seed}), scale_x={sx.item()!r}, scale_y={sy.item()!r}")
+    return Case(dict(weight=w, bias=b, scale_x=sx, scale_y=sy), hint,
+                desc=f"g = torch.Generator().manual_seed({seed}); weight = torch.randint(-2048, 2048, "
+                     f"({c_out}, {c_in}), generator=g) / 4096; bias = torch.randint(-4096, 4096, "
+                     f"({c_out},), generator=g) / 4096 * {bias_scale}; scale_x={sx.item()!r}, "
+                     f"scale_y={sy.item()!r}")
 
 
 def _float32_multiplier(expected, got, what=""):
