@@ -62,8 +62,11 @@ def _d1():
         eps = draw(st.sampled_from([1e-5, 1e-3]))
         d = bn(seed, var, draw(st.booleans()), shape)
         d["eps"] = eps
-        return Case(d, desc=f"seed={seed}, weight shape {shape}, var={var.tolist()}, eps={eps}, "
-                    f"bias={'given' if d['bias'] is not None else None}")
+        bias = f"torch.randn({c}, generator=g)" if d["bias"] is not None else "None"
+        return Case(d, desc=f"g = torch.Generator().manual_seed({seed}); weight = torch.randn({shape}, "
+                    f"generator=g); bias = {bias}; mean = torch.randn({c}, generator=g); var = "
+                    f"torch.tensor({var.tolist()}); gamma = torch.randn({c}, generator=g); beta = "
+                    f"torch.randn({c}, generator=g); eps = {eps}")
 
     def oracle(weight, bias, mean, var, gamma, beta, eps):
         from torch.nn.utils.fusion import fuse_conv_bn_weights

@@ -178,9 +178,15 @@ def _acc_case(seed, n, cin, cout, size, k, stride, padding, per_channel_zw, dtyp
            else torch.tensor(int(torch.randint(-128, 128, (), generator=g)), dtype=torch.int32))
     return Case(dict(q_x=q_x, zero_point_x=z_x, q_w=q_w, zero_point_w=z_w, stride=stride,
                      padding=padding), hint,
-                desc=f"q_x: randint(0, 256, {(n, cin, size, size)}) as {str(dtype)[6:]}, "
-                     f"zero_point_x={z_x}, q_w: randint(-128, 128, {(cout, cin, k, k)}), "
-                     f"zero_point_w={show(z_w)} (seed {seed}), stride={stride}, padding={padding}")
+                desc=f"g = torch.Generator().manual_seed({seed}); q_x = torch.randint(0, 256, "
+                     f"{(n, cin, size, size)}, generator=g).to(torch.{str(dtype)[6:]}); zero_point_x = "
+                     f"int(torch.randint(0, 256, (), generator=g)); q_w = torch.randint(-128, 128, "
+                     f"{(cout, cin, k, k)}, generator=g, dtype=torch.int32); zero_point_w = " + (
+                         f"torch.randint(-128, 128, ({cout},), generator=g, dtype=torch.int32)"
+                         if per_channel_zw else "torch.tensor(int(torch.randint(-128, 128, (), "
+                         "generator=g)), dtype=torch.int32)")
+                     + ("" if zero_point_x is None else f"; zero_point_x = {zero_point_x}")
+                     + f"; stride={stride}, padding={padding}")
 
 
 def _e5():
