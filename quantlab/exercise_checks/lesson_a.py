@@ -32,8 +32,7 @@ from .common import (
     vector,
 )
 
-HARD_CODED = ("do not hard-code 8 bits: quant_min and quant_max come from num_bits and signed "
-              "(quant_range)")
+HARD_CODED = "do not hard-code 8 bits: quant_min and quant_max follow from num_bits and signed"
 
 
 def _a1():
@@ -155,7 +154,7 @@ def _a3():
              "a tie: r_min / S = -2.5 exactly; torch.round rounds half to even (-2), rounding half "
              "away from zero gives -3"),
         Case(dict(min_val=t(-1.0), max_val=t(3.0), num_bits=4, signed=False),
-             HARD_CODED + " (here 4 bits unsigned: [0, 15])"),
+             HARD_CODED + " (quant_range; here 4 bits unsigned: [0, 15])"),
         Case(dict(min_val=t(-1.0), max_val=t(3.0), num_bits=8, signed=True),
              "a signed range: Z = q_min - round(r_min / S) with q_min = -128 here; without q_min "
              "you get the unsigned zero point"),
@@ -268,9 +267,9 @@ def _a5():
              "round to the nearest integer (torch.round): .to(torch.int32) and int() truncate "
              "toward zero (0.7 -> 0 instead of 1)"),
         Case(dict(x=t([0.0, 1.0]), scale=t(0.5), zero_point=zp(10), **u8),
-             "add the zero point: q = round(x / S) + Z (here 0 + 10 and 2 + 10)"),
+             "add the zero point: q = round(x * (1 / S)) + Z (here 0 + 10 and 2 + 10)"),
         Case(dict(x=t([-3.0, 127.0]), scale=t(1.0), zero_point=zp(10), **u8),
-             "add the zero point, then clamp: clamping round(x / S) before adding Z gives "
+             "add the zero point, then clamp: clamping round(x * (1 / S)) before adding Z gives "
              "-3 -> 0 -> 10 instead of 7"),
         Case(dict(x=t([-0.75, 0.75, 1.75]), scale=t(0.5), zero_point=zp(100), **u8),
              "ties at .5: torch.round rounds half to even, -1.5 -> -2; floor(x + 0.5) rounds it "
@@ -284,7 +283,7 @@ def _a5():
         Case(dict(x=t([-1000.0, 1000.0, 0.0]), scale=t(0.1), zero_point=zp(10), **u8),
              "clamp to [quant_min, quant_max] after adding the zero point"),
         Case(dict(x=t([-1000.0, 1000.0]), scale=t(0.1), zero_point=zp(0), num_bits=4,
-                  signed=True), HARD_CODED + " (here 4 bits signed: [-8, 7])"),
+                  signed=True), HARD_CODED + " (quant_range; here 4 bits signed: [-8, 7])"),
         Case(dict(x=t([x_d]), scale=t(s_d), zero_point=zp(100), **u8),
              "compute in float32, as PyTorch: x * f32(1 / scale) in float64 rounds this value to "
              "the other integer"),

@@ -173,9 +173,13 @@ MISTAKES: list[Mistake] = [
     Mistake('freeze_linear', 'symmetric=True)',
             'symmetric=False)',
             'symmetric weights', 'affine weights'),
-    Mistake('freeze_linear', 'max_w, num_bits=8, signed=True,',
-            'max_w, num_bits=8, signed=False,',
-            'zero point 0', 'unsigned weight zero point'),
+    Mistake('freeze_linear', 'max_w, num_bits=8, signed=True,\n'
+            '                                                           symmetric=True)\n'
+            '    q_w = quantlab.quantize(weight, scale_w, zero_point_w, num_bits=8, signed=True, axis=0)',
+            'max_w, num_bits=8, signed=False,\n'
+            '                                                           symmetric=True)\n'
+            '    q_w = quantlab.quantize(weight, scale_w, zero_point_w, num_bits=8, signed=False, axis=0)',
+            'signed int8 weights have zero point 0', 'unsigned weights'),
     Mistake('freeze_linear', 'multiplier = (scale_x * scale_w) * (1.0 / scale_y)',
             'multiplier = scale_x * scale_w / scale_y',
             "ONNX Runtime's formula", "ONNX Runtime's quotient M"),
