@@ -242,7 +242,7 @@ MISTAKES: list[Mistake] = [
             'truncate toward zero', 'truncated'),
     Mistake('quantize', 'q = torch.round(x * (1.0 / scale)) + zero_point',
             'q = torch.round(x * (1.0 / scale)) - zero_point',
-            'add the zero point: q = round(x / S) + Z', 'Z subtracted'),
+            'add the zero point: q = round(x * (1 / S)) + Z', 'Z subtracted'),
     Mistake('quantize', 'torch.round(x * (1.0 / scale))',
             'torch.floor(x * (1.0 / scale) + 0.5)',
             'floor(x + 0.5)', 'ties up'),
