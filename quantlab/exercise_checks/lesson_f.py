@@ -37,6 +37,9 @@ def _f1():
     zp = lambda v: t(v, torch.int32)  # noqa: E731
     cases = [
         # each case catches one more mistake (in this order; see lesson_f.py's MISTAKES)
+        Case(dict(x=t([0.07, 0.12, 0.0]), scale=t(0.1), zero_point=zp(3), num_bits=4, signed=False),
+             "round to the nearest integer (torch.round): torch.trunc and .to(torch.int32) truncate "
+             "toward zero (0.7 -> 0 instead of 1)"),
         Case(dict(x=t([-0.3, 0.0, 0.26, 0.5]), scale=t(0.1), zero_point=zp(3), num_bits=4,
                   signed=False)),
         Case(dict(x=t([-10.0, 10.0, 0.5]), scale=t(0.1), zero_point=zp(8), num_bits=4, signed=False,

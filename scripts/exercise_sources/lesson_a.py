@@ -236,6 +236,12 @@ MISTAKES: list[Mistake] = [
     Mistake('calc_scale_zero_point_symmetric', 'torch.full_like(scale, middle, dtype=torch.int32)',
             'torch.full_like(scale, middle)',
             'integers belong in an integer tensor', 'float Z'),
+    Mistake('calc_scale_zero_point_symmetric', 'torch.full_like(scale, middle, dtype=torch.int32)',
+            'torch.full_like(scale, middle, dtype=torch.int64)',
+            'the statement asks for int32', 'int64 Z'),
+    Mistake('calc_scale_zero_point_symmetric', 'scale = torch.clamp(amax / ',
+            'scale = torch.clamp(amax.double() / ',
+            'the statement asks for float32', 'float64 S'),
     # a5 quantize
     Mistake('quantize', 'q = torch.round(x * (1.0 / scale)) + zero_point',
             'q = (x * (1.0 / scale)).to(torch.int32) + zero_point',
