@@ -110,3 +110,10 @@ def imported_exercises(namespace: dict, lessons: dict) -> dict:
         if name in lessons.get(lesson, ()):
             found[name] = lesson
     return found
+
+
+def library_functions(namespace: dict, names) -> list:
+    """The functions of ``names`` in ``namespace`` that are quantlab's own (``quantize = quantlab.quantize``):
+    a copied function passes its exercise, so the grade marks it."""
+    return [n for n in names if callable(namespace.get(n)) and
+            str(getattr(namespace[n], "__module__", None) or "").split(".")[0] == "quantlab"]

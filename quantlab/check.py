@@ -34,10 +34,13 @@ from .calls import (  # noqa: F401  (check's API)
     call_function,
     exercise_calls,
     imported_exercises,
+    library_functions,
 )
 from .notebook_import import import_notebook, lesson_of  # noqa: F401  (check's API)
 
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not attempted"
+#: the note of an exercise whose function is quantlab's own (it passes, but the learner did not write it)
+LIBRARY_NOTE = "quantlab's own function, not written in the notebook"
 _EXERCISES = None
 
 
@@ -175,6 +178,7 @@ def check_namespace(lesson: str, namespace: dict, names=None, missing: str = "sk
                 results.append(Result(ex.id, ex.name, NOT_ATTEMPTED, note="not defined"))
             continue
         results.append(check_function(ex, fn))
+    mark_library(results, library_functions(namespace, [e.name for e in chosen]))
     imported = imported_exercises(namespace, {k: [e.name for e in v] for k, v in all_ex.items()})
     uses = exercise_calls(namespace, [e.name for e in chosen] + list(imported))
     blame_dependencies(results, uses)
@@ -197,6 +201,13 @@ def blame_dependencies(results: list[Result], uses: dict) -> None:
             r.hint = (f"{named} failed above and `{r.name}` calls it: fix "
                       f"{', '.join(d.id for d in before)} first, then check {r.id} again")
         failed[r.name] = r
+
+
+def mark_library(results: list[Result], library: list) -> None:
+    """Mark the exercises whose function is quantlab's own (``quantize = quantlab.quantize``)."""
+    for r in results:
+        if r.name in library and r.status != NOT_ATTEMPTED:
+            r.note = LIBRARY_NOTE
 
 
 def blame_other_notebooks(results: list[Result], uses: dict, imported: dict, grade) -> None:
@@ -348,6 +359,7 @@ def grade_isolated(path, lesson: str | None = None, names=None,
                     error = f"{ex.id} {ex.name}: {e}"
                     break
             blame_dependencies(results, box.ready.uses)
+            mark_library(results, box.ready.library or [])
             if error is None or error == box.ready.error:  # the child still answers
 
                 def grade_imported(ex):

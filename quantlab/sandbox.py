@@ -29,7 +29,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .calls import Raised, Returned, call_function, exercise_calls, imported_exercises
+from .calls import (
+    Raised,
+    Returned,
+    call_function,
+    exercise_calls,
+    imported_exercises,
+    library_functions,
+)
 
 #: the most bytes one message may hold (a tensor of 50M float32 values, base64-encoded)
 MAX_MESSAGE = 300_000_000
@@ -170,6 +177,7 @@ def serve(path: str, lesson: str, fds: str, memory_mb: float | None = None) -> i
     defined = [name for name in own if callable(namespace.get(name))]
     imported = imported_exercises(namespace, {k: [ex.name for ex in v] for k, v in lessons.items()})
     send({"op": "ready", "error": error, "defined": defined, "imported": imported,
+          "library": library_functions(namespace, own),
           "uses": exercise_calls(namespace, own + list(imported))})
     for line in requests:
         msg = json.loads(line)
@@ -199,6 +207,8 @@ class Ready:
     uses: dict
     #: function name -> lesson, for functions imported from another exercise notebook (hints only)
     imported: dict = None
+    #: exercises whose function is quantlab's own (marked in the report)
+    library: list = None
 
 
 class Sandbox:
@@ -247,7 +257,8 @@ class Sandbox:
         self.ready = Ready(msg.get("error"), list(msg.get("defined", [])),
                            {str(k): [str(n) for n in v] for k, v in uses.items()
                             if isinstance(v, list)},
-                           {str(k): str(v) for k, v in imported.items()})
+                           {str(k): str(v) for k, v in imported.items()},
+                           [str(n) for n in msg.get("library", []) if isinstance(n, str)])
         return self
 
     def __exit__(self, *exc) -> None:

@@ -367,6 +367,21 @@ def test_a_failure_caused_by_another_notebooks_function_names_that_one(tmp_path)
                                  "`quantized_conv2d` calls it"), r.hint
 
 
+def test_a_function_that_is_quantlabs_own_is_marked(tmp_path):
+    # quantize = quantlab.quantize passes a5, but the report says it was not written in the notebook
+    folder = _copy_solutions(tmp_path)
+    path = folder / "a_exercises.ipynb"
+    nb = json.loads(path.read_text())
+    nb["cells"].insert(len(nb["cells"]) - 1, {"cell_type": "code", "execution_count": None, "id": "copy",
+                                              "metadata": {}, "outputs": [],
+                                              "source": "import quantlab\nquantize = quantlab.quantize"})
+    path.write_text(json.dumps(nb))
+    for fr in (check.grade_notebook(path, names=["quantize"]),
+               check.grade_isolated(path, names=["quantize"], timeout=300)):
+        (r,) = fr.results
+        assert (r.status, r.note) == (check.PASSED, check.LIBRARY_NOTE), r
+
+
 def test_exercise_calls_follows_helpers_and_ignores_other_globals():
     from quantlab.calls import exercise_calls
     ns = {}
