@@ -94,3 +94,26 @@ def exercise_calls(namespace: dict, names) -> dict:
         uses[start] = sorted(found)
     return uses
 
+
+
+def imported_exercises(namespace: dict, lessons: dict) -> dict:
+    """Functions of ``namespace`` imported from another exercise notebook (``from a_exercises import
+    quantize`` in e's): {name: lesson} for each whose module is ``<lesson>_exercises`` and whose name
+    is one of that lesson's exercises (``lessons``: {lesson: [exercise names]})."""
+    found = {}
+    for name, obj in namespace.items():
+        module = str(getattr(obj, "__module__", None) or "")
+        if not callable(obj) or not module.endswith("_exercises") or \
+                getattr(obj, "__globals__", namespace) is namespace:
+            continue
+        lesson = module[: -len("_exercises")].rsplit("_", 1)[-1]
+        if name in lessons.get(lesson, ()):
+            found[name] = lesson
+    return found
+
+
+def library_functions(namespace: dict, names) -> list:
+    """The functions of ``names`` in ``namespace`` that are quantlab's own (``quantize = quantlab.quantize``):
+    a copied function passes its exercise, so the grade marks it."""
+    return [n for n in names if callable(namespace.get(n)) and
+            str(getattr(namespace[n], "__module__", None) or "").split(".")[0] == "quantlab"]

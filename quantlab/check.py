@@ -28,10 +28,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .calls import Raised, Returned, call_function, exercise_calls  # noqa: F401  (check's API)
+from .calls import (  # noqa: F401  (check's API)
+    Raised,
+    Returned,
+    call_function,
+    exercise_calls,
+    imported_exercises,
+    library_functions,
+)
 from .notebook_import import import_notebook, lesson_of  # noqa: F401  (check's API)
 
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not attempted"
+#: the note of an exercise whose function is quantlab's own (it passes, but the learner did not write it)
+LIBRARY_NOTE = "quantlab's own function, not written in the notebook"
 _EXERCISES = None
 
 
@@ -169,7 +178,12 @@ def check_namespace(lesson: str, namespace: dict, names=None, missing: str = "sk
                 results.append(Result(ex.id, ex.name, NOT_ATTEMPTED, note="not defined"))
             continue
         results.append(check_function(ex, fn))
-    blame_dependencies(results, exercise_calls(namespace, [e.name for e in chosen]))
+    mark_library(results, library_functions(namespace, [e.name for e in chosen]))
+    imported = imported_exercises(namespace, {k: [e.name for e in v] for k, v in all_ex.items()})
+    uses = exercise_calls(namespace, [e.name for e in chosen] + list(imported))
+    blame_dependencies(results, uses)
+    blame_other_notebooks(results, uses, imported,
+                          lambda ex: check_function(ex, namespace[ex.name]))
     return results
 
 
@@ -187,6 +201,43 @@ def blame_dependencies(results: list[Result], uses: dict) -> None:
             r.hint = (f"{named} failed above and `{r.name}` calls it: fix "
                       f"{', '.join(d.id for d in before)} first, then check {r.id} again")
         failed[r.name] = r
+
+
+def mark_library(results: list[Result], library: list) -> None:
+    """Mark the exercises whose function is quantlab's own (``quantize = quantlab.quantize``)."""
+    for r in results:
+        if r.name in library and r.status != NOT_ATTEMPTED:
+            r.note = LIBRARY_NOTE
+
+
+def blame_other_notebooks(results: list[Result], uses: dict, imported: dict, grade) -> None:
+    """An exercise that failed and calls a function imported from another exercise notebook (e6 calls
+    a's ``quantize``) gets a hint naming that function when it fails its own exercise there
+    (``grade(exercise)`` checks it): the bug is in the other notebook, not here."""
+    verdicts: dict[str, Result] = {}
+    for r in results:
+        if r.status != FAILED or "failed above" in r.hint:
+            continue
+        bad = []
+        for name in uses.get(r.name, []):
+            lesson = imported.get(name)
+            if lesson is None:
+                continue
+            if name not in verdicts:
+                ex = next(e for e in exercises()[lesson] if e.name == name)
+                verdicts[name] = grade(ex)
+            if verdicts[name].status == FAILED:
+                bad.append((verdicts[name], lesson))
+        # name only the first cause: a7 fails because it calls a5, so a5 alone is named
+        failing = {d.name for d, _ in bad}
+        bad = [(d, lesson) for d, lesson in bad if not failing & set(uses.get(d.name, []))] or bad
+        if bad:
+            named = ", ".join(f"`{d.name}` ({d.id}, in {lesson}_exercises.ipynb)" for d, lesson in bad)
+            one = len(bad) == 1
+            r.hint = (f"{named} {'fails its own check' if one else 'fail their own checks'} and "
+                      f"`{r.name}` calls {'it' if one else 'them'}: fix {'it' if one else 'them'} in "
+                      f"that notebook first (save it and restart this kernel), then check {r.id} "
+                      "again")
 
 
 def summary(results) -> str:
@@ -307,10 +358,20 @@ def grade_isolated(path, lesson: str | None = None, names=None,
                                        "notebook's process was stopped") for r in chosen[i + 1:]]
                     error = f"{ex.id} {ex.name}: {e}"
                     break
+            blame_dependencies(results, box.ready.uses)
+            mark_library(results, box.ready.library or [])
+            if error is None or error == box.ready.error:  # the child still answers
+
+                def grade_imported(ex):
+                    try:
+                        return _check(ex, runner)
+                    except _Abort:
+                        return Result(ex.id, ex.name, NOT_ATTEMPTED)
+
+                blame_other_notebooks(results, box.ready.uses, box.ready.imported or {},
+                                      grade_imported)
     except SandboxError as e:  # while importing the notebook
         error = str(e)
-    else:
-        blame_dependencies(results, box.ready.uses)
     return FileResult(str(path), lesson, results, error, time.perf_counter() - start)
 
 

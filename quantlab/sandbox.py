@@ -29,7 +29,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .calls import Raised, Returned, call_function, exercise_calls
+from .calls import (
+    Raised,
+    Returned,
+    call_function,
+    exercise_calls,
+    imported_exercises,
+    library_functions,
+)
 
 #: the most bytes one message may hold (a tensor of 50M float32 values, base64-encoded)
 MAX_MESSAGE = 300_000_000
@@ -162,12 +169,16 @@ def serve(path: str, lesson: str, fds: str, memory_mb: float | None = None) -> i
         replies.write(json.dumps(msg).encode() + b"\n")
         replies.flush()
 
-    exercises = {ex.id: ex for ex in all_exercises().get(lesson, [])}
+    lessons = all_exercises()
+    own = [ex.name for ex in lessons.get(lesson, [])]
+    exercises = {ex.id: ex for exs in lessons.values() for ex in exs}  # another lesson's too (blame)
     limit_memory(memory_mb)
     namespace, error = import_notebook(path)
-    defined = [ex.name for ex in exercises.values() if callable(namespace.get(ex.name))]
-    send({"op": "ready", "error": error, "defined": defined,
-          "uses": exercise_calls(namespace, [ex.name for ex in exercises.values()])})
+    defined = [name for name in own if callable(namespace.get(name))]
+    imported = imported_exercises(namespace, {k: [ex.name for ex in v] for k, v in lessons.items()})
+    send({"op": "ready", "error": error, "defined": defined, "imported": imported,
+          "library": library_functions(namespace, own),
+          "uses": exercise_calls(namespace, own + list(imported))})
     for line in requests:
         msg = json.loads(line)
         if msg.get("op") != "call":
@@ -194,6 +205,10 @@ class Ready:
     defined: list
     #: exercise name -> the other exercises' functions it calls (hints only: not trusted for grades)
     uses: dict
+    #: function name -> lesson, for functions imported from another exercise notebook (hints only)
+    imported: dict = None
+    #: exercises whose function is quantlab's own (marked in the report)
+    library: list = None
 
 
 class Sandbox:
@@ -238,9 +253,12 @@ class Sandbox:
             self.close()
             raise
         uses = msg.get("uses") if isinstance(msg.get("uses"), dict) else {}
+        imported = msg.get("imported") if isinstance(msg.get("imported"), dict) else {}
         self.ready = Ready(msg.get("error"), list(msg.get("defined", [])),
                            {str(k): [str(n) for n in v] for k, v in uses.items()
-                            if isinstance(v, list)})
+                            if isinstance(v, list)},
+                           {str(k): str(v) for k, v in imported.items()},
+                           [str(n) for n in msg.get("library", []) if isinstance(n, str)])
         return self
 
     def __exit__(self, *exc) -> None:

@@ -351,6 +351,37 @@ def test_a_failure_caused_by_an_earlier_exercise_names_that_one(tmp_path):
                                            "`quantize_per_channel` calls it: fix a5 first")
 
 
+def test_a_failure_caused_by_another_notebooks_function_names_that_one(tmp_path):
+    # quantize (a5) without its clamp, in a_exercises.ipynb: e's quantized_conv2d (e6), which calls
+    # it through `from a_exercises import ...`, fails, and its hint names a5 in a_exercises.ipynb
+    # (not a7, which fails only because it calls a5) instead of e6's own hint
+    folder = _copy_solutions(tmp_path)
+    _substitute(folder / "a_exercises.ipynb", "return torch.clamp(q, quant_min, quant_max).to(torch.int32)",
+                "return q.to(torch.int32)")
+    path = folder / "e_exercises.ipynb"
+    for fr in (check.grade_notebook(path, names=["quantized_conv2d"]),
+               check.grade_isolated(path, names=["quantized_conv2d"], timeout=300)):
+        (r,) = fr.results
+        assert r.status == check.FAILED, r
+        assert r.hint.startswith("`quantize` (a5, in a_exercises.ipynb) fails its own check and "
+                                 "`quantized_conv2d` calls it"), r.hint
+
+
+def test_a_function_that_is_quantlabs_own_is_marked(tmp_path):
+    # quantize = quantlab.quantize passes a5, but the report says it was not written in the notebook
+    folder = _copy_solutions(tmp_path)
+    path = folder / "a_exercises.ipynb"
+    nb = json.loads(path.read_text())
+    nb["cells"].insert(len(nb["cells"]) - 1, {"cell_type": "code", "execution_count": None, "id": "copy",
+                                              "metadata": {}, "outputs": [],
+                                              "source": "import quantlab\nquantize = quantlab.quantize"})
+    path.write_text(json.dumps(nb))
+    for fr in (check.grade_notebook(path, names=["quantize"]),
+               check.grade_isolated(path, names=["quantize"], timeout=300)):
+        (r,) = fr.results
+        assert (r.status, r.note) == (check.PASSED, check.LIBRARY_NOTE), r
+
+
 def test_exercise_calls_follows_helpers_and_ignores_other_globals():
     from quantlab.calls import exercise_calls
     ns = {}

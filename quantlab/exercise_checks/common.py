@@ -120,9 +120,10 @@ def same_integers(expected: torch.Tensor, got, what: str = "") -> Mismatch | Non
         return Mismatch(pre + show(expected), pre + f"a {type(got).__name__}: {show(got)}",
                         "return a torch.Tensor of integers")
     if got.is_floating_point() or got.is_complex() or got.dtype == torch.bool:
+        want = str(expected.dtype).replace("torch.", "")  # the statement's dtype (int32, or int64)
         return Mismatch(pre + f"an integer tensor {show(expected)}", pre + f"a {got.dtype} tensor "
                         f"{show(got)}", "integers belong in an integer tensor: round, then "
-                        ".to(torch.int32)")
+                        f".to(torch.{want})")
     if tuple(got.shape) != tuple(expected.shape):
         return Mismatch(pre + f"shape {tuple(expected.shape)}", pre + f"shape {tuple(got.shape)}")
     bad = got.to(torch.int64) != expected.to(torch.int64)

@@ -81,23 +81,105 @@ from quantlab import check''',
            return q_w, scale_w, q_b, multiplier'''),
     ])
 
-#: (exercise, text in its solution, the mistake, words its hint must contain)
+#: (exercise, text in its solution, the mistake, words its hint must contain, what)
 MISTAKES: list[Mistake] = [
+    # d1 fold_bn
+    Mistake('fold_bn', 'beta + (bias - mean) * factor',
+            'beta + bias * factor - mean',
+            'the mean is scaled with the bias', 'mean not scaled'),
     Mistake('fold_bn', 'gamma / torch.sqrt(var + eps)',
             'gamma / var',
-            'sqrt(var + eps)', 'BN folded with var'),
+            'not by the variance', 'BN folded with var'),
     Mistake('fold_bn', 'gamma / torch.sqrt(var + eps)',
             'gamma / torch.sqrt(var)',
-            'sqrt(var + eps)', 'eps dropped'),
+            'divides by 0', 'eps dropped'),
+    Mistake('fold_bn', 'gamma / torch.sqrt(var + eps)',
+            'gamma / (torch.sqrt(var) + eps)',
+            'not sqrt(var) + eps', 'eps outside the root'),
+    Mistake('fold_bn', 'gamma / torch.sqrt(var + eps)',
+            'gamma / torch.sqrt(var + 1e-5)',
+            'do not hard-code 1e-5', 'eps hard-coded'),
+    Mistake('fold_bn', 'if bias is None:\n        bias = torch.zeros_like(mean)\n    ',
+            '',
+            'use 0 for b', 'bias None not handled'),
+    Mistake('fold_bn', 'factor.reshape([-1] + [1] * (weight.dim() - 1))',
+            'factor.reshape(-1, 1, 1, 1)',
+            'for any weight dimension', 'factor reshaped for 4-d only'),
+    # d2 quantize_bias
+    Mistake('quantize_bias', 'q_b = torch.round(bias * (1.0 / (scale_x * scale_w)))',
+            'q_b = bias * (1.0 / (scale_x * scale_w))',
+            '.to(torch.int32) truncates', 'truncated'),
+    Mistake('quantize_bias', 'torch.round(bias * (1.0 / (scale_x * scale_w)))',
+            'torch.floor(bias * (1.0 / (scale_x * scale_w)) + 0.5)',
+            'floor(x + 0.5) rounds ties up', 'ties up'),
     Mistake('quantize_bias', 'torch.clamp(q_b.double(), -2**31, 2**31 - 1).to(torch.int32)',
             'torch.clamp(q_b.double(), -128, 127).to(torch.int32)',
             'never clamp it to int8', 'bias clamped to int8'),
+    Mistake('quantize_bias', 'torch.round(bias * (1.0 / (scale_x * scale_w)))',
+            'torch.round(bias.double() * (1.0 / (scale_x.double() * scale_w.double())))',
+            'in float64 rounds', 'float64'),
+    Mistake('quantize_bias', 'torch.round(bias * (1.0 / (scale_x * scale_w)))',
+            'torch.round(bias / (scale_x * scale_w))',
+            'dividing rounds', 'divides'),
     Mistake('quantize_bias', 'torch.clamp(q_b.double(), -2**31, 2**31 - 1).to(torch.int32)',
             'q_b',
             'integer tensor', 'float bias'),
+    Mistake('quantize_bias', 'torch.clamp(q_b.double(), -2**31, 2**31 - 1).to(torch.int32)',
+            'torch.clamp(q_b.double(), -2**31, 2**31 - 1).to(torch.int64)',
+            'the statement asks for int32', 'int64'),
+    # d3 requantize
     Mistake('requantize', 'torch.round(acc.to(torch.float32) * m)',
             '(acc.to(torch.float32) * m)',
             'casting to int truncates', 'not rounded'),
+    Mistake('requantize', 'y = torch.round(acc.to(torch.float32) * m) + zero_point\n'
+            '    return torch.clamp(y, quant_min, quant_max).to(torch.int32)',
+            'y = torch.round(acc.to(torch.float32) * m)\n'
+            '    return (torch.clamp(y, quant_min, quant_max) + zero_point).to(torch.int32)',
+            'add Z_y, then clamp', 'clamped before adding Z'),
+    Mistake('requantize', 'torch.round(acc.to(torch.float32) * m)',
+            'torch.floor(acc.to(torch.float32) * m + 0.5)',
+            'floor(x + 0.5) rounds ties up', 'ties up'),
+    Mistake('requantize', 'torch.round(acc.to(torch.float32) * m) + zero_point',
+            'torch.round(acc.to(torch.float32) * m + zero_point)',
+            'round first, then add Z_y', 'Z added before rounding'),
+    Mistake('requantize', 'torch.clamp(y, quant_min, quant_max)',
+            'torch.clamp(y, 0, 255)',
+            'do not hard-code [0, 255]', 'hard-coded [0, 255]'),
+    Mistake('requantize', 'return torch.clamp(y, quant_min, quant_max).to(torch.int32)',
+            'return y.to(torch.int32)',
+            'clamp to [quant_min, quant_max] after adding', 'no clamp'),
+    Mistake('requantize', 'multiplier.reshape([1, -1] + [1] * (acc.dim() - 2))',
+            'multiplier.reshape([-1] + [1] * (acc.dim() - 1))',
+            'not to axis 0', 'M along axis 0'),
+    Mistake('requantize', 'm = multiplier.reshape([1, -1] + [1] * (acc.dim() - 2)) if multiplier.dim() == 1 else multiplier',
+            'm = multiplier',
+            'reshape M to (1, C, 1, 1)', 'M not reshaped'),
+    Mistake('requantize', 'torch.round(acc.to(torch.float32) * m)',
+            'torch.round(acc.double() * m.double())',
+            'float64 rounds this value', 'float64'),
+    Mistake('requantize', 'return torch.clamp(y, quant_min, quant_max).to(torch.int32)',
+            'return torch.clamp(y, quant_min, quant_max).to(torch.int64)',
+            'the statement asks for int32', 'int64'),
+    # d4 freeze_linear
+    Mistake('freeze_linear', 'quantlab.calc_min_max(weight, axis=0)\n'
+            '    scale_w, zero_point_w = quantlab.calc_scale_zero_point(min_w, max_w, num_bits=8, signed=True,\n'
+            '                                                           symmetric=True)\n'
+            '    q_w = quantlab.quantize(weight, scale_w, zero_point_w, num_bits=8, signed=True, axis=0)',
+            'quantlab.calc_min_max(weight)\n'
+            '    scale_w, zero_point_w = quantlab.calc_scale_zero_point(min_w, max_w, num_bits=8, signed=True,\n'
+            '                                                           symmetric=True)\n'
+            '    q_w = quantlab.quantize(weight, scale_w, zero_point_w, num_bits=8, signed=True)',
+            'one scale per output channel', 'per-tensor weights'),
+    Mistake('freeze_linear', 'symmetric=True)',
+            'symmetric=False)',
+            'symmetric weights', 'affine weights'),
+    Mistake('freeze_linear', 'max_w, num_bits=8, signed=True,\n'
+            '                                                           symmetric=True)\n'
+            '    q_w = quantlab.quantize(weight, scale_w, zero_point_w, num_bits=8, signed=True, axis=0)',
+            'max_w, num_bits=8, signed=False,\n'
+            '                                                           symmetric=True)\n'
+            '    q_w = quantlab.quantize(weight, scale_w, zero_point_w, num_bits=8, signed=False, axis=0)',
+            'signed int8 weights have zero point 0', 'unsigned weights'),
     Mistake('freeze_linear', 'multiplier = (scale_x * scale_w) * (1.0 / scale_y)',
             'multiplier = scale_x * scale_w / scale_y',
             "ONNX Runtime's formula", "ONNX Runtime's quotient M"),
