@@ -160,7 +160,7 @@ def _p_variants(only_a, only_b):
     return [
         ("two-sided: twice the tail 2 sum_{i<=k} C(m, i) / 2^m (the split could be as uneven the other way)",
          [min(1.0, tail(k) / 2**m)]),
-        ("cap it at 1: p = min(1, 2 sum ...) (with equal counts twice the tail exceeds 1)", [2 * tail(k) / 2**m]),
+        ("cap it at 1: p = min(1, 2 sum ...) (with equal counts, or none, twice the tail exceeds 1)", [2 * tail(k) / 2**m]),
         ("sum i = 0, ..., k (k included): range(k + 1)", [min(1.0, 2 * tail(k - 1) / 2**m) if k else 0.0]),
         ("k is the smaller of the two counts, min(only_a, only_b)",
          [min(1.0, 2 * tail(only_a) / 2**m), min(1.0, 2 * tail(only_b) / 2**m)]),
@@ -170,12 +170,12 @@ def _p_variants(only_a, only_b):
 
 def _c3():
     cases = [
-        Case(dict(only_a=10, only_b=2)), Case(dict(only_a=3, only_b=9)), Case(dict(only_a=0, only_b=0)),
-        Case(dict(only_a=4, only_b=4)), Case(dict(only_a=0, only_b=7)), Case(dict(only_a=18, only_b=6)),
-        Case(dict(only_a=600, only_b=540), "for large m, 0.5**m (or a float 2.0**m) underflows to 0 (or "
-             "overflows): divide the exact integers, 2 * tail / 2**m"),
-        Case(dict(only_a=1500, only_b=1450), "for large m, 0.5**m underflows to 0 (2.0**m overflows): divide the "
-             "exact integers, 2 * tail / 2**m"),
+        Case(dict(only_a=10, only_b=2)), Case(dict(only_a=3, only_b=9)), Case(dict(only_a=4, only_b=4)),
+        Case(dict(only_a=0, only_b=0)), Case(dict(only_a=0, only_b=7)), Case(dict(only_a=18, only_b=6)),
+        Case(dict(only_a=600, only_b=540), "for large m floats fail: 0.5**m underflows to 0, and 2.0**m or a "
+             "float of the huge tail overflows; divide the exact integers, 2 * tail / 2**m"),
+        Case(dict(only_a=1500, only_b=1450), "for large m floats fail: 0.5**m underflows to 0, and 2.0**m or a "
+             "float of the huge tail overflows; divide the exact integers, 2 * tail / 2**m"),
     ]
 
     @st.composite

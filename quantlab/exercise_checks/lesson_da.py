@@ -154,7 +154,12 @@ def _da2():
         alphas, err = e
         if not isinstance(g[0], torch.Tensor) or not _close(alphas, g[0], 1e-6):
             hint = "alphas: k / grid for k = grid, grid - 1, ..., 1, largest first (1 before 1/grid)"
-            return Mismatch("alphas: " + show(alphas), "alphas: " + show(g[0]), hint)
+            def head(a):
+                return show(a[:3]).replace("]", ", ...]", 1) if isinstance(a, torch.Tensor) and a.dim() == 1 \
+                    and a.numel() > 3 else show(a)
+            return Mismatch(f"alphas: {head(alphas)} ({alphas.numel()} values)",
+                            "alphas: " + head(g[0]) + (f" ({g[0].numel()} values)" if isinstance(g[0], torch.Tensor)
+                                                       else ""), hint)
         m = same_floats(alphas, g[0], "alphas", rtol=1e-6)
         if m is not None:
             return m

@@ -63,9 +63,9 @@ from quantlab import check''',
 
 #: (exercise, text in its solution, the mistake, words its hint must contain)
 MISTAKES: list[Mistake] = [
-    Mistake('conv_output_size', '// stride + 1',
-            '// stride',
-            'the first position of the kernel', 'no + 1'),
+    Mistake('conv_output_size', '- 1) // stride + 1',
+            ') // stride',
+            'the first position of the kernel', 'the - 1 and + 1 left out'),
     Mistake('conv_output_size', 'return (n + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1',
             'return -(-(n + 2 * padding - dilation * (kernel_size - 1) - 1) // stride) + 1',
             'round down (floor)', 'ceil instead of floor'),

@@ -72,7 +72,7 @@ Z = 1.959964  # the 97.5% quantile of the standard normal distribution, to 6 dec
 
 #: (exercise, text in its solution, the mistake, words its hint must contain)
 MISTAKES: list[Mistake] = [
-    Mistake('wilson_interval', 'half = Z * math.sqrt', 'half = 1.96 * math.sqrt',
+    Mistake('wilson_interval', 'Z = 1.959964  #', 'Z = 1.96  #',
             'z = 1.959964', 'z = 1.96'),
     Mistake('wilson_interval', 'centre = (p + Z**2 / (2 * n)) / (1 + Z**2 / n)\n'
             '    half = Z * math.sqrt(p * (1 - p) / n + Z**2 / (4 * n**2)) / (1 + Z**2 / n)',
