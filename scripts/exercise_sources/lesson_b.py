@@ -33,8 +33,9 @@ from quantlab import check''',
            r"""
            A conv with $C_{in}$ input and $C_{out}$ output channels, a $k\times k$ kernel and $g$ groups (`groups`; both
            channel counts are divisible by $g$) has
-           $$ C_{out}\cdot\frac{C_{in}}{g}\cdot k^2 \ \text{weights} \quad + \quad C_{out} \ \text{biases (when `bias`)} $$
-           since each output channel reads only the $C_{in}/g$ input channels of its group. Notebook b: conv1
+           $$ C_{out}\cdot\frac{C_{in}}{g}\cdot k^2 $$
+           weights, since each output channel reads only the $C_{in}/g$ input channels of its group, and $C_{out}$
+           biases when `bias` is true. Notebook b: conv1
            $(1, 40, 3)$ has $360 + 40$, conv2 $(40, 40, 3, g = 20)$ has $720 + 40$. Return a Python int (what
            `sum(p.numel() for p in layer.parameters())` gives for `torch.nn.Conv2d(c_in, c_out, kernel_size,
            groups=groups, bias=bias)`).""",

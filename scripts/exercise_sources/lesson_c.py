@@ -25,7 +25,7 @@ Z = 1.959964  # the 97.5% quantile of the standard normal distribution, to 6 dec
            formula rounds it to 1.96):
            $$ \frac{p + \frac{z^2}{2n} \pm z\sqrt{\frac{p(1-p)}{n} + \frac{z^2}{4n^2}}}{1 + \frac{z^2}{n}} $$
            The lower end is exactly `0.0` when `correct == 0` and the upper end exactly `1.0` when `correct == total`
-           (where the formula gives them up to rounding). Return `(lo, hi)` as Python floats (float64: `math.sqrt`),
+           (the formula gives them only up to rounding). Return `(lo, hi)` as Python floats (float64: `math.sqrt`),
            within $10^{-12}$ of quantlab's.""",
            '''
            def wilson_interval(correct, total):
