@@ -30,11 +30,14 @@ def _b1():
     C = lambda n, k, s=1, p=0, d=1: dict(n=n, kernel_size=k, stride=s, padding=p, dilation=d)  # noqa: E731
     cases = [
         Case(C(28, 3)),
-        Case(C(26, 2, 2), "the + 1 counts the first position of the kernel: floor((n + 2p - d(k-1) - 1) / s) + 1 "
+        Case(C(26, 2, 2), "the + 1 counts the first position of the kernel: floor((n + 2p - d(k-1) - 1) / "
+                          "s) + 1 "
              "(26 -> 13 under a 2x2 pool with stride 2)"),
-        Case(C(11, 2, 2), "round down (floor), as PyTorch's default ceil_mode=False: a 2x2 pool with stride 2 "
+        Case(C(11, 2, 2), "round down (floor), as PyTorch's default ceil_mode=False: a 2x2 pool with "
+                          "stride 2 "
              "turns 11 into 5, not 6"),
-        Case(C(28, 3, 1, 1), "padding adds p zeros on each side: n + 2p (a 3x3 conv with padding 1 keeps 28)"),
+        Case(C(28, 3, 1, 1), "padding adds p zeros on each side: n + 2p (a 3x3 conv with padding 1 keeps "
+                             "28)"),
         Case(C(28, 3, 1, 0, 2), "a dilated kernel spans d(k-1)+1 pixels: 28 -> 24 for k = 3, d = 2"),
         Case(C(7, 3, 2, 1)), Case(C(5, 5)), Case(C(13, 3, 3, 2, 2)),
     ]
@@ -56,7 +59,8 @@ def _b2():
         Case(C(3, 4, 1), "one bias per output channel: + C_out when bias=True"),
         Case(C(3, 4, 1, 1, False), "bias=False: the conv has no biases, only weights"),
         Case(C(1, 40, 3), "a k x k kernel has k^2 weights per (output, input) pair: 40 * 1 * 3^2 = 360"),
-        Case(C(40, 40, 3, 20), "groups: each output channel reads only the C_in / g input channels of its group "
+        Case(C(40, 40, 3, 20), "groups: each output channel reads only the C_in / g input channels of its "
+                               "group "
              "(conv2: 40 * 2 * 9 weights)"),
         Case(C(8, 16, 5, 4)), Case(C(6, 12, 2, 3, False)), Case(C(4, 4, 3, 4)),
     ]
@@ -81,7 +85,8 @@ def _b3():
         Case(C(30, 0, 1), "two blocks: conv1 + pool, then conv2 + pool (30 -> 28 -> 14 -> 12 -> 6)"),
         Case(C(28, 0, 1), "the pools round down: 11 -> 5 (use conv_output_size with kernel 2, stride 2)"),
         Case(C(28, 0, 40), "fc reads every channel: the final side squared times the channels (40 * 5 * 5)"),
-        Case(C(28, 1, 40), "padding goes to the two convs; the pools have no padding (28 -> 28 -> 14 -> 14 -> 7)"),
+        Case(C(28, 1, 40), "padding goes to the two convs; the pools have no padding (28 -> 28 -> 14 -> "
+                           "14 -> 7)"),
         Case(C(32, 2, 20)), Case(C(10, 0, 3)),
     ]
 
@@ -91,7 +96,8 @@ def _b3():
         return Case(C(draw(st.integers(max(1, 10 - 2 * p), 64)), p, draw(st.integers(1, 64))))
 
     def oracle(side=28, padding=0, channels=40):
-        net = nn.Sequential(nn.Conv2d(1, channels, 3, 1, padding, device="meta"), nn.ReLU(), nn.MaxPool2d(2, 2),
+        net = nn.Sequential(nn.Conv2d(1, channels, 3, 1, padding, device="meta"), nn.ReLU(),
+                            nn.MaxPool2d(2, 2),
                             nn.Conv2d(channels, channels, 3, 1, padding, device="meta"), nn.ReLU(),
                             nn.MaxPool2d(2, 2), nn.Flatten())
         return int(net(torch.zeros(1, 1, side, side, device="meta")).shape[1])

@@ -64,7 +64,8 @@ def _wilson_variants(correct, total):
 
 def _c1():
     cases = [Case(dict(correct=979, total=1000)), Case(dict(correct=5, total=10)),
-             Case(dict(correct=0, total=20)), Case(dict(correct=1000, total=1000)), Case(dict(correct=0, total=1000)),
+             Case(dict(correct=0, total=20)), Case(dict(correct=1000, total=1000)),
+             Case(dict(correct=0, total=1000)),
              Case(dict(correct=20, total=20)),
              Case(dict(correct=1, total=1)), Case(dict(correct=0, total=1)), Case(dict(correct=3, total=7))]
 
@@ -87,7 +88,8 @@ def _c1():
             return Mismatch(show(want), show(tuple(g)), "correct = 0: the lower end is exactly 0.0 (set it: "
                             "the formula gives 0 only up to rounding)")
         if want[1] == 1.0 and g[1] != 1.0:
-            return Mismatch(show(want), show(tuple(g)), "correct = total: the upper end is exactly 1.0 (set it: "
+            return Mismatch(show(want), show(tuple(g)), "correct = total: the upper end is exactly 1.0 "
+                                                        "(set it: "
                             "the formula gives 1 only up to rounding)")
         if _floats_close(want, g, 0.0, 1e-12):
             return None
@@ -111,10 +113,13 @@ def _c2():
     cases = [
         Case(dict(pred_a=_labels([0, 0, 1]), pred_b=_labels([1, 1, 0]), labels=_labels([0, 0, 0])),
              "return (only_a, only_b): model a right and model b wrong first"),
-        Case(dict(pred_a=_labels([0, 0, 1, 0, 3]), pred_b=_labels([1, 1, 0, 0, 3]), labels=_labels([0, 0, 0, 0, 3])),
+        Case(dict(pred_a=_labels([0, 0, 1, 0, 3]), pred_b=_labels([1, 1, 0, 0, 3]),
+                  labels=_labels([0, 0, 0, 0, 3])),
              "digits both models get right count for neither (the last two here)"),
-        Case(dict(pred_a=_labels([0, 0, 1, 2, 5]), pred_b=_labels([1, 1, 0, 3, 5]), labels=_labels([0, 0, 0, 0, 0])),
-             "a digit both models get wrong counts for neither, also both wrong with different answers (2 vs 3 here)"),
+        Case(dict(pred_a=_labels([0, 0, 1, 2, 5]), pred_b=_labels([1, 1, 0, 3, 5]),
+                  labels=_labels([0, 0, 0, 0, 0])),
+             "a digit both models get wrong counts for neither, also both wrong with different answers (2 "
+             "vs 3 here)"),
         Case(dict(pred_a=_labels([7]), pred_b=_labels([7]), labels=_labels([7]))),
     ]
 
@@ -160,11 +165,13 @@ def _p_variants(only_a, only_b):
     return [
         ("two-sided: twice the tail 2 sum_{i<=k} C(m, i) / 2^m (the split could be as uneven the other way)",
          [min(1.0, tail(k) / 2**m)]),
-        ("cap it at 1: p = min(1, 2 sum ...) (with equal counts, or none, twice the tail exceeds 1)", [2 * tail(k) / 2**m]),
+        ("cap it at 1: p = min(1, 2 sum ...) (with equal counts, or none, twice the tail exceeds 1)",
+         [2 * tail(k) / 2**m]),
         ("sum i = 0, ..., k (k included): range(k + 1)", [min(1.0, 2 * tail(k - 1) / 2**m) if k else 0.0]),
         ("k is the smaller of the two counts, min(only_a, only_b)",
          [min(1.0, 2 * tail(only_a) / 2**m), min(1.0, 2 * tail(only_b) / 2**m)]),
-        ("use McNemar's exact binomial sum, not the normal (chi-square) approximation", [chi2(True), chi2(False)]),
+        ("use McNemar's exact binomial sum, not the normal (chi-square) approximation",
+         [chi2(True), chi2(False)]),
     ]
 
 
@@ -174,7 +181,8 @@ def _c3():
         Case(dict(only_a=0, only_b=0)), Case(dict(only_a=0, only_b=7)), Case(dict(only_a=18, only_b=6)),
         Case(dict(only_a=600, only_b=540), "for large m floats fail: 0.5**m underflows to 0, and 2.0**m or a "
              "float of the huge tail overflows; divide the exact integers, 2 * tail / 2**m"),
-        Case(dict(only_a=1500, only_b=1450), "for large m floats fail: 0.5**m underflows to 0, and 2.0**m or a "
+        Case(dict(only_a=1500, only_b=1450), "for large m floats fail: 0.5**m underflows to 0, and 2.0**m "
+                                             "or a "
              "float of the huge tail overflows; divide the exact integers, 2 * tail / 2**m"),
     ]
 
@@ -191,7 +199,8 @@ def _c3():
         want = float(e)
         if type(g) is not float:
             return Mismatch(show(want), f"{show(g)} ({type(g).__name__})",
-                            "return a Python float: float(...) of the result (not a Fraction, an int or a tensor)")
+                            "return a Python float: float(...) of the result (not a Fraction, an int or a "
+                            "tensor)")
         if math.isclose(g, want, rel_tol=1e-9, abs_tol=0.0):
             return None
         for hint, values in e.variants:
@@ -200,7 +209,8 @@ def _c3():
         return Mismatch(show(want), show(g))
 
     return Exercise("c", 3, "mcnemar_p_value", oracle, compare, lambda: cases, strat,
-                    "p = min(1, 2 sum_{i=0..k} C(m, i) / 2^m) with m = only_a + only_b, k = min(only_a, only_b)")
+                    "p = min(1, 2 sum_{i=0..k} C(m, i) / 2^m) with m = only_a + only_b, k = min(only_a, "
+                    "only_b)")
 
 
 def exercises() -> list[Exercise]:

@@ -50,15 +50,19 @@ def _da1():
     h8 = [0, 8, 2, 480, 490, 4, 4, 12]
     e4 = [-2.0, -1.0, 0.0, 1.0, 2.0]
     cases = [
-        Case(_hist_case(h8, e8, -3.0, 3.5, 99.6), "the range ends are the left edge of the bin where the cumulative "
+        Case(_hist_case(h8, e8, -3.0, 3.5, 99.6), "the range ends are the left edge of the bin where the "
+                                                  "cumulative "
              "fraction reaches the cut (edges[j], not edges[j + 1])"),
-        Case(_hist_case(h8, e8, -3.0, 3.5, 98.6), "the rest, 100 - percentile, is split between the two tails: "
+        Case(_hist_case(h8, e8, -3.0, 3.5, 98.6), "the rest, 100 - percentile, is split between the two "
+                                                  "tails: "
              "c = (100 - percentile) / 200 on each side"),
         Case(_hist_case([1, 98, 98, 3], e4, -2.0, 1.5, 99.0), "the first bin where F reaches (>=) the cut: "
-             "F_0 = 1/200 = c exactly here, so lo is bin 0's left edge (torch.searchsorted's default, right=False)"),
+             "F_0 = 1/200 = c exactly here, so lo is bin 0's left edge (torch.searchsorted's default, "
+             "right=False)"),
         Case(_hist_case([0, 50, 50, 0], e4, -0.7, 0.6, 99.99), "keep the range inside the observed range: "
              "lo = max(lo, min_val), hi = min(hi, max_val)"),
-        Case(_hist_case([0, 0, 100, 0], e4, 0.5, 0.5, 99.99), "a constant tensor: every count in one bin, whose "
+        Case(_hist_case([0, 0, 100, 0], e4, 0.5, 0.5, 99.99), "a constant tensor: every count in one bin, "
+                                                              "whose "
              "left edge lies below the value; finally hi = max(hi, lo)"),
         Case(_hist_case([3, 0, 0, 990, 5, 0, 0, 2], e8, -3.9, 3.2, 99.0)),
         Case(_hist_case([1, 2, 3, 4, 5, 6, 7, 8], e8, -4.0, 4.0, 75.0)),
@@ -74,7 +78,8 @@ def _da1():
                 x = x.relu()
             obs.observe(x)
         percentile = draw(st.sampled_from([99.99, 99.9, 99.0, 98.0, 95.0, 90.0, 75.0]))
-        return Case(dict(hist=torch.from_numpy(obs.hist.astype("int64")), edges=torch.from_numpy(obs.edges.copy()),
+        return Case(dict(hist=torch.from_numpy(obs.hist.astype("int64")),
+                         edges=torch.from_numpy(obs.edges.copy()),
                          min_val=obs.min_val.clone(), max_val=obs.max_val.clone(), percentile=percentile))
 
     def oracle(hist, edges, min_val, max_val, percentile=99.99):
@@ -94,7 +99,8 @@ def _da1():
 
     return Exercise("da", 1, "percentile_range", oracle, compare, lambda: cases, strat,
                     "c = (100 - percentile) / 200; lo, hi = left edges of the first bins where the float64 "
-                    "cumulative fraction reaches c and 1 - c; clamp into [min_val, max_val]; hi = max(hi, lo)")
+                    "cumulative fraction reaches c and 1 - c; clamp into [min_val, max_val]; hi = max(hi, "
+                    "lo)")
 
 
 # -- da2 --------------------------------------------------------------------------------------
@@ -133,7 +139,8 @@ def _da2():
         alphas, err = _mse_oracle(x, num_bits, grid)
         n = x.numel()
         noclip = torch.stack([((torch.clamp(x, a * x.min(), a * x.max()) -
-                                _fake_quantize(x, a * x.min(), a * x.max(), num_bits)) ** 2).mean() for a in alphas])
+                                _fake_quantize(x, a * x.min(), a * x.max(), num_bits)) ** 2).mean()
+                              for a in alphas])
         try:  # only the top clipped (min > alpha max raises for positive data: no variant then)
             top = torch.stack([((x - _fake_quantize(x, x.min(), a * x.max(), num_bits)) ** 2).mean()
                                for a in alphas])
@@ -142,7 +149,8 @@ def _da2():
         variants = [
             ("average the squared errors over the N values (mean), do not sum them", err * n),
             ("the mean squared error itself, not its square root", err.sqrt()),
-            ("compare x_hat with the original x, the clipped values included (their error is what clipping costs)",
+            ("compare x_hat with the original x, the clipped values included (their error is what "
+             "clipping costs)",
              noclip),
             ("scale both ends of the range: alpha * [x.min(), x.max()]", top),
         ]
@@ -157,9 +165,9 @@ def _da2():
             def head(a):
                 return show(a[:3]).replace("]", ", ...]", 1) if isinstance(a, torch.Tensor) and a.dim() == 1 \
                     and a.numel() > 3 else show(a)
+            n_got = f" ({g[0].numel()} values)" if isinstance(g[0], torch.Tensor) else ""
             return Mismatch(f"alphas: {head(alphas)} ({alphas.numel()} values)",
-                            "alphas: " + head(g[0]) + (f" ({g[0].numel()} values)" if isinstance(g[0], torch.Tensor)
-                                                       else ""), hint)
+                            f"alphas: {head(g[0])}{n_got}", hint)
         m = same_floats(alphas, g[0], "alphas", rtol=1e-6)
         if m is not None:
             return m
@@ -181,8 +189,10 @@ def _da3():
     tail = torch.cat([torch.linspace(0.0, 1.0, 60), t([4.0, 6.0])])
     cases = [
         Case(dict(x=torch.cat([-tail, tail]), num_bits=3, grid=50),
-             "alpha is alphas[i] for the index i of the smallest error (alphas run from 1 down), not i / grid"),
-        Case(dict(x=tail + 1.0, num_bits=3, grid=50), "the range is alpha times the observed min and max, not widened "
+             "alpha is alphas[i] for the index i of the smallest error (alphas run from 1 down), not i / "
+             "grid"),
+        Case(dict(x=tail + 1.0, num_bits=3, grid=50), "the range is alpha times the observed min and max, "
+                                                      "not widened "
              "to 0 (calc_scale_zero_point widens it later)"),
         Case(dict(x=t([0.0, 0.0]), num_bits=8, grid=10)),
         Case(dict(x=torch.sin(torch.arange(64, dtype=torch.float32)) * 3, num_bits=4, grid=100)),
@@ -219,7 +229,8 @@ def _da3():
         return None
 
     return Exercise("da", 3, "mse_range", oracle, compare, lambda: cases, strat,
-                    "best = alphas[argmin(errors)] (the first minimum); return best * x.min(), best * x.max()",
+                    "best = alphas[argmin(errors)] (the first minimum); return best * x.min(), best * "
+                    "x.max()",
                     max_examples=15)
 
 
@@ -228,7 +239,8 @@ def _da3():
 def _da4():
     cases = [
         Case(dict(v=t([-2.0, -0.5, 0.0, 0.3, 1.0, 2.0]), beta=2.5),
-             "h(V) is the sigmoid stretched to [-0.1, 1.1]: sigmoid(V) * (zeta - gamma) + gamma, then clamped"),
+             "h(V) is the sigmoid stretched to [-0.1, 1.1]: sigmoid(V) * (zeta - gamma) + gamma, then "
+             "clamped"),
         Case(dict(v=t([[-6.0, -3.0], [3.0, 8.0]]), beta=20.0),
              "clamp h to [0, 1] after the stretch: for |V| > 2.4 the stretched sigmoid leaves [0, 1]"),
         Case(dict(v=t([0.0]), beta=2.0)),
@@ -260,7 +272,8 @@ def _da4():
         m = same_floats(reg, g[1], "reg", rtol=1e-5, atol=1e-6)
         if m is not None and m.hint is None and isinstance(g[1], torch.Tensor):
             if bool(torch.isnan(g[1]).any()):
-                return Mismatch(m.expected, m.got, "take the absolute value |2h - 1| before the power: a negative "
+                return Mismatch(m.expected, m.got, "take the absolute value |2h - 1| before the power: a "
+                                                   "negative "
                                 "base to a fractional power beta is NaN")
             for hint, v in e.variants:
                 if _close(v.reshape(-1), g[1].reshape(-1), 1e-5, 1e-6):
