@@ -1,6 +1,6 @@
 """The checks of exercises/b_exercises.ipynb: the side of a conv's or max-pool's output, the parameters of a
-(grouped) conv, and the inputs of fc with padded convs (notebook b_model). The oracle is PyTorch itself: the
-layers are built on the meta device (shapes without data) and run or counted."""
+(grouped) conv, and the inputs of fc with padded convs (notebook b_model). The oracle is PyTorch itself: its
+conv and max-pool run on zeros (the shapes), its Conv2d built on the meta device (the parameters, no data)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ def python_int(e, g):
     return None if g == e else Mismatch(show(e), show(g))
 
 
-def _meta_side(n, kernel_size, stride=1, padding=0, dilation=1):
-    x = torch.zeros(1, 1, n, n, device="meta")
-    w = torch.zeros(1, 1, kernel_size, kernel_size, device="meta")
+def _torch_side(n, kernel_size, stride=1, padding=0, dilation=1):
+    """The output side PyTorch's conv2d gives (run on zeros: at most 64 x 64, so it is cheap)."""
+    x = torch.zeros(1, 1, n, n)
+    w = torch.zeros(1, 1, kernel_size, kernel_size)
     return int(F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation).shape[-1])
 
 
@@ -49,7 +50,7 @@ def _b1():
         n = draw(st.integers(max(1, d * (k - 1) + 1 - 2 * p), 64))
         return Case(C(n, k, s, p, d))
 
-    return Exercise("b", 1, "conv_output_size", _meta_side, python_int, lambda: cases, strat,
+    return Exercise("b", 1, "conv_output_size", _torch_side, python_int, lambda: cases, strat,
                     "floor((n + 2 padding - dilation (kernel_size - 1) - 1) / stride) + 1, as a Python int")
 
 
@@ -96,11 +97,12 @@ def _b3():
         return Case(C(draw(st.integers(max(1, 10 - 2 * p), 64)), p, draw(st.integers(1, 64))))
 
     def oracle(side=28, padding=0, channels=40):
-        net = nn.Sequential(nn.Conv2d(1, channels, 3, 1, padding, device="meta"), nn.ReLU(),
-                            nn.MaxPool2d(2, 2),
-                            nn.Conv2d(channels, channels, 3, 1, padding, device="meta"), nn.ReLU(),
-                            nn.MaxPool2d(2, 2), nn.Flatten())
-        return int(net(torch.zeros(1, 1, side, side, device="meta")).shape[1])
+        # PyTorch's conv1, pool, conv2, pool, flatten on zeros (conv2 depthwise: the same shapes, cheaper)
+        x = torch.zeros(1, 1, side, side)
+        x = F.max_pool2d(F.relu(F.conv2d(x, torch.zeros(channels, 1, 3, 3), padding=padding)), 2, 2)
+        x = F.conv2d(x, torch.zeros(channels, 1, 3, 3), padding=padding, groups=channels)
+        x = F.max_pool2d(F.relu(x), 2, 2)
+        return int(torch.flatten(x, 1).shape[1])
 
     return Exercise("b", 3, "fc_in_features", oracle, python_int, lambda: cases, strat,
                     "apply conv_output_size for conv1 (3, padding), pool (2, stride 2), conv2, pool; "

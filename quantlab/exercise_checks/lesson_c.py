@@ -153,8 +153,14 @@ def _c2():
 def _p_variants(only_a, only_b):
     m, k = only_a + only_b, min(only_a, only_b)
 
+    prefix, c, total = [], 1, 0  # prefix[j] = sum_{i <= j} C(m, i), built term by term (fast for large m)
+    for i in range(max(only_a, only_b) + 1):
+        total += c
+        prefix.append(total)
+        c = c * (m - i) // (i + 1)
+
     def tail(kk):
-        return sum(math.comb(m, i) for i in range(kk + 1))
+        return prefix[kk] if kk >= 0 else 0
 
     def chi2(correction):
         if m == 0:
