@@ -51,8 +51,8 @@ def _wilson_variants(correct, total):
 
     wald = Z * math.sqrt(p * (1 - p) / n)
     return [
-        ("use z = 1.959964 (the constant Z), not 1.96 nor the exact quantile 1.95996398...: the result is "
-         "within 1e-4 but not within 1e-12", [wilson(1.96), wilson(1.959963984540054)]),
+        ("use z = 1.959964 (the constant Z), not 1.96 nor the exact quantile 1.95996398...",
+         [wilson(1.96), wilson(1.959963984540054)]),
         ("this is the textbook (Wald) interval p -/+ z sqrt(p(1-p)/n); Wilson's centre is (p + z^2/(2n)) / "
          "(1 + z^2/n) and its half-width has z^2/(4n^2) under the root", [(p - wald, p + wald)]),
         ("divide the half-width by 1 + z^2/n too, not only the centre", [wilson(half_den=False)]),
