@@ -41,7 +41,8 @@ operators of ONNX Runtime's ``com.microsoft`` domain, which the standard has no 
 - ``QLinearConcat`` for ``QCat`` (it divides by ``S_y`` where quantlab, like PyTorch, multiplies by
   ``f32(1/S_y)``: 1 LSB on near-ties).
 
-ReLU6 is a ``Clip`` at ``[Z, Z + round(6/S)]``. Shape steps other than flatten are refused.
+ReLU6 is a ``Clip`` at ``[Z, Z + rne(f32(6 * f32(1/S)))]`` (``modules.relu6_limit``, as PyTorch;
+not always ``Z + round(6/S)`` computed exactly). Shape steps other than flatten are refused.
 
 Fixed-point (TFLite-style) requantization has no ONNX operator: such models are refused unless
 ``allow_fixed_point=True``, which exports the same graph with a note in its metadata

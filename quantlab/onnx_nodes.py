@@ -105,7 +105,7 @@ def weighted_nodes(g: Graph, layer, x: str, name: str, allow_fixed_point: bool,
     y = g.node("QLinearConv", inputs, name, **attrs)
     low = int(layer.q_out.zero_point) if layer.relu else layer.q_out.quant_min
     high = layer.q_out.quant_max
-    if layer.relu and layer.relu6:  # ReLU6: also the clip at Z_y + round(6 / S_y)
+    if layer.relu and layer.relu6:  # ReLU6: also the clip at relu6_limit, Z_y + rne(f32(6 f32(1/S_y)))
         high = min(high, relu6_limit(layer.q_out))
     y = g.clip(y, max(low, layer.q_out.quant_min), high, name)
     if isinstance(layer, QLinear):
@@ -124,7 +124,7 @@ def layer_nodes(g: Graph, layer, ins: list[str], name: str) -> str:
         return g.node("MaxPool", [x], name, kernel_shape=[k, k], strides=[s, s], pads=[p] * 4)
     if isinstance(layer, QFlatten):
         return g.node("Flatten", [x], name, axis=1)
-    if hasattr(layer, "integer_range"):  # a clamp: ReLU max(q, Z), ReLU6 [Z, Z + round(6 / S)]
+    if hasattr(layer, "integer_range"):  # a clamp: ReLU max(q, Z), ReLU6 [Z, relu6_limit]
         return g.clip(x, *layer.integer_range(), name)
     if isinstance(layer, QInput):  # the input is already quantized with its q_in
         return x

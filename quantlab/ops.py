@@ -333,7 +333,7 @@ class QCat(QModule):
 # ReLU6 and the input quantizer
 
 class QReLU6(_QUnweighted):
-    """ReLU6 on integers: ``clamp(q, Z, Z + rne(6 / S))`` (see ``modules.relu6_limit``); the
+    """ReLU6 on integers: ``clamp(q, Z, Z + rne(f32(6 * f32(1 / S))))`` (``modules.relu6_limit``); the
     output keeps the input's qparams."""
 
     #: the graph passes the input's QParam to forward (the output keeps the input's grid)
@@ -344,7 +344,7 @@ class QReLU6(_QUnweighted):
         return qparam.fake_quantize(y) if qparam is not None and qparam.observed else y
 
     def integer_range(self) -> tuple[int, int]:
-        """The clamp on the integers, ``[Z, Z + rne(6 / S)]`` (the export writes it as a Clip)."""
+        """The clamp on the integers, ``[Z, relu6_limit]`` (the export writes it as a Clip)."""
         return int(self.q_in.zero_point), relu6_limit(self.q_in)
 
     def _integer_op(self, q_x):

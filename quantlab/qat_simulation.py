@@ -136,7 +136,7 @@ class _SimulatedForward:
         return self._requantize(acc, q_b.expand(w.shape[0]), multiplier, qm, shift)
 
     #: a fused ReLU6 (set by quantlab.convert): with ``relu``, the output is also clamped at 6,
-    #: in integers at ``Z_y + round(6 / S_y)`` (see :func:`relu6_limit`)
+    #: in integers at ``Z_y + rne(f32(6 * f32(1 / S_y)))`` (see :func:`relu6_limit`)
     relu6 = False
 
     def _activation(self, y: torch.Tensor) -> torch.Tensor:

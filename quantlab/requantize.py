@@ -148,7 +148,7 @@ class _IntegerInference:
 
     def add_zero_point_and_clamp(self, y: torch.Tensor) -> torch.Tensor:
         """``clamp(y + Z_y)`` as int32; a fused ReLU is the clamp at ``Z_y``, a fused ReLU6 also
-        the clamp at ``Z_y + round(6 / S_y)``."""
+        the clamp at ``relu6_limit``: ``Z_y + rne(f32(6 * f32(1 / S_y)))``."""
         y = y + float(self.q_out.zero_point)
         low = float(self.q_out.zero_point) if self.relu else self.q_out.quant_min
         high = self.q_out.quant_max

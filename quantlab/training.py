@@ -66,14 +66,16 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
             has one, else 2.
         seed: seeds torch, the augmentation and the loader's shuffling (its ``generator`` is
             re-seeded when it has one), so training twice in a row gives the same weights.
-        eval_loader: when given, the accuracy on it is recorded after every epoch.
+        eval_loader: when given, the accuracy on it and the predicted classes are recorded after
+            every epoch (e.g. to compare an epoch's model with another by the paired test).
         teacher: a trained model to distil from (Hinton et al. 2015), e.g. the float model of a
             QAT model: the loss becomes ``(1 - w) CE(logits, labels) + w KL(softmax(teacher) ||
             softmax(logits))`` with ``w = distill_weight`` (in [0, 1]); the teacher is frozen.
     Returns:
         ``{"loss": [...], "accuracy": [...], "lr": [...]}``, one entry per epoch (training set;
-        ``"lr"`` is the rate at each epoch's start), plus ``"eval_accuracy"`` when ``eval_loader``
-        is given, and ``"lr_end"``: the rate after the last batch (0, the cosine schedule's end).
+        ``"lr"`` is the rate at each epoch's start), plus ``"eval_accuracy"`` and
+        ``"eval_predictions"`` (one int64 tensor of classes per epoch) when ``eval_loader`` is
+        given, and ``"lr_end"``: the rate after the last batch (0, the cosine schedule's end).
     """
     epochs, lr, max_shift, weight_decay, seed, progress, distill_weight, n_batches = \
         _check_train_arguments(model, train_loader, epochs, lr, max_shift, weight_decay, seed,
@@ -88,7 +90,7 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     history = {"loss": [], "accuracy": [], "lr": []}
     if eval_loader is not None:
-        history["eval_accuracy"] = []
+        history["eval_accuracy"], history["eval_predictions"] = [], []
     # one bar for the whole run, refreshed at most once a second: a notebook's progress widget sends
     # messages per bar and per refresh, and a flood of them overflows the kernel's output queue
     # (nbval, which reads the queue only after the cell, then loses the end of the cell)
@@ -102,7 +104,9 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
         history["loss"].append(loss)
         history["accuracy"].append(accuracy)
         if eval_loader is not None:
-            history["eval_accuracy"].append(evaluate(model, eval_loader))
+            pred, eval_labels = predict(model, eval_loader)
+            history["eval_predictions"].append(pred)
+            history["eval_accuracy"].append((pred == eval_labels).float().mean().item())
     bar.close()
     history["lr_end"] = opt.param_groups[0]["lr"]
     model.eval()

@@ -173,11 +173,16 @@ def test_requantize_to_the_same_grid_is_the_identity():
         assert torch.equal(requantize_to(q, scale, 17, scale, 17, 0, 255), q)
 
 
+#: float32 scales where Z + round(6/S) and Z + rne(f32(6 * f32(1/S))) differ by one
+TIE_SCALES = (0.05970149, 0.05911330, 0.05853658)
+
+
 @needs_ao
 def test_relu6_bit_exact_with_qnnpack():
     rng, gen = random.Random(7), torch.Generator().manual_seed(8)
-    for _ in range(200):
-        scale, z = rng.uniform(0.005, 0.1), rng.randint(0, 255)
+    cases = [(s, 0) for s in TIE_SCALES] + [(rng.uniform(0.005, 0.1), rng.randint(0, 255))
+                                              for _ in range(200)]
+    for scale, z in cases:
         q_x = torch.randint(0, 256, (1, 300), generator=gen, dtype=torch.int32)
         relu6 = QReLU6().freeze(qparam(scale, z))
         with quantized_engine("qnnpack"):
@@ -189,6 +194,10 @@ def test_relu6_limit_is_real_6_on_the_grid():
     q = qparam(0.05, 10)
     assert relu6_limit(q) == 10 + 120
     assert relu6_limit(qparam(0.01, 10)) == 255  # 6 is beyond the range: the range's top
+    # 6/S = 100.5000023 rounds to 101, but f32(6 * f32(1/S)) is exactly 100.5: rne gives 100, as
+    # PyTorch's quantized relu6 (test_relu6_bit_exact_with_qnnpack checks these scales)
+    assert [relu6_limit(qparam(s, 0)) for s in TIE_SCALES] == [100, 102, 102]
+    assert [round(6 / float(torch.tensor(s))) for s in TIE_SCALES] == [101, 101, 103]
 
 
 def test_add_layer_life_cycle_and_errors():

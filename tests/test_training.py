@@ -64,6 +64,20 @@ def test_train_uses_a_models_own_defaults(small):
         training.train(model, train, epochs=0)
 
 
+def test_train_records_each_epochs_test_predictions(small):
+    train, test = small
+    torch.manual_seed(0)
+    model = Net()
+    hist = training.train(model, train, epochs=2, eval_loader=test, progress=False)
+    preds = hist["eval_predictions"]
+    assert len(preds) == len(hist["eval_accuracy"]) == 2
+    labels = torch.cat([y for _, y in test])
+    for pred, acc in zip(preds, hist["eval_accuracy"]):
+        assert pred.shape == labels.shape and pred.dtype == torch.int64
+        assert acc == (pred == labels).float().mean().item()
+    assert torch.equal(preds[-1], training.predict(model, test)[0])   # the last: the trained model's
+
+
 def test_evaluate_accepts_a_callable(small):
     _, test = small
     model = training.pretrained("net")
