@@ -192,19 +192,15 @@ def _bias_param(layer):
 
 
 @torch.no_grad()
-def _correct_bias(layer, x_in: torch.Tensor, x_ref: torch.Tensor, chunk: int = 500):
+def _correct_bias(layer, x_in: torch.Tensor, x_ref: torch.Tensor):
     """``b_c += mean [W x_ref]_c - mean [Q(W) x_in]_c`` (means over images and positions, before
     the activation); returns the shift ``delta`` (C,)."""
     w, _ = layer.float_weight_bias()
     w_float, _ = _float_weight_bias(layer)
-    w_q = layer.q_w.fake_quantize(w)
-    total, count = 0.0, 0
-    for a, r in zip(x_in.split(chunk), x_ref.split(chunk)):
-        diff = layer._op(r, w_float, None) - layer._op(a, w_q, None)
-        dims = [d for d in range(diff.dim()) if d != 1]
-        total = total + diff.double().sum(dims)
-        count += diff.numel() // diff.shape[1]
-    delta = (total / count).to(torch.float32)
+    y_f = layer._op(x_ref, w_float, None)
+    y_q = layer._op(x_in, layer.q_w.fake_quantize(w), None)
+    dims = [d for d in range(y_f.dim()) if d != 1]
+    delta = (y_f - y_q).mean(dims)
     if not hasattr(layer, "bias_before_correction"):   # the float path keeps the float bias
         _, b = layer.float_weight_bias()
         layer.bias_before_correction = None if b is None else b.detach().clone()
@@ -428,7 +424,7 @@ def adaround(qnet: QuantizedNet, data, iterations: int = 1000, max_images: int |
 
 # -- GPTQ on the CNN's layers -------------------------------------------------------------------
 
-def _input_columns(layer, x: torch.Tensor) -> torch.Tensor:
+def input_columns(layer, x: torch.Tensor) -> torch.Tensor:
     """The inputs each output row of a weighted layer multiplies, as ``(groups, rows, K)``: a
     conv's im2col columns (``F.unfold``: channel, then kernel row, then kernel column, the order
     of ``weight.reshape(out, -1)``), split into its groups; a Linear's input rows (one group)."""
@@ -445,10 +441,10 @@ def _input_columns(layer, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def layer_hessian(layer, x_in: torch.Tensor, chunk: int = 500) -> torch.Tensor:
     """GPTQ's Hessian of a weighted layer, ``H = 2 X^T X / N`` (float64, ``(groups, K, K)``),
-    with ``X`` the (N, K) inputs of :func:`_input_columns` (a conv's im2col columns) on ``x_in``."""
+    with ``X`` the (N, K) inputs of :func:`input_columns` (a conv's im2col columns) on ``x_in``."""
     total, n = 0.0, 0
     for part in x_in.split(chunk):
-        cols = _input_columns(layer, part).double()
+        cols = input_columns(layer, part).double()
         total = total + cols.transpose(1, 2) @ cols
         n += cols.shape[1]
     return 2 * total / n

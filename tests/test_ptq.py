@@ -342,7 +342,7 @@ def test_layer_hessian_of_a_conv_is_its_im2col_gram_matrix(data):
     x = torch.relu(torch.randn(6, 40, 13, 13, dtype=torch.float64))
     h = ptq.layer_hessian(conv2, x)
     assert h.shape == (20, 18, 18)
-    cols = ptq._input_columns(conv2, x)                      # (groups, N L, 18)
+    cols = ptq.input_columns(conv2, x)                      # (groups, N L, 18)
     w = conv2.conv.weight.detach().double()
     y = F.conv2d(x, w, None, groups=20)                      # (6, 40, 11, 11)
     for g in range(20):
