@@ -25,7 +25,7 @@ Targets (issue 14, official set): 4 bits >= 98.35% (Net) / 98.45% (NetBN); 3 bit
 2 bits >= 97.3% (mean over 3 AdaRound seeds; issue 26: Net and NetBN); <= 60 s per recipe on 2
 cores. Times are CPU seconds (time.process_time), so a busy machine does not inflate them.
 Usage: python benchmarks/bench_calibration.py [--models net netbn] [--bits 8 6 5 4 3 2]
-       [--recipes ...] [--iterations 1000] [--seeds 3] [--seed-bits 2]
+       [--recipes ...] [--iterations 1000] [--batch-size 64] [--seeds 3] [--seed-bits 2]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def calibration_images(n=2000, seed=0):
     return x_tr[idx]
 
 
-def build(name, bits, recipe, calib, iterations, seed):
+def build(name, bits, recipe, calib, iterations, seed, batch_size=64):
     net = pretrained(name)
     if recipe == "cle":
         net = ptq.equalize(net)
@@ -72,7 +72,8 @@ def build(name, bits, recipe, calib, iterations, seed):
         ptq.adaround(qnet, calib, iterations=iterations, seed=seed)
     if recipe in ("layerwise", "gptq"):
         rounding = "adaround" if recipe == "layerwise" else "gptq"
-        ptq.layer_by_layer(qnet, calib, rounding, iterations=iterations, seed=seed)
+        ptq.layer_by_layer(qnet, calib, rounding, iterations=iterations, seed=seed,
+                           batch_size=batch_size)
     if recipe in ("bc", "adaround+bc"):
         ptq.bias_correction(qnet, calib)
     if recipe == "adaround+recal":
@@ -86,6 +87,8 @@ def main():
     p.add_argument("--bits", nargs="+", type=int, default=[8, 6, 5, 4, 3, 2])
     p.add_argument("--recipes", nargs="+", default=RECIPES, choices=RECIPES)
     p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="AdaRound's batch of calibration digits per step (recipe layerwise)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed-bits", nargs="+", type=int, default=[2],
                    help="the widths at which AdaRound runs --seeds seeds (elsewhere seed 0)")
@@ -111,7 +114,7 @@ def main():
                 accs, secs = [], []
                 for seed in seeds:
                     t = time.process_time()
-                    qnet = build(name, bits, recipe, calib, args.iterations, seed)
+                    qnet = build(name, bits, recipe, calib, args.iterations, seed, args.batch_size)
                     secs.append(time.process_time() - t)
                     accs.append(100 * sum(
                         int((qnet.quantize_inference(x).argmax(1) == y).sum())
