@@ -98,6 +98,65 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(h_inv, upper=True)
 
 
+def _prepare(w: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple:
+    """``(W, U)``: ``w`` in float64 with the columns of dead inputs (zero diagonal) set to 0, and
+    the upper Cholesky factor of the dampened inverse Hessian."""
+    W = w.detach().double().clone()
+    h = hessian.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, _inverse_cholesky(h, damp)
+
+
+def _gptq_columns(W: torch.Tensor, U: torch.Tensor, quantize_column, step: int) -> None:
+    """GPTQ's loop over the columns of ``W`` (float64, corrected in place): ``quantize_column(i,
+    rest)`` gets column ``i``'s index and the not yet quantized columns of its block starting at
+    ``i`` (``rest[:, 0]`` is column ``i`` with every earlier correction applied) and returns its
+    dequantized values; ``e_i = (w_i - q_i) / U[i, i]`` corrects the later columns, within the
+    block at once and beyond it once per block (lazy batches of ``step`` columns)."""
+    n_in = W.shape[1]
+    for b0 in range(0, n_in, step):
+        b1 = min(b0 + step, n_in)
+        W1, U1 = W[:, b0:b1], U[b0:b1, b0:b1]
+        err = torch.zeros_like(W1)
+        for j in range(b1 - b0):
+            q = quantize_column(b0 + j, W1[:, j:])
+            err[:, j] = (W1[:, j] - q) / U1[j, j]
+            W1[:, j + 1:] -= err[:, j:j + 1] @ U1[j:j + 1, j + 1:]
+        W[:, b1:] -= err @ U[b0:b1, b1:]  # the lazy batch update of the later columns
+
+
+def gptq_on_grid(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
+                 zero_point: torch.Tensor, quant_min: int, quant_max: int, damp: float = 0.01,
+                 block_size: int = 128) -> torch.Tensor:
+    """GPTQ of ``w`` (out, in) on a given per-output-row grid: the integers ``q`` (int32, out x
+    in) with ``w ~ scale (q - zero_point)``, each column rounded as ``clamp(round(w_i * f32(1 /
+    scale)) + zero_point, quant_min, quant_max)`` (quantlab's ``quantize``, the CNN's weight
+    QParam) after the errors of the earlier columns were fed forward. ``scale`` (out,) float32
+    (> 0), ``zero_point`` (out,) integers. The CNN's layers use it (``quantlab.ptq.gptq_layer``);
+    with an identity Hessian it is round to nearest on that grid."""
+    damp = check_real(damp, "damp", 0.0)
+    block_size = check_int(block_size, "block_size", 1)
+    out, n_in = w.shape
+    if hessian.shape != (n_in, n_in):
+        raise ValueError(f"hessian must be ({n_in}, {n_in}) for w {tuple(w.shape)}; got "
+                         f"{tuple(hessian.shape)}")
+    scale = scale.detach().to(torch.float32).reshape(out)
+    zero_point = zero_point.detach().to(torch.float32).reshape(out)
+    inv = 1.0 / scale
+    W, U = _prepare(w, hessian, damp)
+    codes = torch.zeros(out, n_in, dtype=torch.int32)
+
+    def quantize_column(i, rest):
+        c = torch.clamp(torch.round(rest[:, 0].float() * inv) + zero_point, quant_min, quant_max)
+        codes[:, i] = c.to(torch.int32)
+        return scale.double() * (c - zero_point).double()
+
+    _gptq_columns(W, U, quantize_column, block_size)
+    return codes
+
+
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int | None = 128,
                   symmetric: bool = False, damp: float = 0.01, block_size: int = 128,
                   lazy: bool = True) -> GroupQuant:
@@ -118,36 +177,27 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
     if g < n_in and (block_size % g or n_in % g):
         raise ValueError(f"block_size ({block_size}) and in_features ({n_in}) must be multiples of "
                          f"group_size ({g}) for GPTQ")
-    W = w.detach().double().clone()
-    h = hessian.double().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    U = _inverse_cholesky(h, damp)
+    W, U = _prepare(w, hessian, damp)
     codes = torch.zeros(out, n_in, dtype=torch.int32)
     n_groups = n_in // g
     scale = torch.zeros(out, n_groups, dtype=torch.float32)
     zero_point = torch.zeros(out, n_groups, dtype=torch.float32)
-    qmin = qmax = None
+    grid = {}
     if g == n_in:  # per channel: the grid of the original row
-        scale[:, 0], zero_point[:, 0], qmin, qmax = qparams(W.float(), bits, symmetric)
-    step = block_size if lazy else n_in
-    for b0 in range(0, n_in, step):
-        b1 = min(b0 + step, n_in)
-        W1, U1 = W[:, b0:b1], U[b0:b1, b0:b1]
-        err = torch.zeros_like(W1)
-        for j in range(b1 - b0):
-            i = b0 + j
-            k = i // g
-            if g < n_in and i % g == 0:
-                scale[:, k], zero_point[:, k], qmin, qmax = qparams(W1[:, j:j + g].float(), bits,
-                                                                    symmetric)
-            c = quantize_codes(W1[:, j:j + 1].float(), scale[:, k], zero_point[:, k], qmin, qmax)
-            codes[:, i] = c[:, 0]
-            q = scale[:, k].half().double() * (c[:, 0] - zero_point[:, k]).double()
-            err[:, j] = (W1[:, j] - q) / U1[j, j]
-            W1[:, j + 1:] -= err[:, j:j + 1] @ U1[j:j + 1, j + 1:]
-        W[:, b1:] -= err @ U[b0:b1, b1:]  # the lazy batch update of the later columns
+        scale[:, 0], zero_point[:, 0], grid["qmin"], grid["qmax"] = qparams(W.float(), bits,
+                                                                            symmetric)
+
+    def quantize_column(i, rest):
+        k = i // g
+        if g < n_in and i % g == 0:
+            scale[:, k], zero_point[:, k], grid["qmin"], grid["qmax"] = qparams(
+                rest[:, :g].float(), bits, symmetric)
+        c = quantize_codes(rest[:, :1].float(), scale[:, k], zero_point[:, k], grid["qmin"],
+                           grid["qmax"])
+        codes[:, i] = c[:, 0]
+        return scale[:, k].half().double() * (c[:, 0] - zero_point[:, k]).double()
+
+    _gptq_columns(W, U, quantize_column, block_size if lazy else n_in)
     return GroupQuant(codes, scale.half(), zero_point.to(torch.int32), bits, g, symmetric)
 
 

@@ -308,3 +308,98 @@ def test_a_failed_recalibrate_keeps_a_frozen_models_ranges(data):
     with pytest.raises(ValueError, match="batch of images of shape"):
         ptq.recalibrate(qnet, [calib[:, :, :27, :27]])
     assert qnet.frozen and torch.equal(qnet.integer_inference(q_x), want)
+
+
+@pytest.mark.parametrize("name", ["net", "netbn"])
+def test_float_model_bias_correction_removes_the_whole_mean_shift(data, name):
+    """reference="float_model": after correcting layer k, its mean pre-activation on the quantized
+    model's inputs equals the float model's on the float inputs (per channel)."""
+    calib, _, _ = data
+    qnet = quantlab.quantize_model(pretrained(name), 2, weight_observer="mse").calibrate([calib])
+    deltas = ptq.bias_correction(qnet, calib, reference="float_model")
+    for i, layer in ptq._weighted_steps(qnet):
+        with torch.no_grad():
+            x_q = ptq._quant_input(layer, ptq._layer_input(qnet, calib, i))
+            x_f = ptq._layer_input(qnet, calib, i, ptq._float_compute)
+            w, b = layer.float_weight_bias()
+            w_f, b_f = ptq._float_weight_bias(layer)
+            dims = [0, 2, 3] if x_q.dim() == 4 else [0]
+            gap = (layer._op(x_f, w_f, b_f) - layer._op(x_q, layer.q_w.fake_quantize(w), b)).mean(dims)
+        assert deltas[i].abs().max() > 1e-3                  # there was a shift to remove
+        assert gap.abs().max() < 1e-4 * max(1.0, float(b_f.abs().max()))
+        # the float path keeps the float bias (later layers' references are the float model's)
+        assert not torch.equal(b, b_f)
+    with pytest.raises(ValueError, match="reference"):
+        ptq.bias_correction(qnet, calib, reference="float")
+
+
+def test_layer_hessian_of_a_conv_is_its_im2col_gram_matrix(data):
+    """H = 2 X^T X / N from F.unfold's columns, one block per group; the conv of x with w equals
+    the columns times w's rows (so H is the Hessian of the layer's squared output error)."""
+    calib, _, _ = data
+    qnet = quantlab.quantize_model(pretrained("net"), 4).calibrate([calib])
+    conv2 = qnet.layers[2]
+    x = torch.relu(torch.randn(6, 40, 13, 13, dtype=torch.float64))
+    h = ptq.layer_hessian(conv2, x)
+    assert h.shape == (20, 18, 18)
+    cols = ptq.input_columns(conv2, x)                      # (groups, N L, 18)
+    w = conv2.conv.weight.detach().double()
+    y = F.conv2d(x, w, None, groups=20)                      # (6, 40, 11, 11)
+    for g in range(20):
+        rows = w[2 * g:2 * g + 2].reshape(2, -1)
+        mine = (cols[g] @ rows.T).reshape(6, 121, 2).permute(0, 2, 1).reshape(6, 2, 11, 11)
+        assert torch.allclose(mine, y[:, 2 * g:2 * g + 2], atol=1e-10)
+        assert torch.allclose(h[g], 2 * cols[g].T @ cols[g] / cols.shape[1])
+
+
+@pytest.mark.parametrize("index", [0, 2, 5])
+def test_gptq_layer_lowers_the_output_error_below_nearest(data, index):
+    calib, _, _ = data
+    qnet = quantlab.quantize_model(pretrained("net"), 2, weight_observer="mse").calibrate([calib])
+    layer = qnet.layers[index]
+    with torch.no_grad():
+        x_in = ptq._quant_input(layer, ptq._layer_input(qnet, calib, index))
+    w = layer.float_weight_bias()[0].detach().clone()
+    layer.q_w.update(w)
+    with torch.no_grad():
+        nearest = (layer._op(x_in, layer.q_w.fake_quantize(w), None) - layer._op(x_in, w, None))
+    stats = ptq.gptq_layer(layer, x_in)
+    w_q = layer.float_weight_bias()[0].detach()
+    with torch.no_grad():
+        err = layer._op(x_in, w_q, None) - layer._op(x_in, w, None)
+    assert err.pow(2).sum() < 0.9 * nearest.pow(2).sum()
+    assert stats["changed"] > 0
+    # the rounded weight lies on the weight QParam's grid: freeze() keeps exactly these integers
+    assert torch.equal(layer.q_w.quantize_tensor(w_q), stats["weight_int"])
+    assert int(stats["weight_int"].min()) >= layer.q_w.quant_min
+    assert int(stats["weight_int"].max()) <= layer.q_w.quant_max
+
+
+def test_gptq_on_grid_with_identity_hessian_is_nearest():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 18, generator=g)
+    scale = w.abs().amax(1) / 1.5
+    zp = torch.zeros(8, dtype=torch.int32)
+    from quantlab.gptq import gptq_on_grid
+    q = gptq_on_grid(w, torch.eye(18, dtype=torch.float64), scale, zp, -2, 1)
+    assert torch.equal(q, torch.clamp(torch.round(w * (1.0 / scale[:, None])), -2, 1).to(torch.int32))
+
+
+@pytest.mark.parametrize("rounding", ["adaround", "gptq", "nearest"])
+def test_layer_by_layer_observes_each_range_after_its_layer_and_freezes(data, rounding):
+    calib, x_te, _ = data
+    qnet = quantlab.quantize_model(pretrained("netbn"), 2, weight_observer="mse",
+                                   observer="mse").calibrate([calib])
+    stats = ptq.layer_by_layer(qnet, calib, rounding=rounding, iterations=5, batch_size=32)
+    assert sorted(stats) == [0, 2, 5] and all(s["delta"] is not None for s in stats.values())
+    # the ranges are those of the final (rounded, corrected) model: observing again moves nothing
+    scales = [float(qnet.layers[i].q_out.scale) for i in (0, 2, 5)]
+    ptq.recalibrate(qnet, calib.split(500))
+    assert scales == [float(qnet.layers[i].q_out.scale) for i in (0, 2, 5)]
+    qnet.freeze()
+    if rounding != "nearest":
+        for i in (0, 2, 5):
+            assert torch.equal(qnet.layers[i].weight_int, stats[i]["weight_int"])
+    with pytest.raises(ValueError, match="rounding"):
+        ptq.layer_by_layer(quantlab.quantize_model(pretrained("net"), 2).calibrate([calib]),
+                           calib, rounding="rtn")
