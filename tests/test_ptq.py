@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import quantlab
+from quantlab import adaround as adaround_module
 from quantlab import ptq
 from quantlab.data import embedded_split
 from quantlab.reference import ao_unavailable_reason, torch_ao_available, torch_quantized_model
@@ -160,7 +161,7 @@ def test_adaround_targets_stay_the_float_models_after_earlier_layers_are_rounded
         seen[next(i for i, m in enumerate(qnet.layers) if m is layer)] = x_f.clone()
         return real(layer, x_q, x_f, *args, **kwargs)
 
-    monkeypatch.setattr(ptq, "adaround_layer", spy)
+    monkeypatch.setattr(adaround_module, "adaround_layer", spy)  # adaround() looks it up in its module
     ptq.adaround(qnet, calib, iterations=5, batch_size=32)
     f = net if name == "net" else ptq.fold_batchnorm(net)
     with torch.no_grad():
