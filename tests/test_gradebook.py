@@ -86,3 +86,47 @@ def test_nbgraders_submitted_folder_names_the_learner_by_its_first_folder(tmp_pa
     assert [(learner, p.name) for learner, p in gradebook.find_notebooks(tmp_path / "submitted")] \
         == [("erin", "a_exercises.ipynb")]
 
+
+
+def test_a_class_of_twelve_mixed_notebooks(tmp_path):
+    # right, wrong, unfinished, crashing, endless and self-ending notebooks of several lessons, one folder
+    subs = tmp_path / "class"
+    templates = ROOT / "exercises"
+    for learner, lesson in (("ann", "a"), ("ben", "b"), ("cat", "c"), ("dan", "h")):       # right
+        (subs / learner).mkdir(parents=True)
+        shutil.copy(SOLUTIONS / f"{lesson}_exercises.ipynb", subs / learner / f"{lesson}_exercises.ipynb")
+    for learner, lesson in (("eve", "a"), ("fay", "i")):                                   # unfinished
+        (subs / learner).mkdir(parents=True)
+        shutil.copy(templates / f"{lesson}_exercises.ipynb", subs / learner / f"{lesson}_exercises.ipynb")
+    nb = json.loads((SOLUTIONS / "c_exercises.ipynb").read_text())                          # wrong: z = 1.96
+    for cell in nb["cells"]:
+        cell["source"] = "".join(cell["source"]).replace("Z = 1.959964", "Z = 1.96")
+    (subs / "gus").mkdir()
+    (subs / "gus" / "c_exercises.ipynb").write_text(json.dumps(nb))
+    _notebook(subs / "hal" / "a_exercises.ipynb",
+              "def quant_range(num_bits=8, signed=False):\n"
+              "    if signed:\n        return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1\n"
+              "    return 0, 2**num_bits - 1\n"
+              "raise RuntimeError('a cell that crashes')\n")                                  # crashing
+    _notebook(subs / "ivy" / "b_exercises.ipynb", "while True:\n    pass\n", lesson="b")    # endless
+    _notebook(subs / "jon" / "a_exercises.ipynb", "import os\nos._exit(0)\n")              # ends its process
+    _notebook(subs / "kim" / "f_exercises.ipynb",
+              "def moving_average_range(min_val, max_val, x, averaging_constant=0.01):\n"
+              "    return x.min(), x.max()\n", lesson="f")                                  # half wrong
+    shutil.copy(SOLUTIONS / "g_exercises.ipynb", subs / "lou_g_exercises.ipynb")             # right, by file name
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out_csv = tmp_path / "grades.csv"
+    p = subprocess.run([sys.executable, "-m", "quantlab.check", "--grade", str(subs), "--csv", str(out_csv),
+                        "--timeout", "60"], capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "12 notebooks of 12 learners" in p.stdout, p.stdout
+    rows = {r["learner"]: r for r in csv.DictReader(out_csv.open())}
+    assert len(rows) == 12
+    full = {learner: rows[learner]["points"] == rows[learner]["max_points"] for learner in rows}
+    assert all(full[k] for k in ("ann", "ben", "cat", "dan", "lou")), rows
+    assert rows["eve"]["points"] == rows["fay"]["points"] == "0" and rows["eve"]["a1"] == "not attempted"
+    assert rows["gus"]["c1"] == "failed" and rows["gus"]["c3"] == "passed"
+    assert rows["hal"]["a1"] == "passed" and rows["hal"]["error"]             # graded up to the crash, named
+    assert rows["ivy"]["points"] == "0" and "time" in rows["ivy"]["error"]      # stopped at the time limit
+    assert rows["jon"]["points"] == "0" and rows["jon"]["error"]               # never counted as passed
+    assert rows["kim"]["f2"] == "failed" and rows["kim"]["f1"] == "not attempted", rows["kim"]
