@@ -113,11 +113,12 @@ def test_a_class_of_twelve_mixed_notebooks(tmp_path):
     _notebook(subs / "kim" / "f_exercises.ipynb",
               "def moving_average_range(min_val, max_val, x, averaging_constant=0.01):\n"
               "    return x.min(), x.max()\n", lesson="f")                                  # half wrong
-    shutil.copy(SOLUTIONS / "g_exercises.ipynb", subs / "lou_g_exercises.ipynb")             # right, by file name
+    shutil.copy(SOLUTIONS / "g_exercises.ipynb", subs / "lou_g_exercises.ipynb")  # right, by name
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out_csv = tmp_path / "grades.csv"
     p = subprocess.run([sys.executable, "-m", "quantlab.check", "--grade", str(subs), "--csv", str(out_csv),
-                        "--timeout", "60"], capture_output=True, text=True, env=env, timeout=900)
+                        "--timeout", "60"],
+                       capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "12 notebooks of 12 learners" in p.stdout, p.stdout
     rows = {r["learner"]: r for r in csv.DictReader(out_csv.open())}
