@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from ._validate import check_float_tensor, check_int
-from .minifloat import E2M1, E4M3, E8M0, FloatFormat, decode, encode, get_format
+from .minifloat import E2M1, E4M3, E8M0, decode, encode, get_format
 
 #: QLoRA's NF4 levels as bitsandbytes stores them (float32), code 0 .. 15
 NF4_LEVELS = torch.tensor([
@@ -247,7 +247,7 @@ def codebook_finetune_step(cb: Codebook, grad: torch.Tensor, lr: float, reduce: 
     return Codebook(cb.centroids - lr * g, cb.index)
 
 
-__all__ = ["BLOCK_KINDS", "NF4_LEVELS", "BlockQuant", "Codebook", "FloatFormat", "bits_per_value",
+__all__ = ["BLOCK_KINDS", "NF4_LEVELS", "BlockQuant", "Codebook", "bits_per_value",
            "block_dequantize", "block_fake_quantize", "codebook_finetune_step", "codebook_values", "emax",
            "kmeans_codebook", "mx_quantize", "mx_scale_exponent", "nf4_quantize", "nvfp4_quantize",
            "stored_bits", "to_gguf_mxfp4"]

@@ -34,6 +34,8 @@ import torch
 from ._validate import check_bool, check_float_tensor
 
 FAMILIES = ("ieee", "fn", "none", "e8m0")
+__all__ = ["BF16", "E2M1", "E4M3", "E5M2", "E8M0", "FAMILIES", "FORMATS", "FP16", "FP32", "FloatFormat",
+           "decode", "encode", "get_format", "round_to", "scaled_round"]
 
 
 @dataclass(frozen=True)
