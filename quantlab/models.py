@@ -111,11 +111,14 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.fc = nn.Linear(d_model, 4 * d_model)
         self.fc2 = nn.Linear(4 * d_model, d_model)
+        self.kv_quantizer = None  # (k, v) -> (k, v): a quantized KV cache (quantlab.act_quant)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        if self.kv_quantizer is not None:
+            k, v = self.kv_quantizer(k, v)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # softmax(QK^T/sqrt(d_h)) V
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
