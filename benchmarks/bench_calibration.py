@@ -72,8 +72,8 @@ def build(name, bits, recipe, calib, iterations, seed, batch_size=64):
         ptq.adaround(qnet, calib, iterations=iterations, seed=seed)
     if recipe in ("layerwise", "gptq"):
         rounding = "adaround" if recipe == "layerwise" else "gptq"
-        ptq.layer_by_layer(qnet, calib, rounding, iterations=iterations, seed=seed,
-                           batch_size=batch_size)
+        options = {"batch_size": batch_size} if rounding == "adaround" else {}
+        ptq.layer_by_layer(qnet, calib, rounding, iterations=iterations, seed=seed, **options)
     if recipe in ("bc", "adaround+bc"):
         ptq.bias_correction(qnet, calib)
     if recipe == "adaround+recal":

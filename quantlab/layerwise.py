@@ -118,9 +118,12 @@ def layer_by_layer(qnet: QuantizedNet, data, rounding: str = "adaround", iterati
         ``{layer index: rounding statistics}`` (as :func:`adaround_layer`), each with ``"delta"``
         (the bias shift, or None).
     """
-    _check_qnet(qnet)
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}; got {rounding!r}")
+    if kwargs and rounding != "adaround":
+        raise TypeError(f"{', '.join(sorted(kwargs))}: AdaRound's options, but rounding={rounding!r} "
+                        "takes none (only rounding='adaround' accepts them)")
+    _check_qnet(qnet)
     iterations = check_int(iterations, "iterations", 0)
     seed = check_int(seed, "seed")
     max_images = _check_max_images(max_images)

@@ -391,7 +391,8 @@ def test_layer_by_layer_observes_each_range_after_its_layer_and_freezes(data, ro
     calib, x_te, _ = data
     qnet = quantlab.quantize_model(pretrained("netbn"), 2, weight_observer="mse",
                                    observer="mse").calibrate([calib])
-    stats = ptq.layer_by_layer(qnet, calib, rounding=rounding, iterations=5, batch_size=32)
+    options = {"batch_size": 32} if rounding == "adaround" else {}
+    stats = ptq.layer_by_layer(qnet, calib, rounding=rounding, iterations=5, **options)
     assert sorted(stats) == [0, 2, 5] and all(s["delta"] is not None for s in stats.values())
     # the ranges are those of the final (rounded, corrected) model: observing again moves nothing
     scales = [float(qnet.layers[i].q_out.scale) for i in (0, 2, 5)]
@@ -404,3 +405,6 @@ def test_layer_by_layer_observes_each_range_after_its_layer_and_freezes(data, ro
     with pytest.raises(ValueError, match="rounding"):
         ptq.layer_by_layer(quantlab.quantize_model(pretrained("net"), 2).calibrate([calib]),
                            calib, rounding="rtn")
+    if rounding != "adaround":  # AdaRound's options are refused, not silently ignored
+        with pytest.raises(TypeError, match="batch_size: AdaRound's options"):
+            ptq.layer_by_layer(qnet, calib, rounding=rounding, batch_size=32)
