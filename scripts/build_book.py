@@ -41,7 +41,8 @@ MODULE_ORDER = ["qparams", "quantize", "observers", "observer", "learned", "fixe
                 "requantize", "qat_simulation", "weighted", "modules", "ops", "graph", "patterns",
                 "passes", "convert", "models", "ptq", "export", "onnx_nodes", "npz", "engine",
                 "engine_kernels", "reference", "data", "training", "stats", "checkpoints", "text",
-                "lm_training", "weight_only", "gptq", "awq", "plots", "explorer", "check", "calls",
+                "lm_training", "weight_only", "gptq", "awq", "act_quant", "rotation", "w8a8",
+                "minifloat", "block_formats", "plots", "explorer", "check", "calls",
                 "notebook_import", "sandbox", "gradebook", "exercise_checks"]
 
 
