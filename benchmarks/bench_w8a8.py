@@ -5,7 +5,8 @@ ONNX Runtime: the float model exported by PyTorch's TorchScript exporter (opset 
 ``quantize_dynamic(weight_type=QInt8, per_channel=False/True)``: every MatMul with a constant
 weight (16 Linears and the tied head) runs as DynamicQuantizeLinear (one uint8 scale for the
 whole input) -> MatMulInteger -> Cast -> Mul (-> Add bias), and the two embedding tables are
-stored as uint8. quantlab: ``w8a8.ort_dynamic_gpt``, the same arithmetic with torch's LayerNorm,
+stored as uint8 (tables "float": ``op_types_to_quantize=["MatMul"]``, MatMuls only). quantlab:
+``w8a8.ort_dynamic_gpt``, the same arithmetic with torch's LayerNorm,
 GELU and attention. Scored on the 363 non-overlapping 128-character val windows (46,464
 characters), one window per call (one activation scale per sequence and layer) unless said.
 Printed: (1) each quantized MatMul alone, fed ONNX Runtime's own input: outputs not bit-identical;
@@ -52,15 +53,20 @@ def isolation(model, paths, idx) -> bool:
 
 def whole_model(model, ids, folder) -> list:
     print("\n(2) logits and perplexity on 363 val windows (ORT = ONNX Runtime, sim = quantlab)")
-    print(f"  {'weights':<12}{'ORT graph':<11}{'batch':>6}{'max|dlogit|':>13}{'argmax differ':>15}"
-          f"{'ppl ORT':>9}{'ppl sim':>9}{'ppl float':>10}{'ORT float':>10}{'float max|d|':>13}"
+    print(f"  {'weights':<12}{'tables':<7}{'ORT graph':<11}{'batch':>6}{'max|dlogit|':>13}"
+          f"{'argmax differ':>15}{'ppl ORT':>9}{'ppl sim':>9}{'ppl float':>10}{'ORT float':>10}"
+          f"{'float max|d|':>13}"
           f"{'ms/window ORT int8, ORT fp32, sim, torch':>42}")
     rows = []
-    for pc, opt, batch in [(False, False, 1), (False, True, 1), (True, False, 1), (True, True, 1),
-                           (True, True, 64)]:
-        c = od.compare(model, ids, folder, per_channel=pc, optimize=opt, batch_size=batch)
+    for pc, opt, batch, tables in [(False, False, 1, True), (False, True, 1, True),
+                                   (True, False, 1, True), (True, True, 1, True),
+                                   (True, True, 64, True), (False, True, 1, False),
+                                   (True, True, 1, False)]:
+        c = od.compare(model, ids, folder, per_channel=pc, optimize=opt, batch_size=batch,
+                       quantize_tables=tables)
         ms = [1000 * c.seconds[k] / c.windows for k in ("ort", "ort_float", "sim", "float")]
-        print(f"  {'per channel' if pc else 'per tensor':<12}{'optimized' if opt else 'unfused':<11}"
+        print(f"  {'per channel' if pc else 'per tensor':<12}{'uint8' if tables else 'float':<7}"
+              f"{'optimized' if opt else 'unfused':<11}"
               f"{batch:>6}{c.max_abs_diff:>13.4f}{c.argmax_differ:>8} / {c.positions:<6,}"
               f"{c.ppl_ort:>8.4f}{c.ppl_sim:>9.4f}{c.ppl_float:>10.4f}{c.ppl_ort_float:>10.4f}"
               f"{c.max_abs_diff_float:>13.2e}      " + ", ".join(f"{m:.1f}" for m in ms))

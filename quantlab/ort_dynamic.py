@@ -59,18 +59,21 @@ def export_gpt(model: nn.Module, path: str | os.PathLike, opset: int = OPSET) ->
     return os.fspath(path)
 
 
-def quantize_onnx(float_path, path, per_channel: bool = False) -> str:
+def quantize_onnx(float_path, path, per_channel: bool = False, quantize_tables: bool = True) -> str:
     """``onnxruntime.quantization.quantize_dynamic(float_path, path, weight_type=QInt8,
     per_channel=per_channel)`` (reduce_range False), without its advice to pre-process the model
-    on the root logger. Returns ``path`` as a string."""
+    on the root logger. By default it also stores the embedding tables (``Gather`` of a constant)
+    as uint8; ``quantize_tables=False`` passes ``op_types_to_quantize=["MatMul"]`` (tables stay
+    float). Returns ``path`` as a string."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     per_channel = check_bool(per_channel, "per_channel")
+    ops = None if check_bool(quantize_tables, "quantize_tables") else ["MatMul"]
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
         quantize_dynamic(os.fspath(float_path), os.fspath(path), per_channel=per_channel,
-                         weight_type=QuantType.QInt8)
+                         weight_type=QuantType.QInt8, op_types_to_quantize=ops)
     finally:
         root.setLevel(level)
     return os.fspath(path)
@@ -246,11 +249,12 @@ def code_flips(model: nn.Module, path, idx: torch.Tensor, per_channel: bool) -> 
     integer ``q_x - Z_x`` that differs (a zero point one higher with every code one higher is no
     flip: MatMulInteger multiplies the same integers)."""
     per_channel = check_bool(per_channel, "per_channel")
-    io = {k: v for k, v in linear_io(path).items() if v[0] is not None}
+    everything = linear_io(path)
+    io = {k: v for k, v in everything.items() if v[0] is not None}
     names = [x for x, _ in io.values()]
     sess = session(path, optimize=False, extra_outputs=names)
     ort_in = dict(zip(io, sess.run(names, {"idx": idx.numpy()})))
-    sim = ort_dynamic_gpt(model, per_channel)
+    sim = ort_dynamic_gpt(model, per_channel, quantize_tables="tok" in everything)
     seen = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0]))
              for name, m in sim.named_modules() if name in io]
@@ -301,13 +305,14 @@ class Comparison:
 
 
 def compare(model: nn.Module, ids: torch.Tensor, folder, per_channel: bool = False,
-            optimize: bool = True, windows: int | None = None, batch_size: int = 1) -> Comparison:
+            optimize: bool = True, windows: int | None = None, batch_size: int = 1,
+            quantize_tables: bool = True) -> Comparison:
     """Export ``model`` into ``folder``, quantize it dynamically, and score four models on the
     non-overlapping windows of ``ids`` (the first ``windows``, or all): ONNX Runtime int8, quantlab's
     simulation (:func:`~quantlab.w8a8.ort_dynamic_gpt`), torch float and ONNX Runtime float.
     ``batch_size`` windows per call: the per-tensor activation scales span the whole batch (1: one
-    scale per sequence and layer). Perplexities as :func:`quantlab.training.perplexity` (NLL summed
-    in float64)."""
+    scale per sequence and layer). ``quantize_tables``: as :func:`quantize_onnx`. Perplexities as
+    :func:`quantlab.training.perplexity` (NLL summed in float64)."""
     from .text import windows as make_windows
     per_channel, optimize = check_bool(per_channel, "per_channel"), check_bool(optimize, "optimize")
     batch_size = check_int(batch_size, "batch_size", 1)
@@ -316,9 +321,10 @@ def compare(model: nn.Module, ids: torch.Tensor, folder, per_channel: bool = Fal
     folder = os.fspath(folder)
     f_path = export_gpt(model, os.path.join(folder, "tinygpt.onnx"))
     q_path = quantize_onnx(f_path, os.path.join(folder, f"tinygpt_dynamic_pc{int(per_channel)}.onnx"),
-                           per_channel)
+                           per_channel, quantize_tables)
     sess, f_sess = session(q_path, optimize), session(f_path, optimize)
-    engines = {"ort": lambda x: run(sess, x), "sim": ort_dynamic_gpt(model, per_channel),
+    engines = {"ort": lambda x: run(sess, x),
+               "sim": ort_dynamic_gpt(model, per_channel, quantize_tables),
                "float": model.eval(), "ort_float": lambda x: run(f_sess, x)}
     nll, seconds = dict.fromkeys(engines, 0.0), dict.fromkeys(engines, 0.0)
     diff = diff_float = 0.0

@@ -302,13 +302,15 @@ class OrtDynamicGPT(nn.Module):
     ``quantize_dynamic``: the token and position tables dequantized from uint8
     (:func:`quantize_embedding`), all 16 Linears and the tied head (``ln_f(x) @ tok.weight.T``, a
     MatMul with a constant weight) as :class:`DynamicQuantLinear`; LayerNorm, GELU and attention
-    stay float32 (torch's kernels, not ONNX Runtime's). Build it with :func:`ort_dynamic_gpt`."""
+    stay float32 (torch's kernels, not ONNX Runtime's). ``quantize_tables=False`` keeps the two
+    tables float (``quantize_dynamic(op_types_to_quantize=["MatMul"])``). Build it with
+    :func:`ort_dynamic_gpt`."""
 
-    def __init__(self, model: nn.Module, per_channel: bool):
+    def __init__(self, model: nn.Module, per_channel: bool, quantize_tables: bool = True):
         super().__init__()
         self.context = model.context
         self.tok, self.pos = copy.deepcopy(model.tok), copy.deepcopy(model.pos)
-        for table in (self.tok, self.pos):
+        for table in (self.tok, self.pos) if quantize_tables else ():
             q, scale, zero_point = quantize_embedding(table.weight.detach())
             table.weight.data = (q - zero_point).to(torch.float32) * scale
         self.blocks = _swap_linears(copy.deepcopy(model.blocks),
@@ -326,13 +328,16 @@ class OrtDynamicGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def ort_dynamic_gpt(model: nn.Module, per_channel: bool = False) -> OrtDynamicGPT:
+def ort_dynamic_gpt(model: nn.Module, per_channel: bool = False,
+                    quantize_tables: bool = True) -> OrtDynamicGPT:
     """quantlab's simulation of ``model`` (a TinyGPT) quantized by ONNX Runtime's
-    ``quantize_dynamic(weight_type=QInt8, per_channel=per_channel)``: see :class:`OrtDynamicGPT`.
-    The model itself is not changed."""
+    ``quantize_dynamic(weight_type=QInt8, per_channel=per_channel)`` (``quantize_tables=False``:
+    with ``op_types_to_quantize=["MatMul"]``): see :class:`OrtDynamicGPT`. The model itself is
+    not changed."""
     if not isinstance(model, nn.Module) or not all(
             hasattr(model, a) for a in ("tok", "pos", "blocks", "ln_f", "context")):
         raise TypeError(f"model must be a quantlab.models.TinyGPT (tok, pos, blocks, ln_f); got "
                         f"{type(model).__name__}")
     per_channel = check_bool(per_channel, "per_channel")
-    return OrtDynamicGPT(model, per_channel).eval()
+    quantize_tables = check_bool(quantize_tables, "quantize_tables")
+    return OrtDynamicGPT(model, per_channel, quantize_tables).eval()

@@ -304,6 +304,17 @@ def test_whole_model_onnxruntime_against_quantlab(tiny_gpt, onnx_paths, val_idx)
     assert sum(f.flips for f in flips.values()) < 0.1 * sum(f.total for f in flips.values())
 
 
+@needs_u8s8
+def test_matmuls_only_leaves_the_tables_float_in_both(tiny_gpt, onnx_paths, val_idx, tmp_path):
+    path = od.quantize_onnx(onnx_paths[0], tmp_path / "q.onnx", False, quantize_tables=False)
+    result = od.linear_check(tiny_gpt, path, val_idx, False)
+    assert len(result) == 17 and not any(d for d, _ in result.values())
+    sim = ort_dynamic_gpt(tiny_gpt, quantize_tables=False)
+    assert torch.equal(sim.tok.weight, tiny_gpt.tok.weight)
+    flips = od.code_flips(tiny_gpt, path, val_idx, False)
+    assert flips["blocks.0.qkv"].max_abs_input_diff < 1e-5   # the same embeddings in both
+
+
 def test_fusing_dynamicquantizematmul_changes_nothing(onnx_paths, val_idx):
     effects = od.fusion_effects(onnx_paths[1][True], val_idx)
     assert effects["all but GeluFusionL2, SkipLayerNormFusion"] == 0.0
