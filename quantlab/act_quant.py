@@ -12,7 +12,7 @@ Everything here is fake quantization (quantize, then dequantize in float32): it 
 rounding costs. The integer arithmetic that produces the same numbers, and ONNX Runtime running it,
 is :mod:`quantlab.w8a8`. Activations use the symmetric grid ``q in [-qmax, qmax]``, ``qmax =
 2**(bits-1) - 1``, ``scale = absmax / qmax`` (SmoothQuant's and QuaRot's choice); weights are
-symmetric per output channel (:func:`quantlab.weight_only.fake_quantize_groups`).
+symmetric per output channel (:func:`fake_quantize_weight`, ONNX Runtime's rule at 8 bits).
 
 Also here: the outlier tools of lesson k. :func:`channel_absmax` measures each input channel;
 :func:`smooth_quant` migrates scale from activations to weights (Xiao et al. 2023) by folding
@@ -33,11 +33,11 @@ from torch import nn
 
 from ._validate import check_float_tensor, check_int
 from .awq import FOLDS, fold_scales
-from .weight_only import _set_module, check_settings, fake_quantize_groups, linear_names
+from .weight_only import _set_module, linear_names
 
-__all__ = ["GRANULARITIES", "fake_quantize_activations", "ActQuantLinear", "calibrate_absmax",
-           "channel_absmax", "quantize_activations", "smoothquant_scales", "smooth_quant",
-           "KVQuantizer", "quantize_kv_cache", "kv_cache_bytes_per_token"]
+__all__ = ["GRANULARITIES", "fake_quantize_weight", "fake_quantize_activations", "ActQuantLinear",
+           "calibrate_absmax", "channel_absmax", "quantize_activations", "smoothquant_scales",
+           "smooth_quant", "KVQuantizer", "quantize_kv_cache", "kv_cache_bytes_per_token"]
 
 GRANULARITIES = ("token", "tensor")
 A_BITS = (2, 3, 4, 6, 8)
@@ -61,6 +61,22 @@ def _fake_quant(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> torch.Tenso
     scale = absmax / qmax
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
     return torch.round(x * inv).clamp(-qmax, qmax) * scale
+
+
+def fake_quantize_weight(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """``w`` (out, in) on the symmetric grid per output channel, dequantized: ``scale =
+    f32(max|w[c]| / qmax)``, ``q = clamp(rne(w / scale), -qmax, qmax)`` (a division), an all-zero
+    row stays zero. At 8 bits these are the codes and scales ONNX Runtime's ``quantize_dynamic``
+    stores (:func:`quantlab.w8a8.quantize_weight` with ``per_channel=True``), so a W8A8
+    :class:`ActQuantLinear` multiplies the same integers as :class:`quantlab.w8a8.Int8Linear`."""
+    w = check_float_tensor(w, "w")
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D (out, in); got shape {tuple(w.shape)}")
+    bits = _check_bits(bits, "bits")
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.abs().amax(1, keepdim=True) / qmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.clamp(torch.round(w / safe), -qmax, qmax) * scale
 
 
 def fake_quantize_activations(x: torch.Tensor, bits: int = 8, granularity: str = "token",
@@ -88,7 +104,8 @@ def fake_quantize_activations(x: torch.Tensor, bits: int = 8, granularity: str =
 
 class ActQuantLinear(nn.Module):
     """A Linear whose input is fake-quantized (``a_bits``, ``granularity``, optional static
-    ``absmax``) and whose weight is symmetric per-channel fake-quantized to ``w_bits`` once (``None``:
+    ``absmax``) and whose weight is symmetric per-channel fake-quantized to ``w_bits`` once
+    (:func:`fake_quantize_weight`; ``None``:
     the weight is used as it is, e.g. already quantized by GPTQ).
 
     ``outlier_threshold``: LLM.int8()'s decomposition: the input columns where ``|x|`` exceeds it
@@ -108,8 +125,7 @@ class ActQuantLinear(nn.Module):
         weight = linear.weight.detach()
         self.float_weight = None if outlier_threshold is None else weight.clone()  # LLM.int8: fp part
         if w_bits is not None:
-            check_settings(w_bits, None, True)
-            weight = fake_quantize_groups(weight, w_bits, None, symmetric=True)
+            weight = fake_quantize_weight(weight, w_bits)
         self.w_bits = w_bits
         self.weight = nn.Parameter(weight.clone(), requires_grad=False)
         self.bias = None if linear.bias is None else \

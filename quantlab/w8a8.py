@@ -194,7 +194,9 @@ def quantize_per_token(x: torch.Tensor):
         x: float32 tensor (..., K).
     Returns:
         ``(q_x, scale)``: ``q_x`` int32 (..., K) in ``-127..127``, ``scale`` float32 (..., 1);
-        ``scale = f32(max|x[t]| / 127)``, ``q_x = clamp(rne(x / scale), -127, 127)``. An all-zero
+        ``scale = f32(max|x[t]| / 127)``, ``q_x = clamp(rne(x * f32(1 / scale)), -127, 127)`` (the
+        inverse multiplied in, as PyTorch's fake-quantize kernels and
+        :func:`quantlab.act_quant.fake_quantize_activations`, so both give the same codes). An all-zero
         row gets scale 1.0 (as ONNX Runtime's symmetric ``GetQuantizationParameter``); a scale
         below the smallest normal float32 (``max|x[t]| < 1.5e-36``) is raised to it, so that
         ``x / scale`` stays finite.
@@ -203,7 +205,7 @@ def quantize_per_token(x: torch.Tensor):
     absmax = x.abs().amax(dim=-1, keepdim=True)
     scale = torch.clamp(absmax / 127, min=FLOAT32_TINY)
     scale = torch.where(absmax > 0, scale, torch.ones_like(scale))
-    return torch.clamp(torch.round(x / scale), -127, 127).to(torch.int32), scale
+    return torch.clamp(torch.round(x * (1.0 / scale)), -127, 127).to(torch.int32), scale
 
 
 def int8_linear(x: torch.Tensor, q_w: torch.Tensor, w_scale: torch.Tensor, bias=None):

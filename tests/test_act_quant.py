@@ -191,3 +191,21 @@ def test_kv_cache_bytes_per_token():
     # channels = 128/32 * 3 bytes; values: 4 heads * 3 bytes per token
     assert aq.kv_cache_bytes_per_token(4, 128, 4, 8) == 4 * (128 + 12 + 128 + 12)
     assert aq.kv_cache_bytes_per_token(4, 128, 4, 4) == 4 * (64 + 4 * 2.5 + 64 + 4 * 2.5)
+
+
+def test_w8a8_fake_quantization_multiplies_the_integers_of_the_int8_linear():
+    # the same codes as quantlab.w8a8 (ONNX Runtime's weights, per-token activations): the fake-quant
+    # product differs from the integer one only by float rounding
+    from quantlab.w8a8 import Int8Linear, quantize_per_token, quantize_weight
+    torch.manual_seed(5)
+    linear = nn.Linear(64, 24)
+    x = torch.randn(9, 64) * torch.linspace(0.1, 3, 9)[:, None]
+    q_w, s_w = quantize_weight(linear.weight.detach(), per_channel=True)
+    assert torch.equal(aq.fake_quantize_weight(linear.weight.detach(), 8), q_w * s_w.reshape(-1, 1))
+    q_x, s_x = quantize_per_token(x)
+    assert torch.equal(aq.fake_quantize_activations(x, 8, "token"), q_x * s_x)
+    y_fake = aq.ActQuantLinear(linear, 8, 8)(x)
+    y_int = Int8Linear(linear)(x)
+    assert torch.allclose(y_fake, y_int, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="w must be 2-D"):
+        aq.fake_quantize_weight(torch.ones(3), 8)
