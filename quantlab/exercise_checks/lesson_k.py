@@ -317,7 +317,7 @@ def _k3_oracle(x, w, threshold=6.0):
 
 
 def _int8(x, w, threshold, mask="any", keep=False, float_weight=True, per_token=True, w_scale="row",
-          float16=True, add_float=True):
+          float16=False, add_float=True):
     """k3 (the defaults), or a known mistake of it."""
     outliers = {"any": lambda: (x.abs() > threshold).any(0), "mean": lambda: x.abs().mean(0) > threshold,
                 "signed": lambda: (x > threshold).any(0),
@@ -325,7 +325,7 @@ def _int8(x, w, threshold, mask="any", keep=False, float_weight=True, per_token=
     m = {"row": lambda: w.abs().amax(1, keepdim=True), "tensor": lambda: w.abs().amax(),
          "rest": lambda: torch.where(outliers, 0.0, w).abs().amax(1, keepdim=True)}[w_scale]()
     scale = m / 127
-    q = torch.clamp(torch.round(w * torch.where(scale > 0, 1.0 / scale, 0.0)), -127, 127)
+    q = torch.clamp(torch.round(w / torch.where(scale > 0, scale, 1.0)), -127, 127)
     w_hat = q * (scale.half().float() if float16 else scale)
     y_float = x[:, outliers] @ (w if float_weight else w_hat)[:, outliers].T
     x_rest = x if keep else torch.where(outliers, 0.0, x)
@@ -360,9 +360,9 @@ K3_VARIANTS = [
     (_k3_variant(w_scale="rest"),
      "the weight's scale comes from its whole row: the weight is quantized once, before any input, so "
      "its scale cannot depend on which columns a call sends to float"),
-    (_k3_variant(float16=False),
-     "dequantize the weight with its scale stored in float16, as lesson i stores it: w_hat = "
-     "float32(float16(S_w)) * q"),
+    (_k3_variant(float16=True),
+     "dequantize the weight with its float32 scale, as ONNX Runtime stores int8 weights: w_hat = S_w * q "
+     "(a float16 scale is lesson i's weight-only storage)"),
     (_k3_variant(add_float=False),
      "add the float part: y = x[:, outliers] @ w[:, outliers].T + the 8-bit part"),
 ]
@@ -419,7 +419,7 @@ def _k3():
     return Exercise("k", 3, "llm_int8_linear", _k3_oracle, _k3_compare, lambda: cases, strat,
                     "outliers = (x.abs() > threshold).any(dim=0); y = x[:, outliers] @ w[:, outliers].T + "
                     "fake_quantize_activations(x with those columns 0, 8) @ w_hat.T, w_hat per row of w with "
-                    "a float16 scale", max_examples=20)
+                    "its float32 scale", max_examples=20)
 
 
 # -- k4 kv_cache_bytes_per_token -----------------------------------------------------------------

@@ -71,10 +71,9 @@ from quantlab import check''',
            Lesson k, section 4.1: LLM.int8()'s decomposition of a Linear without bias, $y = x w^\top$, with `x` (tokens, in)
            and `w` (out, in), float32.
            1. **The weight**, quantized once, before any input is seen: symmetric 8 bits per output channel (row of `w`), as
-              lesson i stores it: $S_w = \max_j |w_{ij}| / 127$ over the **whole** row,
-              $q = \mathrm{clamp}(\mathrm{round}(w \cdot \tfrac{1}{S_w}), -127, 127)$ in float32 (float32 reciprocal, half to
-              even; an all-zero row gives $q = 0$), dequantized with the scale **stored in float16**:
-              $\hat w = \mathrm{float32}(\mathrm{float16}(S_w))\, q$.
+              ONNX Runtime stores int8 weights (section 3.1): $S_w = \max_j |w_{ij}| / 127$ over the **whole** row, in
+              float32, $q = \mathrm{clamp}(\mathrm{round}(w / S_w), -127, 127)$ (a division, half to even; an all-zero row
+              gives $q = 0$), dequantized as $\hat w = S_w\, q$ with the float32 scale.
            2. **Outlier columns**: input column $j$ is an outlier when $|x_{tj}| >$ `threshold` for **some** token $t$
               (strictly greater; a negative value counts by its magnitude).
            3. **Float part**: the outlier columns of `x` times the same columns of the **float** weight `w`.
@@ -88,8 +87,8 @@ from quantlab import check''',
                """y = x @ w.T (tokens, out): outlier columns of x in float, the others W8A8."""''',
            '''
            w_scale = w.abs().amax(dim=1, keepdim=True) / 127     # per output row, over the whole row
-           inv = torch.where(w_scale > 0, 1.0 / w_scale, 0.0)
-           w_hat = torch.clamp(torch.round(w * inv), -127, 127) * w_scale.half().float()   # float16 scale
+           safe = torch.where(w_scale > 0, w_scale, 1.0)         # an all-zero row: codes 0
+           w_hat = torch.clamp(torch.round(w / safe), -127, 127) * w_scale
            outliers = (x.abs() > threshold).any(dim=0)           # (in,): some token's |x| exceeds it
            y_float = x[:, outliers] @ w[:, outliers].T           # those columns in float, float weight
            x_rest = torch.where(outliers, 0.0, x)                # the other columns ...
@@ -213,9 +212,9 @@ MISTAKES: list[Mistake] = [
     Mistake('llm_int8_linear', 'w_scale = w.abs().amax(dim=1, keepdim=True) / 127',
             'w_scale = torch.where((x.abs() > threshold).any(dim=0), 0.0, w).abs().amax(dim=1, keepdim=True) / 127',
             'whole row', 'weight scale without the outlier columns'),
-    Mistake('llm_int8_linear', 'w_scale.half().float()',
-            'w_scale',
-            'float16', 'float32 weight scale'),
+    Mistake('llm_int8_linear', '-127, 127) * w_scale',
+            '-127, 127) * w_scale.half().float()',
+            'float32', 'float16 weight scale'),
     Mistake('llm_int8_linear', 'return y_float + x_hat @ w_hat.T',
             'return x_hat @ w_hat.T',
             'add the float part', 'float part dropped'),
