@@ -168,7 +168,7 @@ def _mx(x, block, stat="amax", strided=False, sign=True, back=False, exponent=No
 
 L2_VARIANTS = [
     (partial(_mx, exponent=dict(how="log2")), "compute floor(log2 amax) exactly (torch.frexp): a float32 "
-     "log2 rounds a maximum just below a power of two up to it (log2(1023.99994) is 10.0 in float32)"),
+     "log2 can round a maximum just below a power of two up to it (log2(1023.99994) is 10.0 in float32)"),
     (partial(_mx, exponent=dict(how="ceil")), "X = floor(log2 amax) - 2: floor, not ceil (with ceil the "
      "block's largest element stays below 4 and the top of E2M1's grid is never used)"),
     (partial(_mx, exponent=dict(emax=8)), "emax = 2 for E2M1 (its largest value 6 = 1.5 * 2**2); 8 is "

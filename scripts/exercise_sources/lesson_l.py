@@ -50,7 +50,7 @@ from quantlab.block_formats import NF4_LEVELS''',
            power-of-two scale $2^X$ (its E8M0 code is $X + 127$) and `block` **E2M1** elements:
            $$ X = \lfloor \log_2 \max_i |v_i| \rfloor - e_{max}, \qquad e_{max} = 2 \quad (\text{E2M1's largest value is } 6 = 1.5 \cdot 2^2) $$
            clamped to E8M0's range $[-127, 127]$; an all-zero block has $X = -127$. The floor must be exact:
-           `torch.frexp` (as in l1); a float32 `torch.log2` rounds a maximum just below a power of two up to it.
+           `torch.frexp` (as in l1); a float32 `torch.log2` can round a maximum just below a power of two up to it.
 
            Each element is $v_i / 2^X$ (exact: a power of two) rounded to the nearest E2M1 value, $\pm\{0, 0.5, 1, 1.5,
            2, 3, 4, 6\}$: l1's rounding with E2M1's fields (1 mantissa bit, bias 1: step $2^{\max(k,\,0) - 1}$), **ties to
