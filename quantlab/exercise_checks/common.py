@@ -206,15 +206,17 @@ def matches(a, b, rtol, atol=0.0) -> bool:
     return bool(torch.isclose(a.double(), b.detach().double(), rtol, atol, equal_nan=True).all())
 
 
-def diagnose(inputs: dict, got, variants, rtol, atol=0.0) -> str | None:
+def diagnose(inputs: dict, got, variants, rtol=0.0, atol=0.0, same=None) -> str | None:
     """The hint of the first known mistake whose result on ``inputs`` equals ``got``: ``variants``
-    are (compute, hint) pairs, ``compute(**inputs)`` the mistake's result."""
+    are (compute, hint) pairs, ``compute(**inputs)`` the mistake's result; "equals" is
+    :func:`matches` within rtol/atol, or ``same(wrong, got)`` when given."""
+    same = same or (lambda a, b: matches(a, b, rtol, atol))
     for compute, hint in variants:
         try:
             wrong = compute(**inputs)
         except (RuntimeError, ValueError, IndexError):  # the mistake cannot run on these inputs
             continue
-        if matches(wrong, got, rtol, atol):
+        if same(wrong, got):
             return hint
     return None
 

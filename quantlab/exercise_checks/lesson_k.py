@@ -17,18 +17,9 @@ from torch import nn
 
 from ..act_quant import ActQuantLinear, kv_cache_bytes_per_token, smoothquant_scales
 from ..act_quant import fake_quantize_activations as aq_fake_quantize
-from .common import Case, Exercise, Mismatch, floats32, same_floats, show, t
+from .common import Case, Exercise, Mismatch, diagnose, floats32, same_floats, show, t, with_inputs
 
 __all__ = ["exercises"]
-
-
-class _Given(tuple):
-    """A tuple result that also carries the inputs it was computed from (for :func:`_diagnose`)."""
-
-    def __new__(cls, value, inputs):
-        obj = super().__new__(cls, value)
-        obj.inputs = inputs
-        return obj
 
 
 class _Bytes(float):
@@ -38,25 +29,6 @@ class _Bytes(float):
         obj = super().__new__(cls, value)
         obj.inputs = inputs
         return obj
-
-
-def _with_inputs(value, inputs):
-    if isinstance(value, tuple):
-        return _Given(value, inputs)
-    value.inputs = inputs  # a tensor: a plain attribute, kept in the checker's process only
-    return value
-
-
-def _diagnose(inputs: dict, got, variants, same) -> str | None:
-    """The hint of the first known mistake whose result on ``inputs`` passes ``same(wrong, got)``."""
-    for compute, hint in variants:
-        try:
-            wrong = compute(**inputs)
-        except (RuntimeError, ValueError, IndexError):  # the mistake cannot run on these inputs
-            continue
-        if same(wrong, got):
-            return hint
-    return None
 
 
 def _close(a, b, rtol=0.0, atol=0.0) -> bool:
@@ -102,7 +74,7 @@ def _k1_oracle(x, bits=8, absmax=None):
         scale = torch.tensor(absmax, dtype=torch.float32) / q_max
         out = torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), torch.zeros(1, dtype=torch.int32),
                                                     -q_max, q_max)
-    return _with_inputs(out, dict(x=x, bits=bits, absmax=absmax))
+    return with_inputs(out, dict(x=x, bits=bits, absmax=absmax))
 
 
 def _fq(x, bits, absmax, stat="token", q_max_off=1, rounding="even", divide=False, clamp=True,
@@ -160,7 +132,7 @@ K1_VARIANTS = [
 def _k1_compare(e, g):
     m = same_floats(e, g, rtol=1e-6)  # one step of the grid is at least |x-hat| / q_max
     if m is not None and isinstance(g, torch.Tensor):
-        m.hint = _diagnose(e.inputs, g, K1_VARIANTS, lambda a, b: _close(a, b, 1e-6)) or m.hint
+        m.hint = diagnose(e.inputs, g, K1_VARIANTS, same=lambda a, b: _close(a, b, 1e-6)) or m.hint
     return m
 
 
@@ -205,7 +177,7 @@ def _k1():
 
 def _k2_oracle(x, w, alpha=0.5):
     s = smoothquant_scales(x.abs().amax(dim=0), w, alpha)
-    return _with_inputs((s, x / s, w * s), dict(x=x, w=w, alpha=alpha))
+    return with_inputs((s, x / s, w * s), dict(x=x, w=w, alpha=alpha))
 
 
 def _sq(x, w, alpha, x_stat="absmax", w_stat="absmax", form="ok", fold="ok", guard=True):
@@ -268,7 +240,7 @@ def _k2_compare(e, g):
     for name, want, got in zip(K2_NAMES, e, g):
         m = same_floats(want, got, name, rtol=1e-5)
         if m is not None:
-            m.hint = _diagnose(e.inputs, tuple(g), K2_VARIANTS, lambda a, b: _close(a, b, 1e-5)) or m.hint
+            m.hint = diagnose(e.inputs, tuple(g), K2_VARIANTS, same=lambda a, b: _close(a, b, 1e-5)) or m.hint
             return m
     return None
 
@@ -313,7 +285,7 @@ def _k3_oracle(x, w, threshold=6.0):
     with torch.no_grad():
         linear.weight.copy_(w)
         y = ActQuantLinear(linear, 8, 8, "token", outlier_threshold=threshold)(x)
-    return _with_inputs(y, dict(x=x, w=w, threshold=threshold))
+    return with_inputs(y, dict(x=x, w=w, threshold=threshold))
 
 
 def _int8(x, w, threshold, mask="any", keep=False, float_weight=True, per_token=True, w_scale="row",
@@ -377,8 +349,7 @@ def _k3_compare(e, g):
     atol = _k3_tolerance(e.inputs["x"], e.inputs["w"])
     m = same_floats(e, g, atol=atol)
     if m is not None and isinstance(g, torch.Tensor):
-        m.hint = _diagnose(e.inputs, g, K3_VARIANTS,
-                           lambda a, b: _close(a, b, 0.0, atol)) or m.hint
+        m.hint = diagnose(e.inputs, g, K3_VARIANTS, same=lambda a, b: _close(a, b, 0.0, atol)) or m.hint
     return m
 
 
@@ -481,7 +452,7 @@ def _k4_compare(e, g):
         return Mismatch(repr(float(e)), show(g), "return the bytes per token as a Python float")
     if abs(g - e) <= 1e-9 * max(1.0, abs(e)):
         return None
-    hint = _diagnose(e.inputs, g, K4_VARIANTS, lambda a, b: abs(a - b) <= 1e-9 * max(1.0, abs(a)))
+    hint = diagnose(e.inputs, g, K4_VARIANTS, same=lambda a, b: abs(a - b) <= 1e-9 * max(1.0, abs(a)))
     return Mismatch(repr(float(e)), repr(g), hint)
 
 
