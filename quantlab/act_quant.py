@@ -109,8 +109,9 @@ class ActQuantLinear(nn.Module):
     the weight is used as it is, e.g. already quantized by GPTQ).
 
     ``outlier_threshold``: LLM.int8()'s decomposition: the input columns where ``|x|`` exceeds it
-    in this call are multiplied in float, the others quantized; ``last_outlier_columns`` keeps how
-    many columns the last call sent to float."""
+    in this call are multiplied in float (float32 here; float16 in the paper's kernels), the others
+    quantized; ``last_outliers`` keeps the indices of the columns the last call sent to float and
+    ``last_outlier_columns`` their count."""
 
     def __init__(self, linear: nn.Linear, w_bits: int | None = 8, a_bits: int = 8,
                  granularity: str = "token", absmax: float | None = None,
@@ -132,13 +133,15 @@ class ActQuantLinear(nn.Module):
             nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.absmax = absmax
         self.outlier_threshold = outlier_threshold
+        self.last_outliers = torch.empty(0, dtype=torch.int64)
         self.last_outlier_columns = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.outlier_threshold is None:
             return F.linear(self.quantize_input(x), self.weight, self.bias)
         outliers = x.detach().abs().flatten(0, -2).amax(0) > self.outlier_threshold
-        self.last_outlier_columns = int(outliers.sum())
+        self.last_outliers = outliers.nonzero().flatten()
+        self.last_outlier_columns = len(self.last_outliers)
         x_out = x * outliers  # the float part: outlier columns only
         y = F.linear(self.quantize_input(x - x_out), self.weight * ~outliers, self.bias)
         return y + F.linear(x_out, self.float_weight * outliers)
@@ -259,9 +262,10 @@ class KVQuantizer(nn.Module):
     """Fake quantization of an attention's keys and values (B, heads, T, head_dim): ``bits`` on
     the asymmetric min/max grid, keys per ``key_axis`` and values per ``value_axis``:
     ``"token"`` = one scale/zero point per (head, token) over the head's channels, ``"channel"`` =
-    one per (head, channel) over each group of ``group`` consecutive tokens (KIVI's layout; the
-    last, partial group is quantized too, so this slightly overstates a cache that keeps its newest
-    tokens in float until a group fills)."""
+    one per (head, channel) over each group of ``group`` consecutive tokens (KIVI's layout). Scales
+    are stored as float16. The whole window is quantized at once: a token's per-channel grid is set
+    by its whole group, later tokens included, and the last, partial group is quantized too, where
+    a decoding cache (KIVI) keeps its newest tokens in float until their group is complete."""
 
     AXES = ("token", "channel")
 
@@ -292,12 +296,13 @@ class KVQuantizer(nn.Module):
 
 
 def _minmax_fake_quant(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Asymmetric min/max fake quantization along the last dim (the range includes 0)."""
+    """Asymmetric min/max fake quantization along the last dim (the range includes 0), the
+    scale rounded to float16 as a cache stores it, an integer zero point in ``0 .. 2**bits - 1``."""
     lo, hi = z.amin(-1, keepdim=True).clamp(max=0), z.amax(-1, keepdim=True).clamp(min=0)
     levels = 2 ** bits - 1
-    scale = (hi - lo) / levels
+    scale = ((hi - lo) / levels).half().float()  # stored as float16 (2 bytes per grid)
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    zero = torch.round(-lo * inv)
+    zero = torch.round(-lo * inv).clamp(0, levels)
     return (torch.round(z * inv + zero).clamp(0, levels) - zero) * scale
 
 

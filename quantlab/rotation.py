@@ -316,7 +316,7 @@ def token_outliers(model: nn.Module, calib: torch.Tensor, names=None, bits: int 
     "error"}}``, each a mean over tokens of: ``max_j |x_j| / sqrt(mean_j x_j^2)`` (the grid's top
     over the row's typical size; about 3 for 128 Gaussian values), the row's kurtosis
     ``mean((x - mean)^4) / var^2`` (3 for a Gaussian), and the relative error of the ``bits``
-    per-token fake quantization, ``||Q(x) - x||^2 / ||x||^2`` (:mod:`quantlab.act_quant`'s grid)."""
+    per-token fake quantization, ``||Q(x) - x|| / ||x||`` (:mod:`quantlab.act_quant`'s grid)."""
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.int64:
         raise ValueError("calib must be an int64 tensor of token ids (sequences, positions)")
     names = linear_names(model) if names is None else list(names)
@@ -326,7 +326,8 @@ def token_outliers(model: nn.Module, calib: torch.Tensor, names=None, bits: int 
         x = x.detach().reshape(-1, x.shape[-1]).double()
         ms = x.pow(2).mean(1)
         c = x - x.mean(1, keepdim=True)
-        err = (fake_quantize_activations(x, bits) - x).pow(2).sum(1) / x.pow(2).sum(1).clamp(min=1e-300)
+        err = ((fake_quantize_activations(x, bits) - x).pow(2).sum(1)
+               / x.pow(2).sum(1).clamp(min=1e-300)).sqrt()
         sums[name] += torch.stack([x.abs().amax(1).div(ms.sqrt()).sum(),
                                    c.pow(4).mean(1).div(c.pow(2).mean(1).pow(2).clamp(min=1e-300)).sum(),
                                    err.sum(), torch.tensor(float(len(x)), dtype=torch.float64)])

@@ -263,8 +263,8 @@ class DynamicQuantLinear(nn.Module):
     for every token of every sequence), ``acc = matmul_integer(q_x, Z_x, q_w.T, 0)``, then
     ``f32(acc) * f32(S_x * S_w) + bias``: ONNX's ``DynamicQuantizeLinear -> MatMulInteger -> Cast
     -> Mul -> Add`` and ONNX Runtime's fused ``DynamicQuantizeMatMul`` compute the same floats.
-    ``per_channel``: ``quantize_dynamic(per_channel=...)``. ``bias=False`` drops the bias (the
-    tied head of TinyGPT has none).
+    ``per_channel``: ``quantize_dynamic(per_channel=...)``. A Linear without a bias (TinyGPT's
+    tied head, as :func:`ort_dynamic_gpt` builds it) adds none.
     """
 
     def __init__(self, linear: nn.Linear, per_channel: bool = False):

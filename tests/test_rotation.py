@@ -187,7 +187,7 @@ def test_token_outliers_matches_a_hand_computation():
     q = np.clip(np.round(x / scale), -7, 7) * scale
     assert got["max_to_rms"] == pytest.approx((np.abs(x).max(1) / rms).mean(), rel=1e-9)
     assert got["kurtosis"] == pytest.approx(((c ** 4).mean(1) / (c ** 2).mean(1) ** 2).mean(), rel=1e-9)
-    assert got["error"] == pytest.approx((((q - x) ** 2).sum(1) / (x ** 2).sum(1)).mean(), rel=1e-6)
+    assert got["error"] == pytest.approx(np.sqrt(((q - x) ** 2).sum(1) / (x ** 2).sum(1)).mean(), rel=1e-6)
 
 
 def test_errors_name_the_argument():
