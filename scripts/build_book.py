@@ -42,7 +42,7 @@ MODULE_ORDER = ["qparams", "quantize", "observers", "observer", "learned", "fixe
                 "passes", "convert", "models", "ptq", "export", "onnx_nodes", "npz", "engine",
                 "engine_kernels", "reference", "data", "training", "stats", "checkpoints", "text",
                 "lm_training", "weight_only", "gptq", "awq", "plots", "explorer", "check", "calls",
-                "notebook_import", "sandbox", "gradebook", "exercise_checks"]
+                "notebook_import", "sandbox", "forkserver", "gradebook", "exercise_checks"]
 
 
 def lessons() -> list[pathlib.Path]:
