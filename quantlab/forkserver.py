@@ -103,6 +103,9 @@ def _fork(request: dict, fds: list, sock, selector, wake_fds, main) -> int:
         _become_child(sock, selector, wake_fds, fds[2:], fds[0], started_w)
         os.environ.clear()
         os.environ.update(request["env"])
+        if sys.path and sys.path[0] == os.getcwd():   # python -m put the server's folder first
+            sys.path[0] = request["cwd"]
+        os.chdir(request["cwd"])
         code = main(list(request["argv"])) or 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -148,9 +151,9 @@ def _answer(sock, selector, wake_fds, children: dict, main) -> bool:
     try:
         request = json.loads(msg)
         if len(fds) < 2 or not isinstance(request.get("argv"), list) or \
-                not isinstance(request.get("env"), dict):
-            raise ValueError("a request is {'argv': [...], 'env': {...}} with stderr, status and "
-                             "passed fds")
+                not isinstance(request.get("env"), dict) or not isinstance(request.get("cwd"), str):
+            raise ValueError("a request is {'argv': [...], 'env': {...}, 'cwd': '...'} with stderr, "
+                             "status and passed fds")
         if not _only_thread():
             raise RuntimeError("the fork server runs more than one thread: it cannot fork safely")
         pid = _fork(request, fds, sock, selector, wake_fds, main)
@@ -299,16 +302,21 @@ class ForkServer:
     def alive(self) -> bool:
         return self.proc.poll() is None and self._sock.fileno() >= 0
 
-    def popen(self, argv: list, env: dict, pass_fds=(), timeout: float = 60.0) -> ForkedProcess:
+    def popen(self, argv: list, env: dict, pass_fds=(), cwd=None,
+              timeout: float = 60.0) -> ForkedProcess:
         """Start ``main(argv)`` in a forked process with environment ``env`` (``os.environ``; what
-        the server's imports read came from the server's own) and file descriptors 3, 4, ... =
-        ``pass_fds`` (in that order): write ``argv`` with those numbers."""
+        the server's imports read came from the server's own), working directory ``cwd`` (this
+        process's when None, as ``subprocess.Popen``) and file descriptors 3, 4, ... = ``pass_fds``
+        (in that order): write ``argv`` with those numbers."""
         _check_args("argv", argv, env, timeout)
         if not all(isinstance(fd, int) and not isinstance(fd, bool) and fd >= 0 for fd in pass_fds):
             raise TypeError(f"pass_fds must be file descriptors (ints >= 0); got {pass_fds!r}")
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe()
-        request = {"argv": list(argv), "env": dict(env)}
+        cwd = os.path.abspath(os.fspath(os.getcwd() if cwd is None else cwd))
+        if not os.path.isdir(cwd):
+            raise ValueError(f"cwd must be an existing folder; got {cwd!r}")
+        request = {"argv": list(argv), "env": dict(env), "cwd": cwd}
         try:
             with self._lock:
                 socket.send_fds(self._sock, [json.dumps(request).encode()],

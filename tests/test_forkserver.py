@@ -34,7 +34,7 @@ def main(argv):
                 pass
         info = {"fds": sorted(fds), "own_session": os.getsid(0) == os.getpid(),
                 "x": os.environ.get("QL_TEST_X"), "stdin": os.readlink("/proc/self/fd/0"),
-                "stdout": os.readlink("/proc/self/fd/1")}
+                "stdout": os.readlink("/proc/self/fd/1"), "cwd": os.getcwd()}
         os.write(3, json.dumps(info).encode())
         return 0
     if argv[0] == "exit":
@@ -62,13 +62,21 @@ def server():
     s.close()
 
 
-def _report(server, **env):
+def _report(server, cwd=None, **env):
     r, w = os.pipe()
-    proc = server.popen(["report"], _env(**env), pass_fds=(w,))
+    proc = server.popen(["report"], _env(**env), pass_fds=(w,), cwd=cwd)
     os.close(w)
     assert proc.wait(60) == 0, proc.stderr.read()
     with os.fdopen(r, "rb") as f:
         return json.loads(f.read())
+
+
+def test_a_forked_process_works_in_the_callers_folder(server, tmp_path, monkeypatch):
+    # the server started in another folder: the process works where its caller does now, as a
+    # started one would (and a relative notebook path means the same to both)
+    monkeypatch.chdir(tmp_path)
+    assert _report(server)["cwd"] == str(tmp_path)
+    assert _report(server, cwd=tmp_path / "..")["cwd"] == str(tmp_path.parent)
 
 
 def test_a_forked_process_holds_only_its_own_descriptors(server):
@@ -154,6 +162,8 @@ def test_arguments_are_checked(server):
         server.popen(["report"], {"X": 1})
     with pytest.raises(TypeError, match="pass_fds must be file descriptors"):
         server.popen(["report"], _env(), pass_fds=("3",))
+    with pytest.raises(ValueError, match="cwd must be an existing folder"):
+        server.popen(["report"], _env(), cwd="/no/such/folder")
     with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
         forkserver.ForkServer([sys.executable], _env(), timeout=0)
     with pytest.raises(ValueError, match="cmd must name the server's program"):
