@@ -426,6 +426,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="with several notebooks, also print every exercise of each")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fds", help=argparse.SUPPRESS)
+    p.add_argument("--fork-server", metavar="FD", help=argparse.SUPPRESS)
     p.add_argument("--memory", type=float, default=None, metavar="MB",
                    help="memory each notebook's process may allocate beyond the checker's own, in MB "
                    "(default: no limit; with --grade: 2048)")
@@ -466,6 +467,11 @@ def main(argv=None) -> int:
         from .sandbox import serve
 
         return serve(args.notebooks[0], args.lesson, args.fds, args.memory)
+    if args.fork_server:
+        from .forkserver import serve_forever
+        from .sandbox import preload
+
+        return serve_forever(int(args.fork_server), main, preload)
     if args.grade:
         from .gradebook import main as gradebook_main
 

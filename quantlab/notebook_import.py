@@ -30,6 +30,15 @@ def lesson_of(path: pathlib.Path) -> str | None:
     return m.group(1) if m else None
 
 
+def preload() -> None:
+    """Import what :func:`import_notebook` needs (IPython, import-ipynb, nbformat) without
+    running anything: no shell is made (its history would start a thread)."""
+    sys.modules.setdefault("rfc3987_syntax", None)  # jsonschema builds a slow IRI grammar otherwise
+    import import_ipynb  # noqa: F401
+    import nbformat  # noqa: F401
+    from IPython.core.interactiveshell import InteractiveShell  # noqa: F401
+
+
 def _shell():
     """An IPython shell for the notebook's magics (get_ipython()), tolerant of failing magics."""
     sys.modules.setdefault("rfc3987_syntax", None)  # jsonschema builds a slow IRI grammar otherwise

@@ -12,6 +12,10 @@ message per line, in a data-only encoding (:func:`encode` / :func:`decode`: tens
 shape and bytes; no pickle, which would run the child's code in the parent). Every read and write
 has the notebook's deadline; at the deadline, or when the child ends early, the child's process
 group is killed and the notebook is reported with what happened.
+
+On Linux the child is forked from a fork server that has imported torch and the checks once
+(:mod:`quantlab.forkserver`) instead of being started afresh, seconds faster per notebook; the
+notebook's time limit starts once its process exists.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import forkserver
 from .calls import (
     Raised,
     Returned,
@@ -156,6 +161,17 @@ def limit_memory(memory_mb: float | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def preload() -> None:
+    """What every notebook's process imports before the notebook (the fork server's imports, see
+    :mod:`quantlab.forkserver`): torch on one thread, the exercises, IPython and import-ipynb."""
+    from .exercise_checks import all_exercises
+    from .notebook_import import preload as preload_notebook_import
+
+    torch.set_num_threads(1)
+    all_exercises()
+    preload_notebook_import()
+
+
 def serve(path: str, lesson: str, fds: str, memory_mb: float | None = None) -> int:
     """The child's side (``python -m quantlab.check --serve NB --lesson L --fds R,W``)."""
     from .exercise_checks import all_exercises
@@ -195,6 +211,23 @@ def serve(path: str, lesson: str, fds: str, memory_mb: float | None = None) -> i
 
 # -- the parent: start the child, send calls, read answers --------------------------------------
 
+def _start(argv: list, env: dict, req_r: int, rep_w: int):
+    """The child ``python -m quantlab.check ARGV --fds R,W``: forked from this process's fork server
+    where there is one (:mod:`quantlab.forkserver`: it has imported torch and the checks already),
+    else started afresh. Either way a process of its own, in a session of its own, with the pipes
+    and nothing else of ours; a ``subprocess.Popen`` or a :class:`forkserver.ForkedProcess`."""
+    check = [sys.executable, "-m", "quantlab.check"]
+    server = forkserver.shared(check + ["--fork-server"], env)
+    if server is not None:
+        try:
+            return server.popen(argv + ["--fds", "3,4"], env, pass_fds=(req_r, rep_w))
+        except forkserver.ForkServerError:
+            pass
+    return subprocess.Popen(check + argv + ["--fds", f"{req_r},{rep_w}"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            pass_fds=(req_r, rep_w), env=env, start_new_session=True)
+
+
 class SandboxError(Exception):
     """The child timed out, ended early or sent something that is not a message."""
 
@@ -221,7 +254,6 @@ class Sandbox:
     def __init__(self, path: str, lesson: str, timeout: float, memory_mb: float | None = None):
         import pathlib
 
-        self.deadline = time.monotonic() + timeout
         self.timeout = timeout
         req_r, self._req_w = os.pipe()
         self._rep_r, rep_w = os.pipe()
@@ -229,11 +261,10 @@ class Sandbox:
         root = str(pathlib.Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("MPLBACKEND", "Agg")
-        cmd = [sys.executable, "-m", "quantlab.check", "--serve", str(path), "--lesson", lesson,
-               "--fds", f"{req_r},{rep_w}"] + (["--memory", str(memory_mb)] if memory_mb else [])
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, pass_fds=(req_r, rep_w), env=env,
-                                     start_new_session=True)
+        argv = ["--serve", str(path), "--lesson", lesson] + (["--memory", str(memory_mb)]
+                                                             if memory_mb else [])
+        self.proc = _start(argv, env, req_r, rep_w)
+        self.deadline = time.monotonic() + timeout   # from now: the notebook's time, not Python's start
         os.close(req_r)
         os.close(rep_w)
         for fd in (self._req_w, self._rep_r, self.proc.stderr.fileno()):
@@ -282,7 +313,10 @@ class Sandbox:
         return lines[-1][:300] if lines else "no error output"
 
     def _ended(self) -> SandboxError:
-        code = self.proc.poll()
+        try:
+            code = self.proc.wait(2)   # its output is closed: it has ended or is ending
+        except subprocess.TimeoutExpired:
+            code = None
         return SandboxError(f"the notebook's process ended before reporting a result (exit code "
                             f"{code}; did the notebook or a function call sys.exit or os._exit?): "
                             f"{self.stderr_tail()}")

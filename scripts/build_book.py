@@ -42,8 +42,8 @@ MODULE_ORDER = ["qparams", "quantize", "observers", "observer", "learned", "fixe
                 "passes", "convert", "models", "ptq", "export", "onnx_nodes", "npz", "engine",
                 "engine_kernels", "reference", "data", "training", "stats", "checkpoints", "text",
                 "lm_training", "weight_only", "gptq", "awq", "act_quant", "rotation", "w8a8",
-                "minifloat", "block_formats", "plots", "explorer", "check", "calls",
-                "notebook_import", "sandbox", "gradebook", "exercise_checks"]
+                "ort_dynamic", "minifloat", "block_formats", "plots", "explorer", "check", "calls",
+                "notebook_import", "sandbox", "forkserver", "gradebook", "exercise_checks"]
 
 
 def lessons() -> list[pathlib.Path]:

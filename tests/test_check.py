@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from quantlab import check
+from quantlab import check, forkserver
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "exercises"
@@ -206,12 +206,29 @@ def _check_cli(*args, timeout=300):
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
+def _check_main(capsys, *args) -> tuple[int, str]:
+    """``python -m quantlab.check ARGS`` run as its ``main`` in this process (the notebook still
+    in a process of its own): (exit status, printed text). It spares the test a second start of
+    Python, torch and the checks; ``_check_cli`` runs the real command line."""
+    capsys.readouterr()
+    code = check.main([str(a) for a in args])
+    printed = capsys.readouterr()
+    return code, printed.out + printed.err
+
+
+#: seconds a notebook may take in the tests that wait for a time limit: forked from the warm fork
+#: server, a notebook's process reaches its first cell in a fraction of a second; started afresh
+#: (no fork server: not Linux), it first spends seconds importing torch
+LIMIT = 6 if forkserver.available() else 20
+
+
 @pytest.mark.parametrize("kind", ["endless", "os_exit", "sys_exit_in_exercise", "not_json",
                                   "empty_object", "thread"])
-def test_the_checker_always_ends_and_reports_one_notebook(tmp_path, kind):
+def test_the_checker_always_ends_and_reports_one_notebook(tmp_path, capsys, kind):
     # a single notebook runs in its own process too: an endless one is stopped by --timeout, one
     # that exits early is reported (never "passed"), a malformed file is named, and a thread the
-    # notebook leaves running does not keep the checker waiting
+    # notebook leaves running does not keep the checker waiting (the endless one through the
+    # real command line, the others through its main in this process)
     path = tmp_path / "a_exercises.ipynb"
     solution = (SOLUTIONS / "a_exercises.ipynb").read_text()
     if kind == "endless":
@@ -229,14 +246,17 @@ def test_the_checker_always_ends_and_reports_one_notebook(tmp_path, kind):
                         "threading.Thread(target=lambda: time.sleep(3600)).start()\n"
                         "def quant_range(num_bits, signed=False):\n"
                         "    return (-2**(num_bits-1), 2**(num_bits-1)-1) if signed else (0, 2**num_bits-1)")
-    p = _check_cli(path, "--timeout", 20)
-    out = p.stdout + p.stderr
+    if kind == "endless":
+        p = _check_cli(path, "--timeout", LIMIT)
+        code, out = p.returncode, p.stdout + p.stderr
+    else:
+        code, out = _check_main(capsys, path, "--timeout", LIMIT)
     if kind == "thread":
-        assert p.returncode == 0 and "a1 quant_range: passed" in out, out
+        assert code == 0 and "a1 quant_range: passed" in out, out
         return
-    assert p.returncode == 1, out
+    assert code == 1, out
     assert "passed" not in out.replace("0 passed", ""), out
-    want = {"endless": "timed out after 20 s", "os_exit": "ended before reporting",
+    want = {"endless": f"timed out after {LIMIT} s", "os_exit": "ended before reporting",
             "sys_exit_in_exercise": "raised SystemExit", "not_json": "cannot read",
             "empty_object": "cannot read"}[kind]
     assert want in out, out
@@ -251,7 +271,7 @@ WRONG_QUANTIZE = ("import torch\n"
 
 @pytest.mark.parametrize("attack", ["replace_try_case", "patch_the_oracle", "forge_the_report",
                                     "patch_torch"])
-def test_a_notebook_cannot_grade_itself(tmp_path, attack):
+def test_a_notebook_cannot_grade_itself(tmp_path, capsys, attack):
     # each attack gets a wrong quantize "passed" when the notebook runs beside the grader (shown
     # for the first two), never when it is graded from another process
     tamper = {
@@ -274,8 +294,8 @@ def test_a_notebook_cannot_grade_itself(tmp_path, attack):
     assert fr.error is None, fr.error
     (r,) = fr.results
     assert r.status == check.FAILED and r.expected and r.got, r
-    p = _check_cli(path, "--timeout", 120)
-    assert p.returncode == 1 and "a5 quantize: failed" in p.stdout, p.stdout + p.stderr
+    code, out = _check_main(capsys, path, "--timeout", 120)
+    assert code == 1 and "a5 quantize: failed" in out, out
 
 
 @pytest.mark.parametrize("lesson", LESSONS)
@@ -301,24 +321,31 @@ def test_an_exercise_that_ends_its_process_or_never_returns_fails(tmp_path, kind
             "endless_exercise": "    while True:\n        pass"}[kind]
     path = _notebook(tmp_path / "a_exercises.ipynb",
                      "def quant_range(num_bits, signed=False):\n" + body)
-    fr = check.grade_isolated(path, timeout=15)
+    fr = check.grade_isolated(path, timeout=LIMIT)
     r = fr.results[0]
     assert r.name == "quant_range" and r.status == check.FAILED, r
-    want = "ended before reporting" if kind == "os_exit_in_exercise" else "timed out after 15 s"
+    want = "ended before reporting" if kind == "os_exit_in_exercise" else f"timed out after {LIMIT} s"
     assert want in r.got and want in fr.error, (r, fr.error)
     assert all(x.status == check.NOT_ATTEMPTED for x in fr.results[1:])
     assert not check.file_ok(fr, strict=False)
 
 
 def _processes_serving(path) -> list[int]:
-    """PIDs of live processes whose command line names ``path`` (Linux's /proc)."""
+    """PIDs of processes (Linux's /proc) whose command line names ``path`` (a notebook process
+    started with ``--serve``) or whose parent is a fork server (a notebook process forked from it:
+    its command line is the server's)."""
+    from quantlab import forkserver
+
+    servers = {str(s.proc.pid) for s in forkserver.servers()}
     pids = []
     for proc in pathlib.Path("/proc").glob("[0-9]*"):
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            ppid = next(line.split()[1] for line in (proc / "status").read_text().splitlines()
+                        if line.startswith("PPid:"))
+        except (OSError, StopIteration):
             continue
-        if "--serve" in cmd and str(path) in cmd:
+        if ("--serve" in cmd and str(path) in cmd) or ppid in servers:
             pids.append(int(proc.name))
     return pids
 
@@ -331,8 +358,8 @@ def test_a_stopped_notebook_leaves_no_process_behind(tmp_path, where):
     source = ("while True:\n    pass" if where == "import" else
               "def quant_range(num_bits, signed=False):\n    while True:\n        pass")
     path = _notebook(tmp_path / "a_exercises.ipynb", source)
-    fr = check.grade_isolated(path, timeout=10)
-    assert "timed out after 10 s" in fr.error
+    fr = check.grade_isolated(path, timeout=LIMIT)
+    assert f"timed out after {LIMIT} s" in fr.error
     assert _processes_serving(path) == []
 
 
