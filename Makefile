@@ -103,7 +103,7 @@ weights: $(STAMP)
 	$(PY) scripts/train_pretrained.py
 
 benchmark: $(STAMP)
-	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	status=0; for b in benchmarks/bench_*.py; do $(PY) $$b || status=1; done; exit $$status
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache .hypothesis

@@ -16,7 +16,8 @@ them and are imported on demand; ``engine`` (with ``engine_kernels``) and ``npz`
 ``notebook_import``, ``sandbox``, ``gradebook`` and ``exercise_checks``) sits on top.
 The transformer track sits beside the CNN track, lowest first: ``text`` (the pinned corpus and its
 split) <- ``weight_only`` (groups, packing, WeightOnlyLinear) <- ``gptq`` <- ``awq``; ``models``
-holds TinyGPT and ``lm_training`` its recipe and perplexity.
+holds TinyGPT and ``lm_training`` its recipe and perplexity; ``w8a8`` (the integer W8A8 Linear,
+ONNX Runtime's dynamic quantization simulated) <- ``ort_dynamic`` (TinyGPT through ONNX Runtime).
 
 The names below are imported lazily (PEP 562), so ``import quantlab.engine`` does not import
 torch: a deployed model runs where torch is not installed.

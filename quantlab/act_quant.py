@@ -12,7 +12,7 @@ Everything here is fake quantization (quantize, then dequantize in float32): it 
 rounding costs. The integer arithmetic that produces the same numbers, and ONNX Runtime running it,
 is :mod:`quantlab.w8a8`. Activations use the symmetric grid ``q in [-qmax, qmax]``, ``qmax =
 2**(bits-1) - 1``, ``scale = absmax / qmax`` (SmoothQuant's and QuaRot's choice); weights are
-symmetric per output channel (:func:`quantlab.weight_only.fake_quantize_groups`).
+symmetric per output channel (:func:`fake_quantize_weight`, ONNX Runtime's rule at 8 bits).
 
 Also here: the outlier tools of lesson k. :func:`channel_absmax` measures each input channel;
 :func:`smooth_quant` migrates scale from activations to weights (Xiao et al. 2023) by folding
@@ -33,11 +33,11 @@ from torch import nn
 
 from ._validate import check_float_tensor, check_int
 from .awq import FOLDS, fold_scales
-from .weight_only import _set_module, check_settings, fake_quantize_groups, linear_names
+from .weight_only import _set_module, linear_names
 
-__all__ = ["GRANULARITIES", "fake_quantize_activations", "ActQuantLinear", "calibrate_absmax",
-           "channel_absmax", "quantize_activations", "smoothquant_scales", "smooth_quant",
-           "KVQuantizer", "quantize_kv_cache", "kv_cache_bytes_per_token"]
+__all__ = ["GRANULARITIES", "fake_quantize_weight", "fake_quantize_activations", "ActQuantLinear",
+           "calibrate_absmax", "channel_absmax", "quantize_activations", "smoothquant_scales",
+           "smooth_quant", "KVQuantizer", "quantize_kv_cache", "kv_cache_bytes_per_token"]
 
 GRANULARITIES = ("token", "tensor")
 A_BITS = (2, 3, 4, 6, 8)
@@ -61,6 +61,22 @@ def _fake_quant(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> torch.Tenso
     scale = absmax / qmax
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
     return torch.round(x * inv).clamp(-qmax, qmax) * scale
+
+
+def fake_quantize_weight(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """``w`` (out, in) on the symmetric grid per output channel, dequantized: ``scale =
+    f32(max|w[c]| / qmax)``, ``q = clamp(rne(w / scale), -qmax, qmax)`` (a division), an all-zero
+    row stays zero. At 8 bits these are the codes and scales ONNX Runtime's ``quantize_dynamic``
+    stores (:func:`quantlab.w8a8.quantize_weight` with ``per_channel=True``), so a W8A8
+    :class:`ActQuantLinear` multiplies the same integers as :class:`quantlab.w8a8.Int8Linear`."""
+    w = check_float_tensor(w, "w")
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D (out, in); got shape {tuple(w.shape)}")
+    bits = _check_bits(bits, "bits")
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.abs().amax(1, keepdim=True) / qmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.clamp(torch.round(w / safe), -qmax, qmax) * scale
 
 
 def fake_quantize_activations(x: torch.Tensor, bits: int = 8, granularity: str = "token",
@@ -88,12 +104,14 @@ def fake_quantize_activations(x: torch.Tensor, bits: int = 8, granularity: str =
 
 class ActQuantLinear(nn.Module):
     """A Linear whose input is fake-quantized (``a_bits``, ``granularity``, optional static
-    ``absmax``) and whose weight is symmetric per-channel fake-quantized to ``w_bits`` once (``None``:
+    ``absmax``) and whose weight is symmetric per-channel fake-quantized to ``w_bits`` once
+    (:func:`fake_quantize_weight`; ``None``:
     the weight is used as it is, e.g. already quantized by GPTQ).
 
     ``outlier_threshold``: LLM.int8()'s decomposition: the input columns where ``|x|`` exceeds it
-    in this call are multiplied in float, the others quantized; ``last_outlier_columns`` keeps how
-    many columns the last call sent to float."""
+    in this call are multiplied in float (float32 here; float16 in the paper's kernels), the others
+    quantized; ``last_outliers`` keeps the indices of the columns the last call sent to float and
+    ``last_outlier_columns`` their count."""
 
     def __init__(self, linear: nn.Linear, w_bits: int | None = 8, a_bits: int = 8,
                  granularity: str = "token", absmax: float | None = None,
@@ -108,21 +126,22 @@ class ActQuantLinear(nn.Module):
         weight = linear.weight.detach()
         self.float_weight = None if outlier_threshold is None else weight.clone()  # LLM.int8: fp part
         if w_bits is not None:
-            check_settings(w_bits, None, True)
-            weight = fake_quantize_groups(weight, w_bits, None, symmetric=True)
+            weight = fake_quantize_weight(weight, w_bits)
         self.w_bits = w_bits
         self.weight = nn.Parameter(weight.clone(), requires_grad=False)
         self.bias = None if linear.bias is None else \
             nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.absmax = absmax
         self.outlier_threshold = outlier_threshold
+        self.last_outliers = torch.empty(0, dtype=torch.int64)
         self.last_outlier_columns = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.outlier_threshold is None:
             return F.linear(self.quantize_input(x), self.weight, self.bias)
         outliers = x.detach().abs().flatten(0, -2).amax(0) > self.outlier_threshold
-        self.last_outlier_columns = int(outliers.sum())
+        self.last_outliers = outliers.nonzero().flatten()
+        self.last_outlier_columns = len(self.last_outliers)
         x_out = x * outliers  # the float part: outlier columns only
         y = F.linear(self.quantize_input(x - x_out), self.weight * ~outliers, self.bias)
         return y + F.linear(x_out, self.float_weight * outliers)
@@ -243,9 +262,10 @@ class KVQuantizer(nn.Module):
     """Fake quantization of an attention's keys and values (B, heads, T, head_dim): ``bits`` on
     the asymmetric min/max grid, keys per ``key_axis`` and values per ``value_axis``:
     ``"token"`` = one scale/zero point per (head, token) over the head's channels, ``"channel"`` =
-    one per (head, channel) over each group of ``group`` consecutive tokens (KIVI's layout; the
-    last, partial group is quantized too, so this slightly overstates a cache that keeps its newest
-    tokens in float until a group fills)."""
+    one per (head, channel) over each group of ``group`` consecutive tokens (KIVI's layout). Scales
+    are stored as float16. The whole window is quantized at once: a token's per-channel grid is set
+    by its whole group, later tokens included, and the last, partial group is quantized too, where
+    a decoding cache (KIVI) keeps its newest tokens in float until their group is complete."""
 
     AXES = ("token", "channel")
 
@@ -276,12 +296,13 @@ class KVQuantizer(nn.Module):
 
 
 def _minmax_fake_quant(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Asymmetric min/max fake quantization along the last dim (the range includes 0)."""
+    """Asymmetric min/max fake quantization along the last dim (the range includes 0), the
+    scale rounded to float16 as a cache stores it, an integer zero point in ``0 .. 2**bits - 1``."""
     lo, hi = z.amin(-1, keepdim=True).clamp(max=0), z.amax(-1, keepdim=True).clamp(min=0)
     levels = 2 ** bits - 1
-    scale = (hi - lo) / levels
+    scale = ((hi - lo) / levels).half().float()  # stored as float16 (2 bytes per grid)
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    zero = torch.round(-lo * inv)
+    zero = torch.round(-lo * inv).clamp(0, levels)
     return (torch.round(z * inv + zero).clamp(0, levels) - zero) * scale
 
 

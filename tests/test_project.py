@@ -104,8 +104,9 @@ def test_notebook_ends_with_summary_and_exercises(path):
 LAYERS = ["qparams", "quantize", "observers", "observer", "learned", "fixed_point", "qmodule",
           "requantize", "qat_simulation", "weighted", "modules", "ops", "graph", "patterns", "passes",
           "convert", "models", "ptq"]
-#: the transformer track, lowest first: the text and weight-only groups, GPTQ, AWQ, activations
-LLM_LAYERS = ["text", "weight_only", "gptq", "awq", "act_quant"]
+#: the transformer track, lowest first: the text and weight-only groups, GPTQ, AWQ, activations,
+#: their rotations
+LLM_LAYERS = ["text", "weight_only", "gptq", "awq", "act_quant", "rotation"]
 
 
 def test_lower_layers_never_import_higher_ones():

@@ -174,6 +174,53 @@ def close(rtol, atol=0.0):
     return lambda e, g, what="": same_floats(e, g, what, rtol, atol)
 
 
+# -- naming a known mistake by its result -----------------------------------------------------------
+
+class Given(tuple):
+    """A tuple result that also carries the inputs it was computed from (for ``diagnose``)."""
+
+    def __new__(cls, value, inputs):
+        obj = super().__new__(cls, value)
+        obj.inputs = inputs
+        return obj
+
+
+def with_inputs(value, inputs):
+    """``value`` (a tuple or a tensor, an oracle's result) carrying ``inputs`` for ``diagnose``."""
+    if isinstance(value, tuple):
+        return Given(value, inputs)
+    value.inputs = inputs  # a tensor: a plain attribute, kept in the checker's process only
+    return value
+
+
+def matches(a, b, rtol, atol=0.0) -> bool:
+    """Whether ``b`` equals ``a`` (tensors or tuples of them): integers exactly, floats within
+    rtol/atol (NaN equal to NaN)."""
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(
+            matches(x, y, rtol, atol) for x, y in zip(a, b))
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+        return False
+    if not (a.is_floating_point() and b.is_floating_point()):
+        return torch.equal(a.to(torch.int64), b.to(torch.int64))
+    return bool(torch.isclose(a.double(), b.detach().double(), rtol, atol, equal_nan=True).all())
+
+
+def diagnose(inputs: dict, got, variants, rtol=0.0, atol=0.0, same=None) -> str | None:
+    """The hint of the first known mistake whose result on ``inputs`` equals ``got``: ``variants``
+    are (compute, hint) pairs, ``compute(**inputs)`` the mistake's result; "equals" is
+    :func:`matches` within rtol/atol, or ``same(wrong, got)`` when given."""
+    same = same or (lambda a, b: matches(a, b, rtol, atol))
+    for compute, hint in variants:
+        try:
+            wrong = compute(**inputs)
+        except (RuntimeError, ValueError, IndexError):  # the mistake cannot run on these inputs
+            continue
+        if same(wrong, got):
+            return hint
+    return None
+
+
 # -- strategies ----------------------------------------------------------------------------------
 
 def floats32(lo: float, hi: float) -> st.SearchStrategy:

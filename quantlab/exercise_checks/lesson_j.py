@@ -4,7 +4,7 @@ and their folding into a LayerNorm (notebook j_gptq_awq).
 Several mistakes of these exercises change every output at once (a missing factor, a transposed factor,
 an update with the wrong sign), so no choice of inputs tells them apart by which case fails first. Their
 hints come from a diagnosis instead: the expected value carries the case's inputs, and a result that
-equals what one known mistake computes on them gets that mistake's hint (``_diagnose``); any other
+equals what one known mistake computes on them gets that mistake's hint (``common.diagnose``); any other
 wrong result gets the case's hint.
 """
 
@@ -18,46 +18,18 @@ from ..awq import awq_scale, fold_scales
 from ..gptq import input_stats
 from ..models import TinyGPT
 from ..weight_only import qparams, quantize_codes
-from .common import Case, Exercise, Mismatch, exact_ints, floats32, same_floats, show, t
-
-
-class _Given(tuple):
-    """A tuple result that also carries the inputs it was computed from (for :func:`_diagnose`)."""
-
-    def __new__(cls, value, inputs):
-        obj = super().__new__(cls, value)
-        obj.inputs = inputs
-        return obj
-
-
-def _with_inputs(value, inputs):
-    if isinstance(value, tuple):
-        return _Given(value, inputs)
-    value.inputs = inputs  # a tensor: a plain attribute, kept in the checker's process only
-    return value
-
-
-def _close(a, b, rtol, atol=0.0) -> bool:
-    if isinstance(a, (tuple, list)):
-        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(
-            _close(x, y, rtol, atol) for x, y in zip(a, b))
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
-        return False
-    if not (a.is_floating_point() and b.is_floating_point()):
-        return torch.equal(a.to(torch.int64), b.to(torch.int64))
-    return bool(torch.isclose(a.double(), b.detach().double(), rtol, atol, equal_nan=True).all())
-
-
-def _diagnose(inputs: dict, got, variants, rtol, atol=0.0) -> str | None:
-    """The hint of the first known mistake whose result on ``inputs`` equals ``got``."""
-    for compute, hint in variants:
-        try:
-            wrong = compute(**inputs)
-        except (RuntimeError, ValueError, IndexError):  # the mistake cannot run on these inputs
-            continue
-        if _close(wrong, got, rtol, atol):
-            return hint
-    return None
+from .common import (
+    Case,
+    Exercise,
+    Mismatch,
+    diagnose,
+    exact_ints,
+    floats32,
+    same_floats,
+    show,
+    t,
+    with_inputs,
+)
 
 
 def _float64_first(e, g, what=""):
@@ -80,7 +52,7 @@ def _xtx(x):
 def _hessian_oracle(x, percdamp=0.01):
     h = 2 * _xtx(x)
     h.diagonal().add_(percdamp * h.diagonal().mean())  # quantlab.gptq._inverse_cholesky's dampening
-    return _with_inputs(h, dict(x=x, percdamp=percdamp))
+    return with_inputs(h, dict(x=x, percdamp=percdamp))
 
 
 def _damped(h, amount, everywhere=False):
@@ -112,7 +84,7 @@ def _j1_compare(e, g):
         return m
     m = same_floats(e, g, atol=1e-9 * float(e.abs().max()) + 1e-300)
     if m is not None:
-        m.hint = _diagnose(e.inputs, g, J1_VARIANTS, 1e-9, 1e-9 * float(e.abs().max())) or m.hint
+        m.hint = diagnose(e.inputs, g, J1_VARIANTS, 1e-9, 1e-9 * float(e.abs().max())) or m.hint
     return m
 
 
@@ -170,7 +142,7 @@ def _step(W, H_inv, i, scale, zero_point, bits, factor="upper", divide=True, sig
 
 def _step_oracle(W, H_inv, i, scale, zero_point, bits):
     inputs = dict(W=W, H_inv=H_inv, i=i, scale=scale, zero_point=zero_point, bits=bits)
-    return _with_inputs(_step(**inputs), inputs)
+    return with_inputs(_step(**inputs), inputs)
 
 
 def _only_w(**kw):
@@ -207,7 +179,7 @@ def _j2_compare(e, g):
         return m
     m = same_floats(e[1], g[1], "W", rtol=1e-9, atol=1e-12)
     if m is not None:
-        m.hint = _diagnose(e.inputs, g[1], J2_VARIANTS, 1e-9, 1e-12) or m.hint
+        m.hint = diagnose(e.inputs, g[1], J2_VARIANTS, 1e-9, 1e-12) or m.hint
     return m
 
 
@@ -266,7 +238,7 @@ def _j2():
 
 def _awq_oracle(x, alpha):
     mean_abs = input_stats(nn.Sequential(nn.Linear(x.shape[1], 1)), "0", x)["mean_abs"]
-    return _with_inputs(awq_scale(mean_abs, alpha).float(), dict(x=x, alpha=alpha))
+    return with_inputs(awq_scale(mean_abs, alpha).float(), dict(x=x, alpha=alpha))
 
 
 def _s(x, alpha, stat="mean_abs", clamp=True, norm="geo"):
@@ -299,7 +271,7 @@ def _j3_compare(e, g):
                         "asks: the scales multiply float32 weights")
     m = same_floats(e, g, rtol=2e-6)
     if m is not None:
-        m.hint = _diagnose(e.inputs, g, J3_VARIANTS, 2e-6) or m.hint
+        m.hint = diagnose(e.inputs, g, J3_VARIANTS, 2e-6) or m.hint
     return m
 
 
@@ -345,7 +317,7 @@ def _fold_oracle(w, ln_weight, ln_bias, s):
         block.ln2.bias.copy_(ln_bias)
     folded = fold_scales(model, {"blocks.0.fc": s}).blocks[0]
     value = (folded.fc.weight.detach(), folded.ln2.weight.detach(), folded.ln2.bias.detach())
-    return _with_inputs(value, dict(w=w, ln_weight=ln_weight, ln_bias=ln_bias, s=s))
+    return with_inputs(value, dict(w=w, ln_weight=ln_weight, ln_bias=ln_bias, s=s))
 
 
 J4_VARIANTS = [
@@ -366,7 +338,7 @@ def _j4_compare(e, g):
     for name, want, got in zip(("w", "ln_weight", "ln_bias"), e, g):
         m = same_floats(want, got, name, rtol=1e-6)
         if m is not None:
-            m.hint = _diagnose(e.inputs, tuple(g), J4_VARIANTS, 1e-6) or m.hint
+            m.hint = diagnose(e.inputs, tuple(g), J4_VARIANTS, 1e-6) or m.hint
             return m
     return None
 
