@@ -14,6 +14,8 @@ Calibrates on the embedded training digits and prints
 from __future__ import annotations
 
 import argparse
+import pathlib
+import platform
 import time
 
 import torch
@@ -87,6 +89,12 @@ def agreement_with_onnx(resnet, train_loader, images):
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     theirs = session.run(["y_q"], {"x_q": q_x.to(torch.uint8).numpy()})[0].astype("int32")
     engine = Engine(model).run(q_x.to(torch.uint8).numpy())["y_q"].astype("int32")
+    # ONNX Runtime's count depends on the CPU and its version (its x86 QLinearAdd rounds in float32)
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in flags]
+    print(f"\nONNX Runtime {ort.__version__} on {platform.machine()} "
+          f"({', '.join(isa) or 'no x86 flags read'})")
     for name, other in (("ONNX Runtime", theirs), ("the NumPy engine", engine)):
         diff = abs(ours - other)
         print(f"int8 logit integers equal to {name}: {int((diff == 0).sum())} of {diff.size} "

@@ -34,7 +34,12 @@ from .weight_only import check_settings, fake_quantize_groups, quantize_linears
 
 
 def awq_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``s = clamp(mean_abs, 1e-4) ** alpha`` normalised by ``sqrt(max(s) * min(s))`` (float64)."""
+    """``s = clamp(mean_abs, 1e-4) ** alpha`` normalised by ``sqrt(max(s) * min(s))`` (float64).
+
+    AWQ's reference code (llm-awq's ``auto_scale.py``) clamps after the power,
+    ``clamp(mean_abs ** alpha, 1e-4)``: the two give the same scales unless some channel's ``mean_abs``
+    is below 1e-4 (taught in notebook ``j_gptq_awq``, section 2.2).
+    """
     s = mean_abs.double().clamp(min=1e-4) ** alpha
     return s / (s.max() * s.min()).sqrt()
 

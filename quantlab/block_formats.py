@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._validate import check_float_tensor, check_int
+from ._validate import check_bool, check_float_tensor, check_int
 from .minifloat import E2M1, E4M3, E8M0, decode, encode, get_format
 
 #: QLoRA's NF4 levels as bitsandbytes stores them (float32), code 0 .. 15
@@ -170,19 +170,27 @@ def block_fake_quantize(x: torch.Tensor, kind: str, block: int | None = None) ->
     return block_dequantize(quantize(padded, block))[..., :n].reshape(x.shape)
 
 
-def stored_bits(kind: str, shape, block: int | None = None) -> int:
-    """Bits a weight of ``shape`` (blocks along its last dimension, padded) takes in a block format:
-    4 or 8 per value, plus every block's scale (8 bits for E8M0 and E4M3, 32 for NF4's absmax) and
-    NVFP4's float32 tensor scale."""
+def stored_bits(kind: str, shape, block: int | None = None, padded: bool = False) -> int:
+    """Bits a weight of ``shape`` (blocks along its last dimension) takes in a block format: 4 or 8
+    per element, plus every block's scale (8 bits for E8M0 and E4M3, 32 for NF4's absmax; the last,
+    partial block of a row has one too) and NVFP4's float32 tensor scale.
+
+    With ``padded=False`` only the ``rows * n`` real values are counted as elements; with
+    ``padded=True`` also the zeros that pad each row to whole blocks, as a file that stores whole
+    blocks holds them (a gguf MXFP4 block is always 17 bytes): ``rows * blocks_per_row * block``
+    elements.
+    """
     _, default = _kind(kind)
-    block = default if block is None else block
+    block = default if block is None else check_int(block, "block", low=1)
+    padded = check_bool(padded, "padded")
     shape = tuple(shape)
     n = shape[-1] if shape else 1
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
     blocks = rows * -(-n // block)
     element = 8 if kind == "mxfp8" else 4
     scale = 32 if kind == "nf4" else 8
-    return rows * n * element + blocks * scale + (32 if kind == "nvfp4" else 0)
+    values = blocks * block if padded else rows * n
+    return values * element + blocks * scale + (32 if kind == "nvfp4" else 0)
 
 
 def to_gguf_mxfp4(bq: BlockQuant) -> bytes:

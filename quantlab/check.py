@@ -410,14 +410,22 @@ def _table(frs: list[FileResult]) -> list[str]:
     return lines
 
 
+def checked_lessons() -> list[str]:
+    """The lessons that have exercise checks, one module ``exercise_checks/lesson_<x>.py`` each, in
+    the series' order (``a``, ``b``, ..., ``da`` after ``d``), read from the folder without
+    importing them."""
+    folder = pathlib.Path(__file__).with_name("exercise_checks")
+    return sorted(p.stem.removeprefix("lesson_") for p in folder.glob("lesson_*.py"))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m quantlab.check", description=(
         "Grade exercise notebooks: each is imported with import-ipynb in a fresh process and its "
         "functions are checked against quantlab and PyTorch."))
     p.add_argument("notebooks", nargs="*", help="exercise notebooks (.ipynb)")
     p.add_argument("--strict", action="store_true", help="unattempted exercises fail too")
-    p.add_argument("--lesson", help="the lesson (a, d, e, f) instead of reading it from each "
-                   "notebook's metadata or file name")
+    p.add_argument("--lesson", help=f"the lesson ({', '.join(checked_lessons())}) instead of reading "
+                   "it from each notebook's metadata or file name")
     p.add_argument("--jobs", "-j", type=int, default=min(2, os.cpu_count() or 1),
                    help="notebooks checked at the same time (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0,

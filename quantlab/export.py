@@ -32,9 +32,10 @@ What each node holds, in quantlab's names:
 Graph models (residual adds, pooling, concatenation, any model of ``quantize_model``) use four
 operators of ONNX Runtime's ``com.microsoft`` domain, which the standard has no QOperator for:
 
-- ``QLinearAdd`` for ``QAdd`` (+ a ``Clip`` at ``Z_y`` for a fused ReLU). ONNX Runtime adds in
-  float; quantlab uses qnnpack's fixed-point multipliers: measured equal except on exact .5 ties of
-  power-of-two scale ratios (1 LSB; ``tests/test_ops.py``).
+- ``QLinearAdd`` for ``QAdd`` (+ a ``Clip`` at ``Z_y`` for a fused ReLU). ONNX Runtime's x86
+  kernel adds in float32, quantlab in qnnpack's fixed point: the two can differ, by 1 LSB, only
+  where the exact sum is a tie or a near-tie ``k + 1/2`` (exact ties come with power-of-two scale
+  ratios; ``tests/test_ops.py``, and notebook ``h_your_own_model`` add by add).
 - ``QLinearGlobalAveragePool`` for ``AdaptiveAvgPool2d(1)`` (measured bit-exact) and
   ``QLinearAveragePool`` for ``AvgPool2d`` (1 LSB on some outputs: it rounds its own way);
   other adaptive output sizes are refused.

@@ -4,17 +4,23 @@
 ``QLinearConv`` (+ ``Clip`` for a narrower fused ReLU/ReLU6); ``layer_nodes`` writes every other
 layer (``MaxPool``, ``Flatten``, ``Clip`` for ReLU/ReLU6, and ONNX Runtime's ``com.microsoft``
 ``QLinearAdd``, ``QLinearConcat``, ``QLinear(Global)AveragePool``). The export's module docstring
-says what each node holds, in quantlab's names. Taught in notebook ``g_deploy``.
+says what each node holds, in quantlab's names. ``onnxruntime_layer`` runs one such layer alone in
+ONNX Runtime on given input integers (notebook ``h_your_own_model`` compares each add with it).
+Taught in notebook ``g_deploy``.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from ._validate import check_int_tensor
 from .modules import QFlatten, QLinear, QMaxPool2d, relu6_limit
 from .ops import QAdd, QAvgPool2d, QCat, QInput
+
+__all__ = ["Graph", "weighted_nodes", "layer_nodes", "onnxruntime_layer"]
 
 
 class Graph:
@@ -159,3 +165,53 @@ def layer_nodes(g: Graph, layer, ins: list[str], name: str) -> str:
                               ceil_mode=int(layer.ceil_mode),
                               count_include_pad=int(layer.count_include_pad))
     raise TypeError(f"{name} ({type(layer).__name__}) has no ONNX export")
+
+
+def onnxruntime_layer(layer, *q_inputs: torch.Tensor) -> torch.Tensor:
+    """ONNX Runtime's output integers of one frozen ``QAdd``, ``QAvgPool2d`` or ``QCat`` run alone.
+
+    The layer is written with the same nodes as in :func:`quantlab.export.to_onnx`
+    (``QLinearAdd`` + ``Clip``, ``QLinear(Global)AveragePool``, ``QLinearConcat``) into a graph
+    whose inputs are the given integers (uint8, as the export's), and run on ONNX Runtime's CPU
+    provider, so a difference from ``layer.quantize_inference(*q_inputs)`` is this one operator's,
+    not carried in from an earlier layer.
+
+    Args:
+        layer: a frozen ``QAdd`` (two inputs), ``QAvgPool2d`` (one) or ``QCat`` (one per branch).
+        q_inputs: integer tensors in [0, 255], the layer's input integers.
+
+    Returns:
+        an int32 tensor of ONNX Runtime's output integers, shaped like quantlab's.
+    """
+    import onnxruntime as ort
+
+    counts = {QAdd: 2, QAvgPool2d: 1}
+    kind = next((k for k in (QAdd, QAvgPool2d, QCat) if isinstance(layer, k)), None)
+    if kind is None:
+        raise TypeError("layer must be a frozen QAdd, QAvgPool2d or QCat; got "
+                        f"{type(layer).__name__}")
+    if not layer.frozen:
+        raise RuntimeError("layer is not frozen: calibrate and freeze() it first")
+    expected = counts.get(kind, len(getattr(layer, "q_ins", ())))
+    if len(q_inputs) != expected:
+        raise ValueError(f"q_inputs must be {expected} tensor(s) for a {kind.__name__}; got "
+                         f"{len(q_inputs)}")
+    arrays = {}
+    for i, q in enumerate(q_inputs):
+        check_int_tensor(q, f"q_inputs[{i}]")
+        if int(q.min()) < 0 or int(q.max()) > 255:
+            raise ValueError(f"q_inputs[{i}] must hold integers in [0, 255] (uint8); got "
+                             f"[{int(q.min())}, {int(q.max())}]")
+        arrays[f"x{i}"] = q.numpy().astype(np.uint8)
+    g = Graph()
+    y = layer_nodes(g, layer, list(arrays), "layer")
+    graph = helper.make_graph(
+        g.nodes, "one_layer",
+        [helper.make_tensor_value_info(n, onnx.TensorProto.UINT8, list(a.shape))
+         for n, a in arrays.items()],
+        [helper.make_tensor_value_info(y, onnx.TensorProto.UINT8, None)], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = min(model.ir_version, 8)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, arrays)[0].astype(np.int32))

@@ -160,6 +160,13 @@ def test_padding_to_whole_blocks_changes_no_block_and_bits_are_counted_honestly(
     assert bf.stored_bits("mxfp8", (6, 100)) == 600 * 8 + 6 * 4 * 8
     assert bf.stored_bits("nf4", (6, 100)) == 600 * 4 + 6 * 2 * 32
     assert bf.stored_bits("nvfp4", (6, 100)) == 600 * 4 + 6 * 7 * 8 + 32
+    # counted as stored in whole blocks: the padding zeros too (a gguf MXFP4 block is 17 bytes)
+    assert bf.stored_bits("mxfp4", (6, 100), padded=True) == 6 * 4 * 32 * 4 + 6 * 4 * 8
+    assert bf.stored_bits("mxfp4", (6, 100), padded=True) == 8 * len(bf.to_gguf_mxfp4(
+        bf.mx_quantize(torch.nn.functional.pad(w, (0, 28)))))
+    assert bf.stored_bits("nvfp4", (6, 96), padded=True) == bf.stored_bits("nvfp4", (6, 96))
+    with pytest.raises(TypeError, match="padded"):
+        bf.stored_bits("mxfp4", (6, 100), padded="yes")
 
 
 def test_scaled_round_per_tensor_and_per_channel():

@@ -172,6 +172,12 @@ def test_the_lesson_comes_from_metadata_or_file_name(tmp_path):
         check.check_namespace("z", {})
 
 
+def test_the_help_lists_every_lesson_with_checks():
+    assert check.checked_lessons() == sorted(LESSONS)
+    text = " ".join(check._parser().format_help().split())
+    assert f"the lesson ({', '.join(sorted(LESSONS))})" in text and len(LESSONS) >= 12
+
+
 @pytest.mark.parametrize("path", EXERCISE_NOTEBOOKS, ids=lambda p: str(p.relative_to(TEMPLATES)))
 def test_exercise_notebooks_are_stored_executed_clean(path):
     nb = json.loads(path.read_text())

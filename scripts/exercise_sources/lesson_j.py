@@ -66,7 +66,8 @@ from quantlab import check''',
            Lesson j, section 2.1: from the calibration inputs `x` (N, in) of one Linear, per input channel $c$
            $$ \overline{|x|}_c = \frac{1}{N}\sum_n |x_{nc}|, \qquad s_c = \max\big(\overline{|x|}_c,\ 10^{-4}\big)^{\alpha}, \qquad
               s \leftarrow \frac{s}{\sqrt{\max_c s_c \cdot \min_c s_c}} $$
-           (`quantlab.awq.awq_scale`: the clamp at $10^{-4}$ keeps a channel that is always 0 from making $s_c = 0$; the
+           (`quantlab.awq.awq_scale`: the clamp at $10^{-4}$ keeps a channel that is always 0 from making $s_c = 0$; AWQ's
+           reference code clamps after the power instead: the same scales unless a channel's $\overline{|x|}_c$ is below $10^{-4}$; the
            normalization centres the scales around 1). Compute in float64 and return $s$ (in,) as float32; it is compared
            within a relative $2\cdot10^{-6}$.""",
            '''
