@@ -34,6 +34,25 @@ def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
+def _initial_v(scaled: torch.Tensor) -> torch.Tensor:
+    """AdaRound's start: ``V`` with ``h(V) = W/S - floor(W/S)`` for ``scaled = W/S``, the fraction
+    clamped to ``[1e-4, 1 - 1e-4]`` so that ``V`` is finite."""
+    rest = (scaled - torch.floor(scaled)).clamp(1e-4, 1 - 1e-4)
+    return torch.log((rest - GAMMA) / (ZETA - rest))
+
+
+def _soft_weight(scaled: torch.Tensor, v: torch.Tensor, scale, zero_point, quant_min: int,
+                quant_max: int) -> torch.Tensor:
+    """AdaRound's weight ``W~ = S (clamp(floor(W/S) + h(V) + Z, q_min, q_max) - Z)``.
+
+    With ``V = _initial_v(W/S)`` it is ``W`` (to 1e-4 step) for every weight between the lowest and
+    the highest level (``q_min <= W/S + Z <= q_max``); a weight beyond them gets the end level for
+    any ``V`` (the clamp), so it starts there and stays there.
+    """
+    return scale * (torch.clamp(torch.floor(scaled) + rectified_sigmoid(v) + zero_point,
+                                quant_min, quant_max) - zero_point)
+
+
 def _pin_weight(layer, w: torch.Tensor):
     """Make ``layer.float_weight_bias()`` return exactly ``w`` (and its old bias); the weight
     QParam stops observing, so freeze() quantizes ``w`` with the scales AdaRound used."""
@@ -91,8 +110,11 @@ def adaround_layer(layer, x_q: torch.Tensor, x_f: torch.Tensor, iterations: int 
                    generator: torch.Generator | None = None) -> dict:
     """AdaRound one weighted layer in place; returns its rounding statistics.
 
-    ``W~ = S (clamp(floor(W/S) + h(V) + Z, q_min, q_max) - Z)`` with ``V`` initialised so that
-    ``h(V) = W/S - floor(W/S)`` (W~ = W at the start). Adam minimises, on random batches,
+    ``W~ = S (clamp(floor(W/S) + h(V) + Z, q_min, q_max) - Z)`` (``_soft_weight``) with ``V``
+    initialised so that ``h(V) = W/S - floor(W/S)`` (``_initial_v``): ``W~ = W`` at the start
+    for every weight between the lowest and the highest level; a weight beyond them (after a
+    clipping weight observer such as ``"mse"``) starts, and stays, at the end level, where AdaRound
+    and nearest rounding agree. Adam minimises, on random batches,
     ``|| f(W~ x_q + b) - f(W x_f + b) ||^2`` (summed over channels, averaged over the rest;
     ``f`` the fused ReLU or identity) ``+ reg * sum(1 - |2 h(V) - 1|^beta)``; the regularizer
     is off for the first ``warm_start`` of the iterations, then ``beta`` decays from 20 to 2 on a
@@ -107,8 +129,7 @@ def adaround_layer(layer, x_q: torch.Tensor, x_f: torch.Tensor, iterations: int 
     scale, zp = q_w.scale.reshape(shape), q_w.zero_point.reshape(shape).to(torch.float32)
     scaled = w * (1.0 / scale)
     base = torch.floor(scaled)
-    rest = (scaled - base).clamp(1e-4, 1 - 1e-4)
-    v = torch.log((rest - GAMMA) / (ZETA - rest)).requires_grad_(True)  # h(v) = rest
+    v = _initial_v(scaled).requires_grad_(True)                         # h(v) = W/S - floor(W/S)
     opt = torch.optim.Adam([v], lr=lr)
     lo, hi = q_w.quant_min, q_w.quant_max
     n = x_q.shape[0]
@@ -122,7 +143,7 @@ def adaround_layer(layer, x_q: torch.Tensor, x_f: torch.Tensor, iterations: int 
     for it in range(iterations):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
         target = targets[idx]
-        w_soft = scale * (torch.clamp(base + rectified_sigmoid(v) + zp, lo, hi) - zp)
+        w_soft = _soft_weight(scaled, v, scale, zp, lo, hi)
         out = act(layer._op(x_q[idx], w_soft, b))
         loss = (out - target).pow(2).sum(1).mean()
         if it >= warm:

@@ -33,7 +33,7 @@ ZH_CN = {
     "real value": "实数值",
     "count": "计数",
     "values": "数值",
-    "representable range, {levels} levels": "可表示范围，{levels} 个级别",
+    "not clamped: within \u00bd step of the {levels} levels": "不被截断：距 {levels} 个级别半步以内",
     " (every {step}th shown)": "（每 {step} 个画一条）",
     "real 0 = integer {zero_point}": "实数 0 = 整数 {zero_point}",
     "{num_bits}-bit grid: scale={scale:.4g}, zero_point={zero_point}":
@@ -152,7 +152,9 @@ def hist_with_grid(x: torch.Tensor, scale: float, zero_point: int, num_bits: int
     """Histogram of ``x`` with the reals the integers represent (the quantization grid).
 
     Grid lines are drawn at every representable value when there are at most 64 levels, otherwise
-    at every 16th; the clamp range is shaded.
+    at every 16th. Shaded: the values the clamp leaves alone, those within half a step of the levels,
+    ``[S (q_min - Z - 1/2), S (q_max - Z + 1/2)]``; a value beyond it saturates at an end level with
+    an error of more than half a step.
     """
     check_float_tensor(x, "x")
     quant_min, quant_max = quant_range(num_bits, signed)
@@ -167,9 +169,9 @@ def hist_with_grid(x: torch.Tensor, scale: float, zero_point: int, num_bits: int
     step = 1 if levels <= 64 else 16
     for q in range(quant_min, quant_max + 1, step):
         ax.axvline(scale * (q - zero_point), color="tab:orange", lw=0.6, alpha=0.8)
-    lo, hi = scale * (quant_min - zero_point), scale * (quant_max - zero_point)
+    lo, hi = scale * (quant_min - zero_point - 0.5), scale * (quant_max - zero_point + 0.5)
     ax.axvspan(lo, hi, color="tab:orange", alpha=0.06,
-               label=tr("representable range, {levels} levels", levels=levels)
+               label=tr("not clamped: within \u00bd step of the {levels} levels", levels=levels)
                      + ("" if step == 1 else tr(" (every {step}th shown)", step=step)))
     ax.axvline(0.0, color="black", lw=1.2, label=tr("real 0 = integer {zero_point}", zero_point=zero_point))
     ax.set_xlabel(tr(xlabel))

@@ -94,7 +94,9 @@ def calc_scale_zero_point(min_val, max_val, num_bits: int = 8, signed: bool = Fa
     The range is first widened to include 0, so real 0 (padding, ReLU) is exactly representable.
 
     Affine:     ``scale = (max - min) / (quant_max - quant_min)``,
-                ``zero_point = quant_min - round(min / scale)``, clamped to the range.
+                ``zero_point = quant_min - round(min / scale)``, clamped to the range (PyTorch's
+                guard: with 0 in the range the unclamped value already lies in it, so the clamp
+                never acts).
     Symmetric:  ``scale = max(|min|, |max|) / ((quant_max - quant_min) / 2)``; zero point 0 when
                 ``signed``, the middle ``2**(num_bits-1)`` when unsigned (PyTorch's 128 for its default
                 8-bit range; its observers take ``(quant_min + quant_max) // 2`` for other ranges).

@@ -73,7 +73,9 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
             softmax(logits))`` with ``w = distill_weight`` (in [0, 1]); the teacher is frozen.
     Returns:
         ``{"loss": [...], "accuracy": [...], "lr": [...]}``, one entry per epoch (training set;
-        ``"lr"`` is the rate at each epoch's start), plus ``"eval_accuracy"`` and
+        ``"lr"`` is the rate at each epoch's start), ``"lr_batches"``: the rate each batch was
+        trained with, ``lr (1 + cos(pi t / T)) / 2`` for batch ``t = 0 .. T-1`` of the ``T`` in the
+        run (the schedule steps after every batch), plus ``"eval_accuracy"`` and
         ``"eval_predictions"`` (one int64 tensor of classes per epoch) when ``eval_loader`` is
         given, and ``"lr_end"``: the rate after the last batch (0, the cosine schedule's end).
     """
@@ -88,7 +90,7 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
     steps = epochs * n_batches
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    history = {"loss": [], "accuracy": [], "lr": []}
+    history = {"loss": [], "accuracy": [], "lr": [], "lr_batches": []}
     if eval_loader is not None:
         history["eval_accuracy"], history["eval_predictions"] = [], []
     # one bar for the whole run, refreshed at most once a second: a notebook's progress widget sends
@@ -100,7 +102,7 @@ def train(model: nn.Module, train_loader, epochs: int, lr: float | None = None,
         bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
         history["lr"].append(opt.param_groups[0]["lr"])
         loss, accuracy = _train_epoch(model, train_loader, opt, sched, g, max_shift, teacher,
-                                      distill_weight, bar)
+                                      distill_weight, bar, history["lr_batches"])
         history["loss"].append(loss)
         history["accuracy"].append(accuracy)
         if eval_loader is not None:
@@ -152,8 +154,9 @@ def _check_train_arguments(model, train_loader, epochs, lr, max_shift, weight_de
 
 
 def _train_epoch(model, train_loader, opt, sched, g, max_shift, teacher, distill_weight,
-                 bar) -> tuple[float, float]:
-    """One pass over ``train_loader``; returns its mean loss and accuracy."""
+                 bar, rates: list) -> tuple[float, float]:
+    """One pass over ``train_loader``; returns its mean loss and accuracy, and appends the
+    learning rate of each batch to ``rates``."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for batch in train_loader:
@@ -169,6 +172,7 @@ def _train_epoch(model, train_loader, opt, sched, g, max_shift, teacher, distill
             loss = (1 - distill_weight) * loss + distill_weight * kl
         opt.zero_grad()
         loss.backward()
+        rates.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
         total_loss += loss.item() * len(labels)

@@ -215,7 +215,8 @@ def stage(src: pathlib.Path, language: str = "en") -> dict:
                     "Open this notebook in Jupyter (`make lab`), fill in the cells marked for you, "
                     "run it, then check it from the repository's folder:\n\n"
                     f"    python -m quantlab.check {where}\n\n"
-                    "The checker runs your notebook and compares your answers with quantlab's.\n```")
+                    "The checker runs your notebook and compares your answers with the reference named "
+                    "at the top of the notebook.\n```")
             stage_notebook(path, src / "exercises" / path.name, note)
             staged["exercises"].append(path.stem)
         write_if_changed(src / "exercises" / "index.md", "\n".join([

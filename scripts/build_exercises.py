@@ -38,13 +38,17 @@ def build(lesson: str, solution: bool) -> nbformat.NotebookNode:
                    "language_info": {"name": "python"}, "quantlab": {"lesson": lesson}}
     title = spec["title"] + (" · solutions" if solution else "")
     lesson_nb = spec["notebook"]
-    how = (f"**Worked solutions.** Every function here passes every check: "
+    # what each lesson's checks compare with (the oracles of quantlab/exercise_checks/lesson_<letter>.py)
+    oracle = spec.get("oracle", "a reference implementation")
+    how = (f"**Worked solutions.** Every function here passes every check: in this notebook's folder, "
            f"`python -m quantlab.check {lesson}_exercises.ipynb --strict`." if solution else
            "**How to work.** Replace each stub's `raise NotImplementedError` with your code, run the cell, then run the "
-           "check cell under it: it compares your function with quantlab and PyTorch on tricky and random inputs and "
+           f"check cell under it: it compares your function with {oracle} on tricky and random inputs and "
            "prints `passed`, `not attempted`, or the smallest input it found that fails, with what was expected, what "
-           "you returned and a hint. From a shell: "
-           f"`python -m quantlab.check {lesson}_exercises.ipynb` (add `--strict` to fail unattempted exercises too).")
+           "you returned and a hint. From a shell in this notebook's folder: "
+           f"`python -m quantlab.check {lesson}_exercises.ipynb` (from the repository root: "
+           f"`python -m quantlab.check exercises/{lesson}_exercises.ipynb`; add `--strict` to fail unattempted exercises "
+           "too).")
     nb.cells.append(nbformat.v4.new_markdown_cell(
         f"# {title}\n\nLesson: [{lesson_nb}]({up}notebooks/{lesson_nb}.ipynb). {spec['goal']}\n\n{how}"))
     nb.cells.append(nbformat.v4.new_code_cell(spec["setup"]))

@@ -58,8 +58,9 @@ BOOK_TEXT = {
     "Open this notebook in Jupyter (`make lab`), fill in the cells marked for you, run it, then check it "
     "from the repository's folder:":
         "在 Jupyter 中打开本 notebook（`make lab`），填写为你标出的单元格并运行，然后在仓库的根目录下检查：",
-    "The checker runs your notebook and compares your answers with quantlab's.":
-        "检查程序会运行你的 notebook，并把你的答案与 quantlab 的结果比较。",
+    "The checker runs your notebook and compares your answers with the reference named at the top of the "
+    "notebook.":
+        "检查程序会运行你的 notebook，并把你的答案与 notebook 开头所写的参考实现比较。",
 }
 
 MYST_SETTINGS = {  # as docs/conf.py configures myst for the book

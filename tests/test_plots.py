@@ -49,6 +49,22 @@ def test_lsb_error_hist_keeps_its_legend_above_the_bars():
     plt.close(fig)
 
 
+@pytest.mark.parametrize("scale,zero_point,bits,signed", [(0.5, 0, 2, True), (1.272, 3, 3, False),
+                                                           (2 / 255, 128, 8, False)])
+def test_hist_with_grid_shades_what_the_clamp_leaves_alone(scale, zero_point, bits, signed):
+    from quantlab.plots import hist_with_grid
+    from quantlab.qparams import quant_range
+
+    fig = hist_with_grid(torch.linspace(-3, 3, 500), scale, zero_point, bits, signed=signed)
+    (span,) = [p for p in fig.axes[0].patches if p.get_label().startswith("not clamped")]
+    x0, x1 = span.get_x(), span.get_x() + span.get_width()                 # data coordinates
+    q_min, q_max = quant_range(bits, signed)
+    # half a step beyond the lowest and the highest level: where the clamp starts to add error
+    assert x0 == pytest.approx(scale * (q_min - zero_point - 0.5))
+    assert x1 == pytest.approx(scale * (q_max - zero_point + 0.5))
+    plt.close(fig)
+
+
 def test_accuracy_vs_bits_has_no_empty_slots_for_unmeasured_widths():
     from quantlab.plots import accuracy_vs_bits
 

@@ -3,6 +3,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 import quantlab
 from quantlab import adaround as adaround_module
@@ -181,6 +183,22 @@ def test_adaround_of_chosen_layers_leaves_the_others_nearest(data):
     assert qnet.layers[5].q_w.observing is False and qnet.layers[0].q_w.observing is True
     with pytest.raises(ValueError, match="layers"):
         ptq.adaround(qnet, calib, iterations=1, layers=[1])
+
+
+@settings(max_examples=50, deadline=None)
+@given(hst.lists(hst.floats(-6.0, 6.0, allow_nan=False, width=32), min_size=1, max_size=64),
+       hst.sampled_from([(-2, 1), (-8, 7), (-128, 127)]))
+def test_adaround_starts_at_w_between_the_levels_and_at_the_clamp_beyond(values, grid):
+    lo, hi = grid
+    scaled = torch.tensor(values, dtype=torch.float32)
+    v0 = adaround_module._initial_v(scaled)
+    start = adaround_module._soft_weight(scaled, v0, 1.0, 0.0, lo, hi)
+    inside = (scaled >= lo) & (scaled <= hi)
+    assert ((start - scaled).abs()[inside] <= 1e-4 + 1e-6).all()        # W~ = W between the levels
+    beyond = start[~inside]
+    assert ((beyond == lo) | (beyond == hi)).all()                       # the clamp beyond them ...
+    moved = adaround_module._soft_weight(scaled, torch.randn(scaled.shape) * 5, 1.0, 0.0, lo, hi)
+    assert torch.equal(moved[~inside], beyond)                           # ... whatever V becomes
 
 
 def test_rectified_sigmoid_reaches_zero_and_one():

@@ -150,3 +150,21 @@ def test_zero_is_exact_and_zero_point_in_range(a, b, bits, signed, sym):
     from quantlab import dequantize, quantize
     q0 = quantize(torch.zeros(1), scale, zp, bits, signed)
     assert q0.item() == zp.item() and dequantize(q0, scale, zp).item() == 0.0
+
+
+any_float32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+tiny = st.floats(-(2.0**-100), 2.0**-100, width=32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=any_float32 | finite | tiny, b=any_float32 | finite | tiny, bits=st.integers(2, 16),
+       signed=st.booleans())
+def test_the_zero_points_clamp_never_acts_once_the_range_includes_zero(a, b, bits, signed):
+    # the docstring's (and notebook a's) claim: Z = q_min - round(r_min / S) lies in [q_min, q_max]
+    # before the clamp, for any range (widened to include 0), so the clamp is only PyTorch's guard
+    lo, hi = min(a, b), max(a, b)
+    scale, zp = calc_scale_zero_point(lo, hi, bits, signed)
+    qmin, qmax = quant_range(bits, signed)
+    r_min = torch.clamp(torch.tensor(lo, dtype=torch.float32), max=0.0)
+    unclamped = qmin - int(torch.round(r_min / scale))
+    assert qmin <= unclamped <= qmax and unclamped == zp.item()

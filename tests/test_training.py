@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -62,6 +64,20 @@ def test_train_uses_a_models_own_defaults(small):
     assert hist["lr_end"] == pytest.approx(0.0, abs=1e-12)   # the cosine schedule ends at 0
     with pytest.raises(ValueError, match="epochs"):
         training.train(model, train, epochs=0)
+
+
+def test_the_cosine_schedule_steps_after_every_batch(small):
+    train, _ = small
+    torch.manual_seed(0)
+    hist = training.train(Net(), train, epochs=2, lr=2e-3, progress=False)
+    n_batches = len(train)
+    T = 2 * n_batches
+    rates = hist["lr_batches"]
+    assert len(rates) == T and n_batches > 1
+    # batch t trains with lr (1 + cos(pi t / T)) / 2: a new rate for every batch, not one per epoch
+    assert rates == pytest.approx([2e-3 * (1 + math.cos(math.pi * t / T)) / 2 for t in range(T)], rel=1e-12)
+    assert len(set(rates[:n_batches])) == n_batches
+    assert [rates[0], rates[n_batches]] == hist["lr"]          # each epoch starts with its first batch's rate
 
 
 def test_train_records_each_epochs_test_predictions(small):

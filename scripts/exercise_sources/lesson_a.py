@@ -9,6 +9,8 @@ LESSON = dict(
     goal="Write the functions of lesson a yourself: the integer range, the range of a tensor, affine and "
          "symmetric scale and zero point, quantize, dequantize, and per-channel quantization. "
          "Lessons d and e build on them: `e_exercises.ipynb` imports your functions from this notebook.",
+    oracle=("quantlab's own functions (`quant_range`, `calc_min_max`, `calc_scale_zero_point`, "
+            '`quantize`, `dequantize`)'),
     setup='''\
 # setup: torch, and the checker (check.run checks the functions defined so far in this notebook)
 import math
@@ -48,8 +50,9 @@ EPS = torch.finfo(torch.float32).eps  # the smallest scale we ever return (as Py
            1. Widen the range to include 0: $r_{min} \leftarrow \min(r_{min}, 0)$, $r_{max} \leftarrow \max(r_{max}, 0)$
               (real 0, i.e. zero padding and ReLU's output, must be exactly representable).
            2. $S = \dfrac{r_{max} - r_{min}}{q_{max} - q_{min}}$, floored at `EPS` (so $\min = \max$ gives no 0/0).
-           3. $Z = q_{min} - \mathrm{round}(r_{min} / S)$, rounded half to even (`torch.round`), clamped to
-              $[q_{min}, q_{max}]$, as int32.
+           3. $Z = q_{min} - \mathrm{round}(r_{min} / S)$, rounded half to even (`torch.round`), as int32. PyTorch
+              also clamps it to $[q_{min}, q_{max}]$, a guard: with 0 in the range, $Z$ lies there already (lesson a,
+              1.4.2), so the clamp never changes it.
 
            `min_val`, `max_val` are float32 tensors of shape `()` or `(C,)` (per channel): compute element-wise
            with float32 tensor operations, as PyTorch does.""",

@@ -9,6 +9,7 @@ LESSON = dict(
     goal="Compute what notebook b measured with PyTorch: the side of a conv's or a max-pool's output, the parameters "
          "of a (grouped) conv, and how many inputs `fc` needs when the convs are padded. The checks compare your "
          "numbers with PyTorch's own layers.",
+    oracle="PyTorch's own layers (run on zeros, or built on the meta device)",
     setup='''\
 # setup: torch, and the checker (check.run checks the functions defined so far in this notebook)
 import torch

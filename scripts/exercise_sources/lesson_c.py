@@ -9,6 +9,7 @@ LESSON = dict(
     goal="Write the two statistics every later lesson relies on: the 95% Wilson interval of one accuracy, and "
          "McNemar's exact paired test of two models on the same test digits (its discordant counts, then its "
          "p-value). The checks compare your numbers with `quantlab.stats` and `scipy.stats.binomtest`.",
+    oracle="`quantlab.stats` and SciPy's `binomtest`",
     setup='''\
 # setup: math, torch, and the checker (check.run checks the functions defined so far in this notebook)
 import math

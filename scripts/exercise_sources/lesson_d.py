@@ -8,7 +8,9 @@ LESSON = dict(
     title="d · Exercises: BN folding, int32 bias, requantization, freeze (练习: 训练后量化)",
     goal="Write the pieces `freeze()` computes: a BatchNorm folded into the conv before it, the int32 bias, "
          "the float-multiplier requantization of the accumulator, and everything a `QLinear`'s `freeze()` "
-         "stores. `e_exercises.ipynb` imports `quantize_bias` and `requantize` from this notebook.",
+         "computes. `e_exercises.ipynb` imports `quantize_bias` and `requantize` from this notebook.",
+    oracle=("PyTorch's BN fold (`fuse_conv_bn_weights`) and int32 quantization "
+            "(`quantize_per_channel`), the checker's float32 requantization and quantlab's `QLinear`"),
     setup='''\
 # setup: torch, quantlab's lesson-a functions (for d4), and the checker
 import torch
@@ -38,7 +40,9 @@ from quantlab import check''',
            and its zero point 0:
            $$ q_b = \mathrm{clamp}\big(\mathrm{round}(b \cdot \tfrac{1}{S_x S_w}),\ -2^{31},\ 2^{31}-1\big) $$
            in float32 (the reciprocal, as PyTorch), rounded half to even, as an int32 tensor. $q_b$ is far larger than
-           127: it needs 32 bits. Clamp in int64 or float64 (float32 cannot hold $2^{31}-1$).""",
+           127: it needs 32 bits. Clamp in int64 or float64 (float32 cannot hold $2^{31}-1$). The clamp only keeps the
+           result a valid int32: a bias that needs it would make another layer, and quantlab's `freeze()` refuses such a
+           bias (an error naming the layer) instead of clamping it.""",
            '''
            def quantize_bias(bias, scale_x, scale_w):
                """int32 bias at scale S_x * S_w (scale_w: shape () or (C,)), zero point 0."""''',
@@ -62,11 +66,11 @@ from quantlab import check''',
         ex(4, "freeze_linear", "what a QLinear's freeze() computes",
            r"""
            For a `Linear(C_in, C_out)` with per-channel symmetric int8 weights, an input scale $S_x$ and an output scale
-           $S_y$, return what `QLinear.freeze()` stores:
+           $S_y$, return what `QLinear.freeze()` computes:
            - `q_w`, `scale_w`: the weights quantized per output channel, symmetric, signed 8 bits (lesson a: use
              `quantlab.calc_min_max(weight, axis=0)`, `quantlab.calc_scale_zero_point(..., signed=True, symmetric=True)`,
              `quantlab.quantize(..., axis=0)`);
-           - `q_b`: the int32 bias of d2;
+           - `q_b`: the int32 bias of d2, as int32 (`freeze()` keeps the same integers in an int64 tensor);
            - `multiplier`: $M = (S_x S_w) \cdot \tfrac{1}{S_y}$ per channel, in float32 (as qnnpack).""",
            '''
            def freeze_linear(weight, bias, scale_x, scale_y):

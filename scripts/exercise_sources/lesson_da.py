@@ -6,9 +6,10 @@ from ._common import Mistake, ex  # noqa: F401
 LESSON = dict(
     notebook="da_calibration",
     title="da · Exercises: percentile and MSE ranges, AdaRound's rounding variable (练习: 校准方法)",
-    goal="Write three of notebook da's observers' rules yourself: the percentile range read from a histogram, the "
+    goal="Write three of notebook da's rules yourself: the percentile range read from a histogram, the "
          "MSE of every candidate clip and the clip that minimises it, and AdaRound's rectified sigmoid with its "
          "regulariser. The checks compare your results with `quantlab.observers` and `quantlab.ptq`.",
+    oracle='`quantlab.observers` and `quantlab.ptq`',
     setup='''\
 # setup: torch, lesson a's functions (from quantlab), and the checker
 import torch
@@ -41,7 +42,8 @@ from quantlab import calc_scale_zero_point, check, dequantize, quantize''',
            return lo, torch.maximum(hi, lo)'''),
         ex(2, "mse_clip_errors", "the MSE of every candidate clip",
            r"""
-           Section 2.1's search, over the values themselves (what `MSEObserver` does for each weight channel): the
+           Section 2.1's search, over the values themselves (the per-value search `MSEObserver` runs for each weight
+           channel; here on lesson a's affine unsigned grid, while for weights quantlab scores the symmetric signed grid): the
            candidate fractions are $\alpha = k/\text{grid}$ for $k = \text{grid}, \text{grid}-1, \dots, 1$, largest
            first (`torch.arange(grid, 0, -1, dtype=torch.float32) / grid`). For each, the range is
            $\alpha\,[\min x, \max x]$ (**both** ends scaled), its affine scale and zero point come from

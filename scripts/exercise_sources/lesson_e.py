@@ -14,6 +14,7 @@ LESSON = dict(
          "this kernel: the import reads the saved files, once per kernel.)\n\n**Names.** The lesson calls the conv's output $a$; these exercises call it "
          "$y$: $q_y, S_y, Z_y$ here are the lesson's $q_a, S_a, Z_a$, and `shift` is the lesson's right shift $n$. "
          "`acc` in e4 is the lesson's $\\mathrm{acc} + q_b$ (bias included).",
+    oracle="quantlab's fixed-point functions and `QConv2d` (itself bit-exact with PyTorch's qnnpack kernel)",
     setup='''\
 # setup: torch, your own functions from notebooks a and d (imported with import_ipynb), the checker
 import math

@@ -8,6 +8,7 @@ LESSON = dict(
     title="f · Exercises: fake quantization with a straight-through gradient (练习: 量化感知训练)",
     goal="Write the two pieces quantization-aware training adds: fake quantization, whose gradient is passed "
          "straight through where the value was not clamped, and the moving-average range of the activations.",
+    oracle="quantlab's `fake_quantize` and `QParam`",
     setup='''\
 # setup: torch, quant_range from lesson a, and the checker
 import torch

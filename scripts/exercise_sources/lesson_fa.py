@@ -8,6 +8,7 @@ LESSON = dict(
     title="fa · Exercises: LSQ's step gradient (练习: 学习量化步长)",
     goal="Write LSQ's gradient with respect to the step $S$ by hand (the three cases: below, inside and above the "
          "range), then LSQ's fake quantization with that gradient, scaled by $g = 1/\\sqrt{N Q_p}$.",
+    oracle="autograd of quantlab's `learned.lsq_fake_quantize`",
     setup='''\
 # setup: math, torch, and the checker
 import math

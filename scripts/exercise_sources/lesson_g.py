@@ -9,6 +9,7 @@ LESSON = dict(
     goal="Read the integers and qparams of a `QLinearConv` node from an ONNX file, requantize its accumulators "
          "exactly as ONNX Runtime does (its multiplier formula, rounding half to even, saturation), and put the "
          "two together: the node's output integers, checked against ONNX Runtime itself.",
+    oracle="quantlab's ONNX reader and requantization, and ONNX Runtime itself",
     setup='''\
 # setup: NumPy, onnx, torch (g3's convolution), and the checker
 import numpy as np

@@ -9,6 +9,7 @@ LESSON = dict(
     goal="Write the integer arithmetic of the two new layers of lesson h as qnnpack runs it: the residual add's two "
          "multipliers on one shift, the integer-only add with its rounding shift, and average pooling's rounding "
          "division of the zero-point-corrected window sum.",
+    oracle="`quantlab.ops` (bit-exact with PyTorch's qnnpack kernels)",
     setup='''\
 # setup: torch, and the checker
 import torch

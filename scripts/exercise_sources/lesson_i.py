@@ -10,6 +10,7 @@ LESSON = dict(
          "symmetric quantization in groups along the input, two 4-bit integers packed into one byte and unpacked "
          "again, and the bytes a quantized Linear really stores. The checker compares them with "
          "`quantlab.weight_only`, whose blocks lesson i checks byte for byte against gguf's quantizers.",
+    oracle='`quantlab.weight_only`',
     setup='''\
 # setup: torch and the checker
 import torch

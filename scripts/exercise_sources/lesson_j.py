@@ -10,6 +10,7 @@ LESSON = dict(
          "one column step of GPTQ (quantize a column, feed its error forward through the Cholesky factor), AWQ's "
          "per-channel scales from activation magnitudes, and their folding into the LayerNorm before a Linear. "
          "The checker compares them with `quantlab.gptq` and `quantlab.awq` on small tensors.",
+    oracle='`quantlab.gptq` and `quantlab.awq`',
     setup='''\
 # setup: torch and the checker
 import torch
