@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -265,7 +266,13 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor,
     if bool((var < 0).any()):
         raise ValueError("var must be >= 0 (a variance)")
     eps = check_real(eps, "eps", 0.0, low_open=True)
-    factor = gamma / torch.sqrt(var + eps)
+    if var.requires_grad:
+        std = torch.sqrt(var + eps)
+    else:  # NumPy's float32 sqrt is correctly rounded; torch.sqrt may go through MKL's vector
+        # math, whose result changes with MKL_ENABLE_INSTRUCTIONS (one ulp: NetBN's calibrated
+        # scales then differed between CPUs, tests/test_modules.py)
+        std = torch.from_numpy(np.sqrt((var + eps).detach().cpu().numpy())).to(var.device)
+    factor = gamma / std
     w = weight * factor.reshape([-1] + [1] * (weight.dim() - 1))
     b = beta + ((bias if bias is not None else torch.zeros_like(mean)) - mean) * factor
     return w, b
